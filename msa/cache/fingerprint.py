@@ -1,0 +1,37 @@
+"""Stable short ids for configurations and files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+
+def config_id(config: dict, length: int = 12) -> str:
+    """Hex id of a JSON-able dict; key order does not matter."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def file_digest(path: Path, length: int = 16) -> str:
+    """sha256 of a file's content (weights files: ~1 s per GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def files_digest(files: list[Path], length: int = 16) -> str:
+    """One digest over several files' names and contents (a model directory)."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(Path(path).name.encode() + file_digest(path).encode())
+    return digest.hexdigest()[:length]
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a model name: `timm:tf_efficientnet_lite0` -> `tf_efficientnet_lite0`."""
+    tail = Path(str(name).rstrip("/")).name.split(":")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip("-").lower() or "model"

@@ -1,0 +1,125 @@
+"""The Parquet manifest: one row per item, the row order every feature set follows."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.model_selection import train_test_split
+
+from msa.cache.fingerprint import config_id
+from msa.pipeline.mvsa import Item
+
+MANIFEST_FILE = "manifest.parquet"
+SCHEMA = pa.schema(
+    [
+        ("guid", pa.string()),
+        ("split", pa.string()),  # train | val | test
+        ("label", pa.string()),  # null for unlabelled items
+        ("text", pa.string()),
+        ("text_encoding", pa.string()),
+        ("image_path", pa.string()),
+        ("flags", pa.list_(pa.string())),
+    ]
+)
+
+
+@dataclasses.dataclass
+class Manifest:
+    table: pa.Table
+    info: dict  # data_dir, val_ratio, split_seed, on_bad_image, manifest_id
+
+    @property
+    def manifest_id(self) -> str:
+        return self.info["manifest_id"]
+
+    @property
+    def guids(self) -> list[str]:
+        return self.table.column("guid").to_pylist()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def column(self, name: str) -> list:
+        return self.table.column(name).to_pylist()
+
+    def rows_of_split(self, split: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.column("split")) == split)
+
+
+def stratified_split(labels: list[str], val_ratio: float, seed: int) -> list[str]:
+    """Assign train/val to labelled items, stratified by label and fixed by seed."""
+    indices = np.arange(len(labels))
+    if val_ratio <= 0:
+        return ["train"] * len(labels)
+    _, val_indices = train_test_split(
+        indices, test_size=val_ratio, random_state=seed, stratify=labels
+    )
+    splits = np.full(len(labels), "train", dtype=object)
+    splits[val_indices] = "val"
+    return splits.tolist()
+
+
+def build_manifest(items: list[Item], data_dir: Path, val_ratio: float, split_seed: int,
+                   on_bad_image: str) -> Manifest:
+    labelled = [i for i in items if i.label is not None]
+    splits = dict(zip([i.guid for i in labelled],
+                      stratified_split([i.label for i in labelled], val_ratio, split_seed)))
+    table = pa.table(
+        {
+            "guid": [i.guid for i in items],
+            "split": [splits.get(i.guid, "test") for i in items],
+            "label": [i.label for i in items],
+            "text": [i.text for i in items],
+            "text_encoding": [i.text_encoding for i in items],
+            "image_path": [i.image_path for i in items],
+            "flags": [i.flags for i in items],
+        },
+        schema=SCHEMA,
+    )
+    info = {
+        "data_dir": str(Path(data_dir).resolve()),
+        "val_ratio": val_ratio,
+        "split_seed": split_seed,
+        "on_bad_image": on_bad_image,
+    }
+    # The id covers what features depend on (items, texts, flags, image files), not
+    # where the data lies, so a moved data set keeps its cached features.
+    content = {
+        "items": [[i.guid, i.label, i.text, i.flags, _file_size(i.image_path)] for i in items],
+        "splits": table.column("split").to_pylist(),
+    }
+    info["manifest_id"] = config_id(content)
+    return Manifest(table, info)
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
+def write_manifest(manifest: Manifest, cache_dir: Path) -> Path:
+    """Write atomically: a crash never leaves a half-written manifest behind."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / MANIFEST_FILE
+    table = manifest.table.replace_schema_metadata({"msa": json.dumps(manifest.info)})
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(cache_dir: Path) -> Manifest:
+    path = Path(cache_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run `msa extract --data DIR --cache {cache_dir}` first")
+    table = pq.read_table(path)
+    info = json.loads(table.schema.metadata[b"msa"])
+    return Manifest(table.replace_schema_metadata(None), info)

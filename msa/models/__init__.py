@@ -1,0 +1,1 @@
+"""Encoders (text, image) and fusion heads."""

@@ -1,0 +1,81 @@
+"""Text encoders: any Hugging Face AutoModel, by hub id or local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from msa.cache.fingerprint import file_digest, files_digest
+
+POOLINGS = ("mean", "cls")
+
+
+class EncoderLoadError(RuntimeError):
+    """An encoder could not be built; the message says what to pass instead."""
+
+
+def model_identity(name: str) -> str:
+    """What pins a model's weights: a content digest for local paths, the revision for hub ids."""
+    path = Path(name)
+    if path.is_file():
+        return file_digest(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return files_digest(files)
+    try:  # a hub id already downloaded: the snapshot directory is named by its commit
+        from transformers.utils import cached_file
+
+        config = cached_file(name, "config.json")
+        return f"revision:{Path(config).parent.name}"
+    except Exception:  # not cached or not a hub model; the load itself will say which
+        return "revision:unknown"
+
+
+class TextEncoder(nn.Module):
+    """Tokenises and encodes texts into token features `[B, L, D]` and a pooled `[B, D]`."""
+
+    def __init__(self, model_name: str, max_len: int = 128, pooling: str = "mean"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name)
+            self.model = AutoModel.from_pretrained(model_name)
+        except (OSError, ValueError) as err:
+            raise EncoderLoadError(
+                f"could not load text model {model_name!r} ({err}). Without access to the "
+                "model hub, pass a local Hugging Face model directory to --text-model."
+            ) from err
+        self.model.eval()
+        self.max_len = max_len
+        self.pooling = pooling
+        self.dim = self.model.config.hidden_size
+
+    def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> list[list[int]]:
+        """Token ids per text (special tokens included, truncated to max_len), unpadded."""
+        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_len,
+                                 padding=False, return_attention_mask=False)
+        return encoded["input_ids"]
+
+    def collate(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad a batch to its own longest text: (input_ids, attention_mask), both [B, L]."""
+        length = max(len(x) for x in ids)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+        for row, token_ids in enumerate(ids):
+            input_ids[row, : len(token_ids)] = torch.tensor(token_ids)
+            attention_mask[row, : len(token_ids)] = 1
+        return input_ids, attention_mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
+        if self.pooling == "cls":
+            return hidden, hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return hidden, pooled

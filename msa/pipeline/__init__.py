@@ -1,0 +1,1 @@
+"""What the stages share: configs, the data reader, run directories, metrics."""

@@ -1,0 +1,117 @@
+"""A small generated MVSA-style data set with a planted signal, and tiny local encoders.
+
+The quick-start demo and the tests run on these: no network, no downloaded weights.
+Each class has its own words and its own image colour, so features from even a random
+encoder separate the classes and a trained head must beat the majority class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from msa.pipeline.mvsa import LABELS
+
+CLASS_WORDS = {
+    "positive": ["happy", "great", "love", "sunny", "win"],
+    "neutral": ["table", "street", "monday", "report", "grey"],
+    "negative": ["sad", "awful", "hate", "storm", "lose"],
+}
+FILLER_WORDS = ["the", "a", "today", "photo", "with", "my", "friends", "this", "is", "at"]
+CLASS_COLOURS = {"positive": (220, 60, 40), "neutral": (120, 120, 120), "negative": (40, 60, 200)}
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Messy inputs planted when messy=True, by guid: what each one exercises.
+MESSY = {
+    "9001": "gb18030 text",
+    "9002": "cp1252 text",
+    "9003": "empty text",
+    "9004": "missing text file",
+    "9005": "missing image",
+    "9006": "truncated image",
+    "9007": "not an image",
+}
+
+
+def make_demo_dataset(root: Path, n_labelled: int = 48, n_test: int = 12, seed: int = 0,
+                      messy: bool = False, image_size: int = 64) -> Path:
+    """Write train.txt, test_without_label.txt and data/ under root; returns root."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    # Imbalanced like MVSA: neutral is the small class.
+    labels = rng.choice(LABELS, size=n_labelled + n_test, p=[0.3, 0.2, 0.5]).tolist()
+    guids = [str(i) for i in range(1, n_labelled + n_test + 1)]
+    for guid, label in zip(guids, labels):
+        _write_pair(root, guid, label, rng, image_size)
+    train_lines = [f"{g},{lab}" for g, lab in zip(guids[:n_labelled], labels[:n_labelled])]
+    test_lines = [f"{g},null" for g in guids[n_labelled:]]
+    if messy:
+        train_lines += _write_messy(root, rng, image_size)
+        train_lines.append(train_lines[0])  # a duplicate guid
+        train_lines[1] = train_lines[1].replace(labels[1], f" {labels[1].title()} ")  # case and spaces
+    (root / "train.txt").write_text("guid,tag\n" + "\n".join(train_lines) + "\n")
+    (root / "test_without_label.txt").write_text("guid,tag\n" + "\n".join(test_lines) + "\n")
+    return root
+
+
+def _write_pair(root: Path, guid: str, label: str, rng: np.random.Generator, size: int,
+                text: str | None = None) -> None:
+    if text is None:
+        words = list(rng.choice(CLASS_WORDS[label], size=2)) + list(rng.choice(FILLER_WORDS, size=4))
+        rng.shuffle(words)
+        text = " ".join(words)
+    (root / "data" / f"{guid}.txt").write_text(text + "\n", encoding="utf-8")
+    colour = np.array(CLASS_COLOURS[label], dtype=float)
+    pixels = colour + rng.normal(0, 25, size=(size, size, 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / "data" / f"{guid}.jpg", quality=90)
+
+
+def _write_messy(root: Path, rng: np.random.Generator, size: int) -> list[str]:
+    data = root / "data"
+    for guid in MESSY:
+        _write_pair(root, guid, "positive", rng, size)
+    (data / "9001.txt").write_bytes("great day “happy” …".encode("gb18030"))
+    (data / "9002.txt").write_bytes("love this café".encode("cp1252"))
+    (data / "9003.txt").write_bytes(b"  \n")
+    (data / "9004.txt").unlink()
+    (data / "9005.jpg").unlink()
+    jpeg = (data / "9006.jpg").read_bytes()
+    (data / "9006.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (data / "9007.jpg").write_text("this is not a jpeg")
+    return [f"{guid},positive" for guid in MESSY]
+
+
+def make_tiny_text_model(path: Path, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A random 2-layer BERT with a vocabulary of the demo words, saved as an HF directory."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = sorted({w for ws in CLASS_WORDS.values() for w in ws} | set(FILLER_WORDS)
+                   | {"caption", "picture", "of", "an", "image"})
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=hidden_size * 2, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    BertTokenizer(vocab=vocab).save_pretrained(path)
+    return Path(path)
+
+
+def make_tiny_image_weights(path: Path, model: str = "timm:test_efficientnet", seed: int = 0) -> Path:
+    """Random weights for an image model, saved as a state dict (what --image-weights takes)."""
+    import torch
+
+    torch.manual_seed(seed)
+    if model.startswith("timm:"):
+        import timm
+
+        net = timm.create_model(model.removeprefix("timm:"), pretrained=False)
+    else:
+        import torchvision
+
+        net = torchvision.models.get_model(model, weights=None)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return Path(path)

@@ -1,0 +1,164 @@
+"""Read an MVSA-style data set: `train.txt`, `test_without_label.txt`, `data/{guid}.txt|jpg`.
+
+Real MVSA files are messy (a quarter of the texts are GB18030, some texts are empty,
+images go missing or arrive truncated). The reader never fails half-way: structural
+problems (a malformed line, an unknown label) stop it up front with the file and line,
+and per-item problems become flags on the item and counts in the report.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+
+from PIL import Image
+
+LABELS = ("negative", "neutral", "positive")
+LABEL_FILES = {"train": "train.txt", "test": "test_without_label.txt"}
+# Tried in order. gb18030 covers the Chinese-platform exports seen in MVSA;
+# cp1252 covers Windows-exported Western text; replacement is the last resort.
+TEXT_ENCODINGS = ("utf-8", "gb18030", "cp1252")
+ON_BAD_IMAGE = ("skip", "blank", "fail")
+
+
+class DataError(ValueError):
+    """A problem in the input files; the message names the file and line."""
+
+
+@dataclasses.dataclass
+class Item:
+    guid: str
+    label: str | None  # None for unlabelled (test) items
+    text: str
+    text_encoding: str
+    image_path: str
+    flags: list[str]
+    source: str  # "train" or "test": which label file listed the item
+
+
+@dataclasses.dataclass
+class ReadReport:
+    items_read: int = 0
+    class_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    encodings: dict[str, int] = dataclasses.field(default_factory=dict)
+    flags: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped: list[str] = dataclasses.field(default_factory=list)  # "guid: reason"
+    notes: list[str] = dataclasses.field(default_factory=list)  # e.g. duplicate lines
+
+
+def decode_text(raw: bytes) -> tuple[str, str]:
+    """Decode post text, returning (text, encoding used)."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    for encoding in TEXT_ENCODINGS:
+        try:
+            return raw.decode(encoding), encoding
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("utf-8", errors="replace"), "utf-8-replace"
+
+
+def check_image(path: Path) -> str | None:
+    """Return None if the image decodes, else the flag naming what is wrong.
+
+    Decodes in JPEG draft mode (1/8 scale), which still reads every byte, so truncated
+    files are caught for about a millisecond per image.
+    """
+    if not path.is_file():
+        return "missing_image"
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (32, 32))
+            img.load()
+    except Exception:  # PIL raises many types for bad files; all mean the same here
+        return "corrupt_image"
+    return None
+
+
+def read_label_file(path: Path, labelled: bool) -> list[tuple[str, str | None, int]]:
+    """Parse a `guid,tag` file into (guid, label, line number) rows."""
+    rows = []
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        lines = f.read().splitlines()
+    if not lines or [c.strip().lower() for c in lines[0].split(",")] != ["guid", "tag"]:
+        raise DataError(f"{path}:1: expected the header 'guid,tag', got {lines[:1]!r}")
+    for line_no, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2 or not parts[0]:
+            raise DataError(f"{path}:{line_no}: expected 'guid,tag', got {line!r}")
+        guid, tag = parts
+        label: str | None = None
+        if labelled:
+            label = tag.lower()
+            if label not in LABELS:
+                raise DataError(
+                    f"{path}:{line_no}: label {tag!r} is not one of {', '.join(LABELS)}"
+                )
+        rows.append((guid, label, line_no))
+    return rows
+
+
+def read_mvsa(data_dir: Path, on_bad_image: str = "blank") -> tuple[list[Item], ReadReport]:
+    """Read every listed item of an MVSA folder.
+
+    on_bad_image: `blank` keeps the item with a `bad_image` flag (encoders see a blank
+    image), `skip` leaves it out, `fail` raises a DataError naming the file.
+    """
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+    data_dir = Path(data_dir)
+    if not (data_dir / LABEL_FILES["train"]).is_file():
+        raise DataError(f"{data_dir}: no {LABEL_FILES['train']} here; is this an MVSA folder?")
+    report = ReadReport()
+    items: list[Item] = []
+    first_seen: dict[str, str] = {}
+    for source, file_name in LABEL_FILES.items():
+        label_path = data_dir / file_name
+        if not label_path.is_file():
+            report.notes.append(f"{label_path}: not found, no {source} items")
+            continue
+        for guid, label, line_no in read_label_file(label_path, labelled=source == "train"):
+            where = f"{label_path}:{line_no}"
+            if guid in first_seen:
+                report.notes.append(f"{where}: duplicate guid {guid} (first at {first_seen[guid]}), ignored")
+                report.flags["duplicate_guid"] = report.flags.get("duplicate_guid", 0) + 1
+                continue
+            first_seen[guid] = where
+            item = _read_item(data_dir, guid, label, source)
+            bad_image = next((f for f in item.flags if f.endswith("_image")), None)
+            if bad_image and on_bad_image == "fail":
+                raise DataError(f"{item.image_path}: {bad_image.replace('_', ' ')} (listed at {where})")
+            if bad_image and on_bad_image == "skip":
+                report.skipped.append(f"{guid}: {bad_image}")
+                continue
+            items.append(item)
+    report.items_read = len(items)
+    report.class_counts = dict(collections.Counter(i.label or "unlabelled" for i in items))
+    report.encodings = dict(collections.Counter(i.text_encoding for i in items))
+    for item in items:
+        for flag in item.flags:
+            report.flags[flag] = report.flags.get(flag, 0) + 1
+    return items, report
+
+
+def _read_item(data_dir: Path, guid: str, label: str | None, source: str) -> Item:
+    flags = []
+    text_path = data_dir / "data" / f"{guid}.txt"
+    if text_path.is_file():
+        text, encoding = decode_text(text_path.read_bytes())
+        text = " ".join(text.split())  # posts are one line; newlines and runs of spaces carry nothing
+        if encoding == "utf-8-replace":
+            flags.append("undecodable_text")
+    else:
+        text, encoding = "", "none"
+        flags.append("missing_text")
+    if not text and "missing_text" not in flags:
+        flags.append("empty_text")
+    image_path = data_dir / "data" / f"{guid}.jpg"
+    image_problem = check_image(image_path)
+    if image_problem:
+        flags.append(image_problem)
+    return Item(guid, label, text, encoding, str(image_path.resolve()), flags, source)
