@@ -18,7 +18,7 @@ app.add_typer(cache_app, name="cache")
 
 def _fail(err: Exception) -> None:
     """Known problems (bad data, a model that will not load) end with one clear line."""
-    console.print(f"[red]error:[/red] {err}")
+    console.print(f"[red]error:[/red] {err}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 

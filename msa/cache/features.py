@@ -51,12 +51,17 @@ def _read_fingerprint(f: h5py.File) -> dict:
     return json.loads(f.attrs["fingerprint"])
 
 
+def canonical(fingerprint: dict) -> dict:
+    """The fingerprint as it reads back from the file (tuples become lists)."""
+    return json.loads(json.dumps(fingerprint, sort_keys=True))
+
+
 def is_complete(path: Path, fingerprint: dict) -> bool:
     """True when a finished set with exactly this fingerprint is at `path`."""
     if not path.is_file():
         return False
     with h5py.File(path, "r") as f:
-        return _read_fingerprint(f) == fingerprint
+        return _read_fingerprint(f) == canonical(fingerprint)
 
 
 class FeatureWriter:
@@ -65,7 +70,7 @@ class FeatureWriter:
     def __init__(self, path: Path, fingerprint: dict, guids: list[str], rows: np.ndarray):
         self.path = Path(path)
         self.rows = np.asarray(rows)
-        self.resumed_rows = 0
+        fingerprint = canonical(fingerprint)
         partial = partial_path(self.path)
         partial.parent.mkdir(parents=True, exist_ok=True)
         self.file = self._open_existing(partial, fingerprint, guids) if partial.exists() else None
@@ -73,7 +78,8 @@ class FeatureWriter:
             self.file = h5py.File(partial, "w")
             self.file.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
             self.file.attrs["format_version"] = FORMAT_VERSION
-            self.file.attrs["rows"] = [int(self.rows.min(initial=0)), int(self.rows.max(initial=-1)) + 1]
+            # The contiguous row range this file is responsible for (a shard's share).
+            self.file.attrs["rows"] = [int(self.rows[0]), int(self.rows[-1]) + 1] if len(self.rows) else [0, 0]
             self.file.create_dataset("guid", data=np.array(guids, dtype=object), dtype=h5py.string_dtype())
             self.file.create_dataset("done", data=np.zeros(len(guids), dtype=np.uint8))
             self.file.flush()

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sklearn.model_selection import train_test_split
 
 from msa.cache.fingerprint import config_id
 from msa.pipeline.mvsa import Item
@@ -53,15 +52,16 @@ class Manifest:
 
 
 def stratified_split(labels: list[str], val_ratio: float, seed: int) -> list[str]:
-    """Assign train/val to labelled items, stratified by label and fixed by seed."""
-    indices = np.arange(len(labels))
-    if val_ratio <= 0:
-        return ["train"] * len(labels)
-    _, val_indices = train_test_split(
-        indices, test_size=val_ratio, random_state=seed, stratify=labels
-    )
+    """Assign train/val to labelled items: per class, a seeded shuffle puts the first
+    round(n * val_ratio) into val. Unlike scikit-learn's splitter it accepts classes of
+    one item, which small or filtered data sets have."""
+    rng = np.random.default_rng(seed)
+    labels_array = np.asarray(labels, dtype=object)
     splits = np.full(len(labels), "train", dtype=object)
-    splits[val_indices] = "val"
+    for label in sorted(set(labels)):
+        members = np.flatnonzero(labels_array == label)
+        n_val = int(np.floor(len(members) * val_ratio + 0.5))
+        splits[rng.permutation(members)[:n_val]] = "val"
     return splits.tolist()
 
 

@@ -153,7 +153,9 @@ def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, wri
                 tokens, pooled = encoder(input_ids.to(compute.device), attention_mask.to(compute.device))
             length = tokens.shape[1]
             stored_tokens = np.zeros((len(batch), encoder.max_len, encoder.dim), dtype=np.float16)
-            stored_tokens[:, :length] = tokens.float().cpu().numpy()
+            # Pad positions hold zeros, not the model's output for pad tokens: what is
+            # stored then does not depend on which texts shared a batch.
+            stored_tokens[:, :length] = (tokens.float() * attention_mask.unsqueeze(-1).to(tokens.device)).cpu().numpy()
             stored_mask = np.zeros((len(batch), encoder.max_len), dtype=bool)
             stored_mask[:, :length] = attention_mask.numpy().astype(bool)
             writer.write(rows[batch], pooled.float().cpu().numpy(), stored_tokens, stored_mask)

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random encoders and a generated messy MVSA data set, built once."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from msa.pipeline.config import ExtractConfig
+from msa.pipeline.demo import make_demo_dataset, make_tiny_image_weights, make_tiny_text_model
+
+TINY_IMAGE_MODEL = "timm:test_efficientnet"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "text": str(make_tiny_text_model(root / "tiny-bert")),
+        "image_weights": str(make_tiny_image_weights(root / "test_efficientnet.pth", TINY_IMAGE_MODEL)),
+    }
+
+
+@pytest.fixture(scope="session")
+def messy_data_source(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("mvsa"), n_labelled=24, n_test=6, messy=True)
+
+
+@pytest.fixture
+def messy_data(messy_data_source, tmp_path) -> Path:
+    """A private copy, so a test may damage it."""
+    return Path(shutil.copytree(messy_data_source, tmp_path / "mvsa"))
+
+
+@pytest.fixture
+def extract_config(messy_data_source, tiny_models, tmp_path):
+    """An ExtractConfig on the messy data with the tiny encoders; override fields by keyword."""
+
+    def make(**overrides) -> ExtractConfig:
+        cfg = ExtractConfig(data=messy_data_source, cache=tmp_path / "cache", text_model=tiny_models["text"],
+                            max_len=16, image_model=TINY_IMAGE_MODEL, image_weights=tiny_models["image_weights"],
+                            batch_size=8)
+        return dataclasses.replace(cfg, **overrides)
+
+    return make

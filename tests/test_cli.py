@@ -1,0 +1,131 @@
+"""The command line, driven through typer's CliRunner, and the encoders' real loading code."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import h5py
+import pytest
+from typer.testing import CliRunner
+
+from msa.cache.features import FeatureSet
+from msa.cli import app
+from msa.models.image import build_image_encoder
+from msa.models.text import EncoderLoadError, TextEncoder
+from msa.pipeline.demo import make_tiny_image_weights
+
+runner = CliRunner(env={"COLUMNS": "200"})  # rich tables truncate cells at the default 80
+
+
+def extract_args(data, cache, tiny_models, *extra) -> list[str]:
+    return ["extract", "--data", str(data), "--cache", str(cache), "--text-model", tiny_models["text"],
+            "--max-len", "16", "--image-model", "timm:test_efficientnet",
+            "--image-weights", tiny_models["image_weights"], "--batch-size", "8", "--no-progress", *extra]
+
+
+def test_extract_ls_info(messy_data_source, tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    result = runner.invoke(app, extract_args(messy_data_source, cache, tiny_models))
+    assert result.exit_code == 0, result.output
+    assert "Data: 37 items" in result.output
+    assert "corrupt_image 2" in result.output and "gb18030 1" in result.output
+    assert result.output.count("encoded") >= 2
+
+    again = runner.invoke(app, extract_args(messy_data_source, cache, tiny_models))
+    assert again.output.count("cached (no encoder work)") == 2
+
+    listing = runner.invoke(app, ["cache", "ls", "--cache", str(cache)])
+    assert listing.exit_code == 0
+    assert "37 items" in listing.output and listing.output.count("complete") == 2
+
+    name = next((cache / "features").glob("text-*.h5")).name
+    info = runner.invoke(app, ["cache", "info", name, "--cache", str(cache)])
+    assert info.exit_code == 0
+    described = json.loads(info.output)
+    assert described["shapes"]["tokens"] == [37, 16, 32]
+    assert described["fingerprint"]["max_len"] == 16
+
+
+def test_bad_data_is_one_clear_line_not_a_traceback(messy_data, tiny_models, tmp_path):
+    (messy_data / "train.txt").write_text("guid,tag\n1,positive\n2,meh\n")
+    result = runner.invoke(app, extract_args(messy_data, tmp_path / "cache", tiny_models))
+    assert result.exit_code == 2
+    assert "error:" in result.output and "train.txt:3: label 'meh'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_model_says_what_to_pass(messy_data_source, tiny_models, tmp_path):
+    args = extract_args(messy_data_source, tmp_path / "cache", tiny_models)
+    args[args.index("--text-model") + 1] = str(tmp_path / "no-such-model")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "could not load text model" in result.output and "local Hugging Face model directory" in result.output
+
+
+def test_unknown_image_model_and_wrong_weights(tiny_models):
+    with pytest.raises(EncoderLoadError, match="unknown image model 'resnet5000'"):
+        build_image_encoder("resnet5000")
+    with pytest.raises(EncoderLoadError, match="does not fit this model"):
+        build_image_encoder("resnet18", tiny_models["image_weights"])
+    with pytest.raises(EncoderLoadError, match="no such file"):
+        build_image_encoder("resnet18", "/nonexistent/weights.pth")
+
+
+def test_torchvision_encoder_from_a_local_state_dict(tmp_path):
+    weights = make_tiny_image_weights(tmp_path / "resnet18.pth", "resnet18")
+    encoder = build_image_encoder("resnet18", str(weights))
+    assert encoder.preprocess.crop == 224 and encoder.preprocess.resize == 256
+    import torch
+
+    with torch.inference_mode():
+        tokens, pooled = encoder(torch.zeros(2, 3, 224, 224))
+    assert tokens.shape == (2, 49, 512) and pooled.shape == (2, 512)  # 7x7 map of layer4
+
+
+def test_text_encoder_cls_pooling(tiny_models):
+    import torch
+
+    encoder = TextEncoder(tiny_models["text"], max_len=8, pooling="cls")
+    ids = encoder.tokenize(["happy day with my friends today at the street", "sad"])
+    assert max(len(x) for x in ids) == 8  # truncated to max_len, special tokens kept
+    input_ids, mask = encoder.collate(ids)
+    with torch.inference_mode():
+        tokens, pooled = encoder(input_ids, mask)
+    assert torch.equal(pooled, tokens[:, 0])
+
+
+KILL_AFTER_THREE_BATCHES = """
+import os, signal, sys
+from msa.pipeline.config import ExtractConfig
+from msa.stages import extract
+cfg = ExtractConfig(data=sys.argv[1], cache=sys.argv[2], text_model=sys.argv[3], max_len=16,
+                    image_model="timm:test_efficientnet", image_weights=sys.argv[4], batch_size=2,
+                    modalities=("image",))
+batches = []
+def kill(modality, n_rows):
+    batches.append(n_rows)
+    if len(batches) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+extract.run(cfg, show_progress=False, on_batch=kill)
+"""
+
+
+def test_extract_killed_hard_resumes(messy_data_source, tiny_models, tmp_path):
+    """SIGKILL after three batches (no Python cleanup at all), then resume to a complete set."""
+    cache = tmp_path / "cache"
+    process = subprocess.run([sys.executable, "-c", KILL_AFTER_THREE_BATCHES, str(messy_data_source), str(cache),
+                              tiny_models["text"], tiny_models["image_weights"]], capture_output=True)
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+    assert not list((cache / "features").glob("*.h5"))  # nothing published as complete
+    (partial,) = (cache / "features").glob("*.h5.partial")
+    with h5py.File(partial, "r") as f:
+        assert f["done"][:].sum() == 6
+
+    result = runner.invoke(app, extract_args(messy_data_source, cache, tiny_models, "--modalities", "image"))
+    assert result.exit_code == 0, result.output
+    assert "resumed" in result.output
+    finished = FeatureSet.open(next((cache / "features").glob("*.h5")))
+    assert finished.shapes["pooled"][0] == 37

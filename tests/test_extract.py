@@ -1,0 +1,153 @@
+"""`msa extract`: shapes, alignment, caching, fingerprints, resuming, sharding."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from msa.cache.features import FeatureSet, merge_shards, partial_path
+from msa.cache.manifest import read_manifest
+from msa.models.text import TextEncoder
+from msa.stages import extract
+
+
+def load_all(path) -> dict[str, np.ndarray]:
+    feature_set = FeatureSet.open(path)
+    return {part: feature_set.load(part) for part in ("pooled", "tokens", "mask")}
+
+
+def test_extract_shapes_dtypes_and_alignment(extract_config):
+    cfg = extract_config()
+    result = extract.run(cfg, show_progress=False)
+    manifest = read_manifest(cfg.cache)
+    n = len(manifest)
+    text = FeatureSet.open(result.feature_sets["text"].path)
+    image = FeatureSet.open(result.feature_sets["image"].path)
+    assert text.guids == image.guids == manifest.guids
+    assert text.shapes == {"pooled": (n, 32), "tokens": (n, 16, 32), "mask": (n, 16)}
+    # test_efficientnet at its 160 px input: a 5x5 map of 256 channels -> 25 tokens.
+    assert image.shapes == {"pooled": (n, 256), "tokens": (n, 25, 256), "mask": (n, 25)}
+    assert text.load("tokens").dtype == np.float16 and text.load("mask").dtype == bool
+    mask = text.load("mask")
+    assert mask[:, 0].all() and not mask.all()  # every text has [CLS]; short ones are padded
+    padded = text.load("tokens")[~mask]
+    assert not padded.any()  # padding positions hold zeros
+    assert text.fingerprint["max_len"] == 16 and text.fingerprint["manifest_id"] == manifest.manifest_id
+    assert image.fingerprint["preprocess"]["crop"] == 160
+
+
+def test_second_extract_does_no_encoder_work(extract_config, monkeypatch):
+    cfg = extract_config()
+    first = extract.run(cfg, show_progress=False)
+
+    def no_encoders(*args, **kwargs):
+        raise AssertionError("an encoder was built on a fully cached run")
+
+    monkeypatch.setattr(extract, "TextEncoder", no_encoders)
+    monkeypatch.setattr(extract, "build_image_encoder", no_encoders)
+    second = extract.run(cfg, show_progress=False)
+    assert all(r.cached and r.encoded_rows == 0 for r in second.feature_sets.values())
+    assert {m: r.path for m, r in first.feature_sets.items()} == {m: r.path for m, r in second.feature_sets.items()}
+
+
+@pytest.mark.parametrize("change", [{"max_len": 12}, {"pooling": "cls"}, {"split_seed": 7}])
+def test_changed_option_gives_a_new_feature_set(extract_config, change):
+    base = extract.run(extract_config(modalities=("text",)), show_progress=False).feature_sets["text"]
+    changed = extract.run(extract_config(modalities=("text",), **change), show_progress=False).feature_sets["text"]
+    assert changed.name != base.name and not changed.cached
+    assert base.path.is_file() and changed.path.is_file()  # the old set is kept, never overwritten
+
+
+def test_interrupted_extract_resumes_to_identical_features(extract_config, tmp_path):
+    reference = extract.run(extract_config(cache=tmp_path / "reference"), show_progress=False)
+    cfg = extract_config(cache=tmp_path / "resumed")
+    batches_seen = []
+
+    def crash_after_two_batches(modality, n_rows):
+        batches_seen.append(modality)
+        if modality == "image" and batches_seen.count("image") == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(cfg, show_progress=False, on_batch=crash_after_two_batches)
+    image_name = reference.feature_sets["image"].name
+    partial = partial_path(cfg.cache / "features" / f"{image_name}.h5")
+    assert partial.is_file() and not partial.with_suffix("").is_file()  # not published as complete
+    with h5py.File(partial, "r") as f:
+        assert f["done"][:].sum() == 2 * cfg.batch_size
+
+    resumed = extract.run(cfg, show_progress=False)
+    assert resumed.feature_sets["text"].cached  # finished before the crash
+    assert resumed.feature_sets["image"].resumed_rows == 2 * cfg.batch_size
+    assert resumed.feature_sets["image"].encoded_rows == len(read_manifest(cfg.cache)) - 2 * cfg.batch_size
+    for modality in ("text", "image"):
+        want, got = load_all(reference.feature_sets[modality].path), load_all(resumed.feature_sets[modality].path)
+        for part in want:
+            np.testing.assert_array_equal(got[part], want[part], err_msg=f"{modality} {part}")
+
+
+def test_shards_merge_into_the_unsharded_set(extract_config, tmp_path):
+    whole = extract.run(extract_config(cache=tmp_path / "whole", modalities=("text",)), show_progress=False)
+    cache = tmp_path / "sharded"
+    for i in range(3):
+        shard = extract.run(extract_config(cache=cache, modalities=("text",), shard=f"{i}/3"), show_progress=False)
+    name = shard.feature_sets["text"].name
+    assert name == whole.feature_sets["text"].name
+    merged = merge_shards(cache, name)
+    assert not list((cache / "features").glob("*shard*"))
+    want, got = load_all(whole.feature_sets["text"].path), load_all(merged)
+    for part in want:
+        np.testing.assert_array_equal(got[part], want[part])
+    # A later unsharded run finds the merged set complete.
+    again = extract.run(extract_config(cache=cache, modalities=("text",)), show_progress=False)
+    assert again.feature_sets["text"].cached
+
+
+def test_bad_images_are_blank_and_rows_stay_aligned(extract_config):
+    cfg = extract_config(modalities=("image",))
+    result = extract.run(cfg, show_progress=False)
+    manifest = read_manifest(cfg.cache)
+    pooled = FeatureSet.open(result.feature_sets["image"].path).load("pooled")
+    bad_rows = [manifest.guids.index(g) for g in ("9005", "9006", "9007")]
+    np.testing.assert_array_equal(pooled[bad_rows[0]], pooled[bad_rows[1]])
+    np.testing.assert_array_equal(pooled[bad_rows[0]], pooled[bad_rows[2]])
+    assert not np.array_equal(pooled[bad_rows[0]], pooled[0])
+
+
+def test_skip_policy_leaves_bad_images_out_of_the_cache(extract_config):
+    cfg = extract_config(on_bad_image="skip", modalities=("text",))
+    result = extract.run(cfg, show_progress=False)
+    assert not {"9005", "9006", "9007"} & set(read_manifest(cfg.cache).guids)
+    assert len(result.report.skipped) == 3
+
+
+def test_cached_text_features_match_the_encoder(extract_config, tiny_models):
+    cfg = extract_config(modalities=("text",), precision="fp32")
+    result = extract.run(cfg, show_progress=False)
+    manifest = read_manifest(cfg.cache)
+    encoder = TextEncoder(tiny_models["text"], max_len=16, pooling="mean")
+    rows = [0, 5, manifest.guids.index("9003")]  # includes the empty text
+    input_ids, attention_mask = encoder.collate(encoder.tokenize([manifest.column("text")[r] for r in rows]))
+    with torch.inference_mode():
+        tokens, pooled = encoder(input_ids, attention_mask)
+    cached = FeatureSet.open(result.feature_sets["text"].path)
+    np.testing.assert_allclose(cached.load("pooled", np.array(rows)), pooled.numpy(), atol=2e-3, rtol=2e-3)
+    length = tokens.shape[1]
+    expected_tokens = tokens.numpy() * attention_mask.numpy()[..., None]
+    np.testing.assert_allclose(cached.load("tokens", np.array(rows))[:, :length], expected_tokens, atol=2e-3, rtol=2e-3)
+
+
+def test_limit_takes_the_first_items(extract_config):
+    cfg = extract_config(limit=5, modalities=("text",))
+    result = extract.run(cfg, show_progress=False)
+    assert len(read_manifest(cfg.cache)) == 5
+    assert FeatureSet.open(result.feature_sets["text"].path).shapes["pooled"][0] == 5
+
+
+def test_bad_shard_spec_is_a_clear_error(extract_config):
+    with pytest.raises(ValueError, match="--shard must look like i/n"):
+        extract.run(extract_config(shard="2-of-3"), show_progress=False)
+    with pytest.raises(ValueError, match="need 0 <= i < n"):
+        extract.run(extract_config(shard="3/3"), show_progress=False)
