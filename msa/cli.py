@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from msa.pipeline.config import ExtractConfig, default
+from msa.pipeline.config import EvaluateConfig, ExtractConfig, PredictConfig, SweepConfig, TrainHeadConfig, default
 from msa.pipeline.progress import console
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -74,6 +74,7 @@ def extract(
 def cache_ls(cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory.")) -> None:
     """List the manifest and every feature set in a cache, with sizes."""
     from msa.cache.features import list_feature_files
+    from msa.cache.fingerprint import slug
     from msa.cache.manifest import read_manifest
 
     try:
@@ -81,14 +82,14 @@ def cache_ls(cache: Path = typer.Option(default(ExtractConfig, "cache"), help="C
     except FileNotFoundError as err:
         _fail(err)
     console.print(f"manifest {manifest.manifest_id}: {len(manifest)} items from {manifest.info['data_dir']}")
-    table = Table()
-    for column in ("file", "status", "rows", "pooled", "tokens", "MB", "model", "matches manifest"):
-        table.add_column(column)
+    table = Table(caption="stale: extracted for an earlier manifest (other data or split)")
+    for column in ("file", "status", "rows", "pooled", "tokens", "MB", "model"):
+        table.add_column(column, overflow="fold")
     for row in list_feature_files(cache):
         fp = row.get("fingerprint", {})
-        table.add_row(row["file"], row["status"], row.get("rows", ""), str(row.get("pooled", "")),
-                      str(row.get("tokens", "")), str(row.get("size_mb", "")), str(fp.get("model", "")),
-                      "yes" if fp.get("manifest_id") == manifest.manifest_id else "no (stale)")
+        status = row["status"] if fp.get("manifest_id") == manifest.manifest_id else f"{row['status']}, stale"
+        table.add_row(row["file"], status, row.get("rows", ""), str(row.get("pooled", "")),
+                      str(row.get("tokens", "")), str(row.get("size_mb", "")), slug(str(fp.get("model", ""))))
     console.print(table)
 
 
@@ -121,6 +122,154 @@ def cache_merge(
     except _known_errors() as err:
         _fail(err)
     console.print(f"merged: {path}")
+
+
+def _train_head_config(cache: Path, fusion: str, features: str, out: Path | None, epochs: int, batch_size: int,
+                       lr: float, weight_decay: float, warmup_ratio: float, dropout: float, hidden: int, seed: int,
+                       loss: str, class_weights: str, label_smoothing: float, focal_gamma: float,
+                       rdrop_alpha: float, modality_dropout: float, select: str, patience: int) -> TrainHeadConfig:
+    return TrainHeadConfig(
+        cache=cache, fusion=fusion, features=_names(features), out=out, epochs=epochs, batch_size=batch_size,
+        lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, dropout=dropout, hidden=hidden, seed=seed,
+        loss=loss, class_weights=tuple(float(w) for w in _names(class_weights)) or None,
+        label_smoothing=label_smoothing, focal_gamma=focal_gamma, rdrop_alpha=rdrop_alpha,
+        modality_dropout=modality_dropout, select=select, patience=patience)
+
+
+def _names(csv: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (csv or "").split(",") if v.strip())
+
+
+def _t(field: str):
+    return default(TrainHeadConfig, field)
+
+
+# Options shared by train-head and sweep (a sweep's base configuration).
+TRAIN_OPTIONS = dict(
+    cache=typer.Option(_t("cache"), help="Cache written by `msa extract`."),
+    features=typer.Option(None, help="Feature set names, comma-separated (default: the one set per modality)."),
+    epochs=typer.Option(_t("epochs")),
+    batch_size=typer.Option(_t("batch_size")),
+    lr=typer.Option(_t("lr")),
+    weight_decay=typer.Option(_t("weight_decay")),
+    warmup_ratio=typer.Option(_t("warmup_ratio"), help="Share of steps warming up, then cosine decay."),
+    dropout=typer.Option(_t("dropout")),
+    hidden=typer.Option(_t("hidden"), help="Width of the head."),
+    loss=typer.Option(_t("loss"), help="ce | weighted-ce | focal."),
+    class_weights=typer.Option(None, help="Comma-separated, in class order negative,neutral,positive "
+                                          "(default for weighted losses: inverse train frequency)."),
+    label_smoothing=typer.Option(_t("label_smoothing")),
+    focal_gamma=typer.Option(_t("focal_gamma")),
+    rdrop_alpha=typer.Option(_t("rdrop_alpha"), help="R-Drop KL weight (0: off)."),
+    modality_dropout=typer.Option(_t("modality_dropout"), help="Per-sample chance of zeroing one modality."),
+    select=typer.Option(_t("select"), help="macro_f1 | accuracy | loss, on the val split."),
+    patience=typer.Option(_t("patience"), help="Epochs without improvement before stopping."),
+)
+
+
+@app.command("train-head")
+def train_head_command(
+    fusion: str = typer.Option(_t("fusion"), help="Fusion head: text-only, image-only, concat, late, early, "
+                                                  "gmu, cross-attn, co-attn, aligned, hierarchical."),
+    out: Path = typer.Option(None, help="Run directory (default runs/<fusion>-seed<seed>-<time>)."),
+    seed: int = typer.Option(_t("seed")),
+    cache: Path = TRAIN_OPTIONS["cache"], features: str = TRAIN_OPTIONS["features"],
+    epochs: int = TRAIN_OPTIONS["epochs"], batch_size: int = TRAIN_OPTIONS["batch_size"],
+    lr: float = TRAIN_OPTIONS["lr"], weight_decay: float = TRAIN_OPTIONS["weight_decay"],
+    warmup_ratio: float = TRAIN_OPTIONS["warmup_ratio"], dropout: float = TRAIN_OPTIONS["dropout"],
+    hidden: int = TRAIN_OPTIONS["hidden"], loss: str = TRAIN_OPTIONS["loss"],
+    class_weights: str = TRAIN_OPTIONS["class_weights"], label_smoothing: float = TRAIN_OPTIONS["label_smoothing"],
+    focal_gamma: float = TRAIN_OPTIONS["focal_gamma"], rdrop_alpha: float = TRAIN_OPTIONS["rdrop_alpha"],
+    modality_dropout: float = TRAIN_OPTIONS["modality_dropout"], select: str = TRAIN_OPTIONS["select"],
+    patience: int = TRAIN_OPTIONS["patience"],
+) -> None:
+    """Train one fusion head on cached features; writes a run directory."""
+    from msa.stages import train_head
+
+    cfg = _train_head_config(cache, fusion, features, out, epochs, batch_size, lr, weight_decay, warmup_ratio,
+                             dropout, hidden, seed, loss, class_weights, label_smoothing, focal_gamma,
+                             rdrop_alpha, modality_dropout, select, patience)
+    try:
+        result = train_head.run(cfg, log=console.print)
+    except _known_errors() as err:
+        _fail(err)
+    m = result.metrics
+    console.print(f"val accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                  f"(best epoch {result.best_epoch}, {result.seconds:.1f} s)")
+    console.print(f"run: {result.run_dir}")
+
+
+@app.command()
+def sweep(
+    fusion: str = typer.Option("concat", help="Heads, comma-separated."),
+    seeds: str = typer.Option("0,1,2", help="Seeds, comma-separated."),
+    grid: list[str] = typer.Option(None, help="FIELD=V1,V2 over any train-head option; repeat for more."),
+    out: Path = typer.Option(default(SweepConfig, "out"), help="Sweep directory (one run dir per run)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    cache: Path = TRAIN_OPTIONS["cache"], features: str = TRAIN_OPTIONS["features"],
+    epochs: int = TRAIN_OPTIONS["epochs"], batch_size: int = TRAIN_OPTIONS["batch_size"],
+    lr: float = TRAIN_OPTIONS["lr"], weight_decay: float = TRAIN_OPTIONS["weight_decay"],
+    warmup_ratio: float = TRAIN_OPTIONS["warmup_ratio"], dropout: float = TRAIN_OPTIONS["dropout"],
+    hidden: int = TRAIN_OPTIONS["hidden"], loss: str = TRAIN_OPTIONS["loss"],
+    class_weights: str = TRAIN_OPTIONS["class_weights"], label_smoothing: float = TRAIN_OPTIONS["label_smoothing"],
+    focal_gamma: float = TRAIN_OPTIONS["focal_gamma"], rdrop_alpha: float = TRAIN_OPTIONS["rdrop_alpha"],
+    modality_dropout: float = TRAIN_OPTIONS["modality_dropout"], select: str = TRAIN_OPTIONS["select"],
+    patience: int = TRAIN_OPTIONS["patience"],
+) -> None:
+    """Train every head x seed x grid combination on shared in-memory features; resumable."""
+    from msa.stages import sweep as stage
+
+    base = _train_head_config(cache, "concat", features, None, epochs, batch_size, lr, weight_decay,
+                              warmup_ratio, dropout, hidden, 0, loss, class_weights, label_smoothing,
+                              focal_gamma, rdrop_alpha, modality_dropout, select, patience)
+    try:
+        cfg = SweepConfig(base=base, out=out, fusions=_names(fusion), seeds=tuple(int(s) for s in _names(seeds)),
+                          grid=stage.parse_grid(grid or []))
+        table = stage.run(cfg, show_progress=progress)
+    except _known_errors() as err:
+        _fail(err)
+    console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))
+    console.print(f"results: {out / 'results.csv'} ({len(table)} runs)")
+
+
+@app.command()
+def predict(
+    run: Path = typer.Option(..., help="Run directory."),
+    data: Path = typer.Option(None, help="MVSA folder to predict (default: the run's own data)."),
+    split: str = typer.Option(default(PredictConfig, "split"), help="test | val | train | all."),
+    out: Path = typer.Option(None, help="Output file (default RUN/predictions-<split>.txt)."),
+    cache: Path = typer.Option(None, help="Cache for new data (default RUN/predict-cache)."),
+    device: str = typer.Option(default(PredictConfig, "device")),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Write guid,tag predictions of a run, extracting new data with the run's encoders."""
+    from msa.stages import predict as stage
+
+    try:
+        path, predictions = stage.run(PredictConfig(run=run, data=data, split=split, out=out, cache=cache,
+                                                    device=device), show_progress=progress)
+    except _known_errors() as err:
+        _fail(err)
+    counts = {c: predictions.predicted.count(c) for c in predictions.class_names}
+    console.print(f"{len(predictions.guids)} predictions ({', '.join(f'{k} {v}' for k, v in counts.items())}): {path}")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., help="Run directory."),
+    labels: Path = typer.Option(None, help="guid,tag file (default: the run's validation predictions)."),
+    text_run: Path = typer.Option(None, help="A text-only run, for the agreement analysis."),
+    image_run: Path = typer.Option(None, help="An image-only run, for the agreement analysis."),
+    out: Path = typer.Option(None, help="Where the report goes (default RUN/evaluation)."),
+) -> None:
+    """Metrics, bad cases, modality agreement and gate statistics of a run."""
+    from msa.stages import evaluate as stage
+
+    try:
+        report = stage.run(EvaluateConfig(run=run, labels=labels, text_run=text_run, image_run=image_run, out=out))
+    except _known_errors() as err:
+        _fail(err)
+    console.print(stage.report_tables(report))
 
 
 @app.command()

@@ -35,7 +35,7 @@ def test_extract_ls_info(messy_data_source, tiny_models, tmp_path):
     assert result.output.count("encoded") >= 2
 
     again = runner.invoke(app, extract_args(messy_data_source, cache, tiny_models))
-    assert again.output.count("cached (no encoder work)") == 2
+    assert again.output.count("│ cached ") == 2
 
     listing = runner.invoke(app, ["cache", "ls", "--cache", str(cache)])
     assert listing.exit_code == 0

@@ -67,7 +67,10 @@ def is_complete(path: Path, fingerprint: dict) -> bool:
 class FeatureWriter:
     """Writes the given rows of one feature set (or one shard of it), resuming if it can."""
 
-    def __init__(self, path: Path, fingerprint: dict, guids: list[str], rows: np.ndarray):
+    def __init__(self, path: Path, fingerprint: dict, guids: list[str], rows: np.ndarray,
+                 attrs: dict | None = None):
+        """attrs: JSON-able notes kept with the set but not part of its identity (the
+        extract options, with model paths, that `msa predict` re-runs on new data)."""
         self.path = Path(path)
         self.rows = np.asarray(rows)
         fingerprint = canonical(fingerprint)
@@ -78,6 +81,7 @@ class FeatureWriter:
             self.file = h5py.File(partial, "w")
             self.file.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
             self.file.attrs["format_version"] = FORMAT_VERSION
+            self.file.attrs["notes"] = json.dumps(attrs or {}, default=str)
             # The contiguous row range this file is responsible for (a shard's share).
             self.file.attrs["rows"] = [int(self.rows[0]), int(self.rows[-1]) + 1] if len(self.rows) else [0, 0]
             self.file.create_dataset("guid", data=np.array(guids, dtype=object), dtype=h5py.string_dtype())
@@ -151,6 +155,7 @@ class FeatureSet:
     fingerprint: dict
     guids: list[str]
     shapes: dict[str, tuple[int, ...]]
+    notes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -160,7 +165,8 @@ class FeatureSet:
     def open(cls, path: Path) -> FeatureSet:
         with h5py.File(path, "r") as f:
             shapes = {part: f[part].shape for part in PARTS if part in f}
-            return cls(Path(path), _read_fingerprint(f), f["guid"].asstr()[:].tolist(), shapes)
+            notes = json.loads(f.attrs.get("notes", "{}"))
+            return cls(Path(path), _read_fingerprint(f), f["guid"].asstr()[:].tolist(), shapes, notes)
 
     def load(self, part: str, rows: np.ndarray | None = None) -> np.ndarray:
         """Read one part (`pooled`, `tokens` or `mask`), all rows or the given ones."""
@@ -182,6 +188,17 @@ def find_feature_set(cache_dir: Path, name: str) -> FeatureSet:
     return FeatureSet.open(path)
 
 
+def complete_feature_sets(cache_dir: Path, manifest_id: str) -> list[FeatureSet]:
+    """Every finished (unsharded) feature set that follows the given manifest."""
+    found = []
+    for path in sorted((Path(cache_dir) / FEATURES_DIR).glob("*.h5")):
+        if ".shard-" not in path.name:
+            feature_set = FeatureSet.open(path)
+            if feature_set.fingerprint.get("manifest_id") == manifest_id:
+                found.append(feature_set)
+    return found
+
+
 def merge_shards(cache_dir: Path, name: str) -> Path:
     """Join finished shard files `NAME.shard-i-of-n.h5` into `NAME.h5`."""
     shard_files = sorted((Path(cache_dir) / FEATURES_DIR).glob(f"{name}.shard-*-of-*.h5"))
@@ -198,7 +215,9 @@ def merge_shards(cache_dir: Path, name: str) -> Path:
         fingerprint = _read_fingerprint(first)
         guids = first["guid"].asstr()[:].tolist()
     target = feature_path(cache_dir, name)
-    writer = FeatureWriter(target, fingerprint, guids, np.arange(len(guids)))
+    with h5py.File(shard_files[0], "r") as first:
+        notes = json.loads(first.attrs.get("notes", "{}"))
+    writer = FeatureWriter(target, fingerprint, guids, np.arange(len(guids)), notes)
     for shard_file in shard_files:
         with h5py.File(shard_file, "r") as f:
             if _read_fingerprint(f) != fingerprint:

@@ -44,3 +44,59 @@ def default(config_class: type, field: str) -> Any:
     if value is dataclasses.MISSING:
         raise KeyError(f"{config_class.__name__}.{field} has no default")
     return value
+
+
+@dataclasses.dataclass
+class TrainHeadConfig:
+    cache: Path = Path("msa-cache")  # a cache written by `msa extract`
+    fusion: str = "concat"  # a name from msa.models.heads.HEADS
+    features: tuple[str, ...] = ()  # feature set names, text role first; empty: the one set per modality
+    out: Path | None = None  # run directory; default runs/<fusion>-seed<seed>-<time>
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # share of steps with a linear warm-up, then cosine decay
+    dropout: float = 0.1
+    hidden: int = 256
+    seed: int = 0
+    loss: str = "ce"  # ce | weighted-ce | focal
+    class_weights: tuple[float, ...] | None = None  # weighted-ce/focal; default: inverse train frequency
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+    rdrop_alpha: float = 0.0  # R-Drop: weight of the KL between two dropout passes (0: off)
+    modality_dropout: float = 0.0  # per-sample probability of zeroing one modality in training
+    aux_weight: float = 0.1  # weight of a head's auxiliary loss (the aligned head's contrastive term)
+    select: str = "macro_f1"  # macro_f1 | accuracy | loss: early stopping and the best epoch, on val
+    patience: int = 5  # epochs without improvement before stopping
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    base: TrainHeadConfig  # every run starts from this config
+    out: Path = Path("runs/sweep")  # one sub-directory per run, results.csv/parquet here
+    fusions: tuple[str, ...] = ("concat",)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    grid: dict[str, tuple] = dataclasses.field(default_factory=dict)  # TrainHeadConfig field -> values
+
+
+SPLITS = ("test", "val", "train", "all")
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    run: Path  # a run directory from train-head or finetune
+    data: Path | None = None  # raw MVSA data; default: the data the run was trained on
+    split: str = "test"  # test | val | train | all
+    out: Path | None = None  # default: RUN/predictions-<split>.txt
+    cache: Path | None = None  # default: the run's cache for its own data, RUN/predict-cache otherwise
+    device: str = "auto"
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    run: Path  # the run to evaluate
+    labels: Path | None = None  # a guid,tag file; default: the run's validation predictions
+    text_run: Path | None = None  # a text-only run, for the agreement analysis
+    image_run: Path | None = None  # an image-only run, for the agreement analysis
+    out: Path | None = None  # default: RUN/evaluation

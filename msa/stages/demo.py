@@ -4,30 +4,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from msa.pipeline.config import ExtractConfig
+from msa.pipeline.config import ExtractConfig, PredictConfig, TrainHeadConfig
 from msa.pipeline.demo import make_demo_dataset, make_tiny_image_weights, make_tiny_text_model
 from msa.pipeline.progress import console
-from msa.stages import extract
+from msa.stages import extract, predict, train_head
 
 DEMO_IMAGE_MODEL = "timm:test_efficientnet"
 
 
 def run(out: Path, show_progress: bool = True) -> dict:
-    """Build (once) the demo data and models under `out`, then extract. Returns the paths."""
+    """Build (once) the demo data and models under `out`, extract, train a GMU head, predict."""
     out = Path(out)
     data = out / "data"
     if not (data / "train.txt").is_file():
-        make_demo_dataset(data, n_labelled=48, n_test=12, messy=True)
+        make_demo_dataset(data, n_labelled=120, n_test=20, messy=True)
     text_model = out / "models" / "tiny-bert"
     if not (text_model / "config.json").is_file():
         make_tiny_text_model(text_model)
     image_weights = out / "models" / "test_efficientnet.pth"
     if not image_weights.is_file():
         make_tiny_image_weights(image_weights, DEMO_IMAGE_MODEL)
-    cfg = ExtractConfig(data=data, cache=out / "cache", text_model=str(text_model), max_len=32,
-                        image_model=DEMO_IMAGE_MODEL, image_weights=str(image_weights), batch_size=16)
-    result = extract.run(cfg, show_progress=show_progress)
-    for table in extract.summary_tables(result):
+
+    extract_cfg = ExtractConfig(data=data, cache=out / "cache", text_model=str(text_model), max_len=32,
+                                image_model=DEMO_IMAGE_MODEL, image_weights=str(image_weights), batch_size=16)
+    extracted = extract.run(extract_cfg, show_progress=show_progress)
+    for table in extract.summary_tables(extracted):
         console.print(table)
-    console.print(f"data: {data}\ncache: {cfg.cache}")
-    return {"data": data, "cache": cfg.cache, "extract": result}
+
+    head_cfg = TrainHeadConfig(cache=extract_cfg.cache, fusion="gmu", out=out / "runs" / "gmu", epochs=15,
+                               batch_size=16, lr=3e-3, hidden=64)
+    trained = train_head.run(head_cfg, log=console.print)
+    m = trained.metrics
+    console.print(f"gmu head: val accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
+                  f"({trained.seconds:.1f} s, best epoch {trained.best_epoch})")
+
+    predictions_file, _ = predict.run(PredictConfig(run=trained.run_dir), show_progress=show_progress)
+    console.print(f"data:        {data}\ncache:       {extract_cfg.cache}\nrun:         {trained.run_dir}"
+                  f"\npredictions: {predictions_file}")
+    return {"data": data, "cache": extract_cfg.cache, "run": trained.run_dir, "predictions": predictions_file,
+            "metrics": m}

@@ -1,0 +1,220 @@
+"""Stage 1 throughput on real data, in two parts (the figures in the README come from here).
+
+1. The whole `msa extract` against the bare forward pass of the same encoders on the
+   same inputs: decoding, tokenising and writing should hide behind the encoders.
+2. The encoders themselves in each precision / layout / compile variant, with the
+   mean cosine similarity of each variant's pooled features to plain fp32.
+
+    python bench/extract_throughput.py --data ../shared/datasets/mvsa-lab5 \
+        --text-model ~/.cache/msa/offline-models/all-mpnet-base-v2 \
+        --image-model timm:tf_efficientnet_lite0 \
+        --image-weights ~/.cache/msa/offline-models/tf_efficientnet_lite0.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from msa.models.image import build_image_encoder
+from msa.models.text import TextEncoder
+from msa.pipeline.compute import Compute, resolve_compute
+from msa.pipeline.config import ExtractConfig
+from msa.pipeline.mvsa import read_mvsa
+from msa.stages import extract
+
+
+def timed(fn, batches) -> tuple[float, list[torch.Tensor]]:
+    """Items per second of fn over batches, after one warm-up batch; and the pooled outputs."""
+    with torch.inference_mode():
+        fn(batches[0])
+        start = time.perf_counter()
+        outputs = [fn(b) for b in batches]
+        seconds = time.perf_counter() - start
+    return sum(len(o) for o in outputs) / seconds, outputs
+
+
+def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    x, y = torch.cat(a).float(), torch.cat(b).float()
+    return torch.nn.functional.cosine_similarity(x, y, dim=1).mean().item()
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def image_variants(args, paths: list[str]) -> dict:
+    encoder = build_image_encoder(args.image_model, args.image_weights)
+    preprocess = encoder.preprocess
+    start = time.perf_counter()
+    pixels = torch.from_numpy(np.stack([preprocess.load(p) for p in paths]))
+    decode_draft = len(paths) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for p in paths[:64]:
+        with Image.open(p) as img:
+            img.convert("RGB").resize((preprocess.resize, preprocess.resize))
+    decode_full = 64 / (time.perf_counter() - start)
+    images = preprocess.normalise(pixels)
+    batches = list(images.split(args.batch_size))
+    results = {"decode img/s (JPEG draft)": decode_draft, "decode img/s (full decode)": decode_full}
+    reference = None
+    channels_last = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    variants = [("fp32", False, False), ("fp32 channels_last", True, False), ("bf16 channels_last", True, False),
+                ("fp32 channels_last compile", True, True)]
+    for name, use_cl, use_compile in variants:
+        model = encoder.to(memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+        torch._dynamo.reset()  # each compile starts clean, not from guards of an earlier model
+        forward = torch.compile(model, dynamic=False) if use_compile else model
+        precision = "bf16" if name.startswith("bf16") else "fp32"
+        compile_start = time.perf_counter()
+        if use_compile:
+            with torch.inference_mode():
+                forward(channels_last[0])
+        compile_seconds = time.perf_counter() - compile_start
+
+        def run(x, forward=forward, precision=precision):
+            with autocast(precision):
+                return forward(x)[1]
+
+        rate, pooled = timed(run, channels_last if use_cl else batches)
+        reference = reference or pooled
+        results[name] = {"img/s": rate, "cosine_to_fp32": cosine(pooled, reference)}
+        if use_compile:
+            results[name]["compile_s"] = compile_seconds
+    return results
+
+
+def pad_to(batch: tuple[torch.Tensor, torch.Tensor], length: int, encoder: TextEncoder):
+    """Pad (input_ids, attention_mask) to a fixed length, as a naive pipeline does."""
+    input_ids, mask = batch
+    extra = length - input_ids.shape[1]
+    pad_id = encoder.tokenizer.pad_token_id or 0
+    return torch.nn.functional.pad(input_ids, (0, extra), value=pad_id), torch.nn.functional.pad(mask, (0, extra))
+
+
+def text_variants(args, texts: list[str]) -> dict:
+    encoder = TextEncoder(args.text_model, args.max_len)
+    ids = encoder.tokenize(texts)
+    results = {}
+    reference = None
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    sorted_batches = [encoder.collate([ids[j] for j in order[i: i + args.batch_size]])
+                      for i in range(0, len(ids), args.batch_size)]
+    padded_batches = [pad_to(encoder.collate(ids[i: i + args.batch_size]), args.max_len, encoder)
+                      for i in range(0, len(ids), args.batch_size)]
+    inverse = np.argsort(order)
+    for name, batches, precision in [("padded fp32", padded_batches, "fp32"),
+                                     ("length-sorted fp32", sorted_batches, "fp32"),
+                                     ("length-sorted bf16", sorted_batches, "bf16")]:
+        def run(batch, precision=precision):
+            with autocast(precision):
+                return encoder(*batch)[1]
+
+        rate, pooled = timed(run, batches)
+        if name.startswith("length-sorted"):
+            pooled = [torch.cat(pooled)[torch.from_numpy(inverse)]]
+        reference = reference or pooled
+        results[name] = {"texts/s": rate, "cosine_to_fp32": cosine(pooled, reference)}
+    return results
+
+
+def whole_extract(args, n: int) -> dict:
+    """Default settings, a fresh cache; steady rate measured after the first batch (warm-up, compile)."""
+    stamps: dict[str, list[tuple[float, int]]] = {"text": [], "image": []}
+
+    def on_batch(modality: str, rows: int) -> None:
+        stamps[modality].append((time.perf_counter(), rows))
+
+    torch._dynamo.reset()
+    with tempfile.TemporaryDirectory() as cache:
+        cfg = ExtractConfig(data=args.data, cache=Path(cache), text_model=args.text_model, max_len=args.max_len,
+                            image_model=args.image_model, image_weights=args.image_weights,
+                            batch_size=args.batch_size, limit=n)
+        start = time.perf_counter()
+        result = extract.run(cfg, show_progress=False, on_batch=on_batch)
+        total = time.perf_counter() - start
+        start = time.perf_counter()
+        extract.run(cfg, show_progress=False)
+        second = time.perf_counter() - start
+    out = {"items": n, "seconds_total": total, "seconds_second_run": second}
+    for modality, marks in stamps.items():
+        (t0, _), (t1, _) = marks[0], marks[-1]
+        rows = sum(r for _, r in marks[1:])
+        out[modality] = {"items/s steady": rows / (t1 - t0), "seconds": result.feature_sets[modality].seconds,
+                         "compiled": modality == "image" and n >= extract.COMPILE_MIN_IMAGES}
+    return out
+
+
+def bare_forward(args, n: int, compute: Compute, texts: list[str], paths: list[str]) -> dict:
+    """The encoders alone, as extract runs them by default, on pre-decoded, pre-tokenised inputs."""
+    text_encoder = TextEncoder(args.text_model, args.max_len)
+    ids = text_encoder.tokenize(texts[:n])
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    text_batches = [text_encoder.collate([ids[j] for j in order[i: i + args.batch_size]])
+                    for i in range(0, n, args.batch_size)]
+    text_rate, _ = timed(lambda b: _with(compute, text_encoder, *b)[1], text_batches)
+    image_encoder = build_image_encoder(args.image_model, args.image_weights).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    forward = torch.compile(image_encoder, dynamic=False) if n >= extract.COMPILE_MIN_IMAGES else image_encoder
+    pixels = torch.from_numpy(np.stack([image_encoder.preprocess.load(p) for p in paths[:n]]))
+    images = [image_encoder.preprocess.normalise(b).contiguous(memory_format=torch.channels_last)
+              for b in pixels.split(args.batch_size)]
+    image_rate, _ = timed(lambda x: _with(compute, forward, x)[1], images)
+    return {"text items/s": text_rate, "image items/s": image_rate}
+
+
+def _with(compute: Compute, fn, *inputs):
+    with compute.autocast():
+        return fn(*inputs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--text-model", required=True)
+    parser.add_argument("--image-model", required=True)
+    parser.add_argument("--image-weights")
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--variants-n", type=int, default=256, help="items per encoder variant")
+    parser.add_argument("--extract-n", type=int, default=1024, help="items for the whole-extract comparison")
+    parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args()
+
+    items, _ = read_mvsa(args.data)
+    texts = [i.text for i in items]
+    paths = [i.image_path for i in items if not i.flags]
+    compute = resolve_compute()
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}", "default precision": compute.precision}
+    print(f"machine: {report['machine']}; default precision here: {compute.precision}", flush=True)
+
+    report["part 2: image encoder"] = image_variants(args, paths[: args.variants_n])
+    print(json.dumps(report["part 2: image encoder"], indent=1), flush=True)
+    report["part 2: text encoder"] = text_variants(args, texts[: args.variants_n])
+    print(json.dumps(report["part 2: text encoder"], indent=1), flush=True)
+
+    bare = bare_forward(args, args.extract_n, compute, texts, paths)
+    whole = whole_extract(args, args.extract_n)
+    report["part 1: whole extract"] = whole
+    report["part 1: bare forward"] = bare
+    report["part 1: ratio"] = {
+        "text": whole["text"]["items/s steady"] / bare["text items/s"],
+        "image": whole["image"]["items/s steady"] / bare["image items/s"],
+    }
+    print(json.dumps({k: report[k] for k in report if k.startswith("part 1")}, indent=1), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

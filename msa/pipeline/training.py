@@ -1,0 +1,162 @@
+"""The training loop shared by train-head (cached features) and, later, finetune.
+
+Features live in memory as tensors and batches are indexed directly: no per-sample
+Python loop and no DataLoader workers for cached features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from msa.cache.features import FeatureSet
+from msa.models.heads import Modality, ModalityDims
+
+LOSSES = ("ce", "weighted-ce", "focal")
+
+
+@dataclasses.dataclass
+class FeatureBank:
+    """All rows of the feature sets a head reads, in memory (tokens kept float16)."""
+
+    pooled: dict[str, torch.Tensor]  # name -> [N, D] float32
+    tokens: dict[str, torch.Tensor]  # name -> [N, L, D] float16 (empty if the head reads none)
+    masks: dict[str, torch.Tensor]  # name -> [N, L] bool
+
+    @classmethod
+    def load(cls, feature_sets: dict[str, FeatureSet], with_tokens: bool) -> FeatureBank:
+        pooled, tokens, masks = {}, {}, {}
+        for name, feature_set in feature_sets.items():
+            pooled[name] = torch.from_numpy(feature_set.load("pooled")).float()
+            if with_tokens:
+                mask = torch.from_numpy(feature_set.load("mask"))
+                # Keep only positions some item uses: texts rarely fill max_len.
+                length = int(mask.any(0).nonzero().max()) + 1
+                tokens[name] = torch.from_numpy(feature_set.load("tokens"))[:, :length]
+                masks[name] = mask[:, :length]
+        return cls(pooled, tokens, masks)
+
+    def dims(self) -> dict[str, ModalityDims]:
+        return {name: ModalityDims(p.shape[1], self.tokens[name].shape[2] if name in self.tokens else p.shape[1])
+                for name, p in self.pooled.items()}
+
+    def batch(self, rows: torch.Tensor) -> dict[str, Modality]:
+        return {name: Modality(pooled[rows],
+                               self.tokens[name][rows].float() if name in self.tokens else None,
+                               self.masks[name][rows] if name in self.masks else None)
+                for name, pooled in self.pooled.items()}
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def class_weights_from(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised so the average weight per item is 1."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def classification_loss(name: str, class_weights: torch.Tensor | None, label_smoothing: float,
+                        focal_gamma: float = 2.0):
+    """loss(logits [B, C], targets [B]) -> per-sample losses [B]."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+    weights = class_weights if name in ("weighted-ce", "focal") else None
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(logits, targets, weight=weights, reduction="none",
+                                         label_smoothing=label_smoothing)
+        if name != "focal":
+            return ce
+        # Focal: down-weight easy samples by (1 - p_true)^gamma.
+        p_true = torch.softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+        return (1 - p_true).pow(focal_gamma) * ce
+
+    return loss
+
+
+def drop_modalities(inputs: dict[str, Modality], p: float, generator: torch.Generator) -> dict[str, Modality]:
+    """With probability p per sample, zero one modality (never all of them)."""
+    names = list(inputs)
+    batch = inputs[names[0]].pooled.shape[0]
+    drop = torch.rand(batch, generator=generator) < p
+    which = torch.randint(len(names), (batch,), generator=generator)
+    out = {}
+    for i, name in enumerate(names):
+        keep = ~(drop & (which == i))  # [B]
+        m = inputs[name]
+        out[name] = Modality(m.pooled * keep[:, None], None if m.tokens is None else m.tokens * keep[:, None, None],
+                             m.mask)  # the mask stays: attention over all-zero keys is fine, over no keys is NaN
+    return out
+
+
+def train_one_epoch(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targets: torch.Tensor,
+                    optimizer: torch.optim.Optimizer, scheduler, loss_fn, batch_size: int,
+                    generator: torch.Generator, rdrop_alpha: float = 0.0, modality_dropout: float = 0.0,
+                    aux_weight: float = 0.1) -> dict[str, float]:
+    model.train()
+    order = torch.from_numpy(rows)[torch.randperm(len(rows), generator=generator)]
+    totals = {"loss": 0.0, "aux_loss": 0.0}
+    for start in range(0, len(order), batch_size):
+        batch_rows = order[start: start + batch_size]
+        inputs = bank.batch(batch_rows)
+        if modality_dropout > 0:
+            inputs = drop_modalities(inputs, modality_dropout, generator)
+        y = targets[batch_rows]
+        out = model(inputs)
+        loss = loss_fn(out["logits"], y).mean()
+        if rdrop_alpha > 0:  # R-Drop: a second pass with other dropout masks; penalise disagreement
+            second = model(inputs)
+            loss = 0.5 * (loss + loss_fn(second["logits"], y).mean())
+            p, q = out["logits"].log_softmax(-1), second["logits"].log_softmax(-1)
+            kl = 0.5 * (nn.functional.kl_div(p, q, log_target=True, reduction="batchmean")
+                        + nn.functional.kl_div(q, p, log_target=True, reduction="batchmean"))
+            loss = loss + rdrop_alpha * kl
+        aux = out.get("aux_loss")
+        if aux is not None:
+            loss = loss + aux_weight * aux
+            totals["aux_loss"] += aux.item() * len(batch_rows)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}); lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        totals["loss"] += loss.item() * len(batch_rows)
+    return {k: v / len(rows) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targets: torch.Tensor | None,
+             batch_size: int = 256) -> dict:
+    """Probabilities [N, C] (and gate [N] where the head has one) for rows; loss if targets."""
+    model.eval()
+    probabilities, gates, loss = [], [], 0.0
+    for start in range(0, len(rows), batch_size):
+        batch_rows = torch.from_numpy(rows[start: start + batch_size])
+        out = model(bank.batch(batch_rows))
+        probabilities.append(out["logits"].softmax(-1))
+        if "gate" in out:
+            gates.append(out["gate"])
+        if targets is not None:
+            loss += nn.functional.cross_entropy(out["logits"], targets[batch_rows], reduction="sum").item()
+    result = {"probabilities": torch.cat(probabilities).numpy() if probabilities else np.zeros((0, 0))}
+    if gates:
+        result["gate"] = torch.cat(gates).numpy()
+    if targets is not None:
+        result["loss"] = loss / max(1, len(rows))
+    return result

@@ -1,0 +1,128 @@
+"""Turn a run into predictions: `guid,tag` lines in the `test_without_label.txt` format.
+
+A run directory plus raw data is all this needs: data not yet in a cache is extracted
+first, with exactly the encoder configuration recorded with the run's feature sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msa.cache.features import CacheError, find_feature_set
+from msa.cache.manifest import Manifest, read_manifest
+from msa.models.heads import ModalityDims, create_head
+from msa.pipeline import rundir
+from msa.pipeline.config import SPLITS, ExtractConfig, PredictConfig
+from msa.pipeline.training import FeatureBank, evaluate
+from msa.stages import extract
+
+# Fingerprint entries that may differ between the run's cache and a new data set's.
+PER_DATASET_KEYS = ("manifest_id",)
+
+
+@dataclasses.dataclass
+class Predictions:
+    guids: list[str]
+    labels: list[str | None]
+    probabilities: np.ndarray  # [N, C]
+    gate: np.ndarray | None
+    class_names: list[str]
+    manifest: Manifest
+    rows: np.ndarray
+
+    @property
+    def predicted(self) -> list[str]:
+        return [self.class_names[i] for i in self.probabilities.argmax(1)]
+
+
+def load_head(run_dir: Path) -> tuple[torch.nn.Module, dict]:
+    checkpoint = torch.load(Path(run_dir) / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
+    dims = {m: ModalityDims(**d) for m, d in checkpoint["dims"].items()}
+    model = create_head(checkpoint["fusion"], dims, len(checkpoint["class_names"]),
+                        checkpoint["hidden"], checkpoint["dropout"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint
+
+
+def ensure_features(run_dir: Path, data: Path | None, cache: Path | None, device: str = "auto",
+                    show_progress: bool = True) -> tuple[Path, dict[str, str]]:
+    """The cache holding `data` with the run's feature sets, extracting what is missing.
+
+    Returns the cache and, per modality, the name of the feature set to read."""
+    config = rundir.read_json(Path(run_dir) / rundir.CONFIG)
+    run_cache = Path(config["cache"])
+    run_data = Path(read_manifest(run_cache).info["data_dir"]) if (run_cache / "manifest.parquet").is_file() else None
+    same_data = data is None or (run_data is not None and Path(data).resolve() == run_data)
+    if same_data and cache is None:
+        return run_cache, {m: info["name"] for m, info in config["feature_sets"].items()}
+    if data is None:
+        raise ValueError("--data is needed: the run's own cache is gone")
+    cache = Path(cache) if cache else Path(run_dir) / "predict-cache"
+    names = {}
+    for modality, info in config["feature_sets"].items():
+        notes = _notes_of(run_cache, info["name"])
+        extract_cfg = _extract_config(notes["extract_config"], data, cache, modality, device)
+        result = extract.run(extract_cfg, show_progress=show_progress).feature_sets[modality]
+        produced = find_feature_set(cache, result.name).fingerprint
+        wanted = info["fingerprint"]
+        differing = sorted(k for k in set(produced) | set(wanted)
+                           if k not in PER_DATASET_KEYS and produced.get(k) != wanted.get(k))
+        if differing:
+            run_values = [wanted.get(k) for k in differing]
+            now_values = [produced.get(k) for k in differing]
+            raise CacheError(f"{modality} features for {data} differ from the run's in {', '.join(differing)} "
+                             f"(run: {run_values}, now: {now_values})")
+        names[modality] = result.name
+    return cache, names
+
+
+def _notes_of(run_cache: Path, name: str) -> dict:
+    try:
+        notes = find_feature_set(run_cache, name).notes
+    except CacheError as err:
+        raise CacheError(f"the run's feature set {name} is not in {run_cache}, so its encoder settings "
+                         "are unknown; re-run `msa extract` with the run's options") from err
+    if "extract_config" not in notes:
+        raise CacheError(f"{name} records no extract options")
+    return notes
+
+
+def _extract_config(recorded: dict, data: Path, cache: Path, modality: str, device: str) -> ExtractConfig:
+    fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+    values = {k: v for k, v in recorded.items() if k in fields}
+    values.update(data=Path(data), cache=cache, modalities=(modality,), device=device, shard=None, limit=None)
+    return ExtractConfig(**values)
+
+
+def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache: Path | None = None,
+            device: str = "auto", show_progress: bool = True) -> Predictions:
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    cache, names = ensure_features(run_dir, data, cache, device, show_progress)
+    model, checkpoint = load_head(run_dir)
+    manifest = read_manifest(cache)
+    feature_sets = {m: find_feature_set(cache, n) for m, n in names.items()}
+    bank = FeatureBank.load(feature_sets, with_tokens=model.uses_tokens)
+    rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
+    out = evaluate(model, bank, rows, None)
+    guids, labels = manifest.guids, manifest.column("label")
+    return Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"],
+                       out.get("gate"), checkpoint["class_names"], manifest, rows)
+
+
+def write_predictions_file(predictions: Predictions, path: Path) -> Path:
+    """`guid,tag` with a header, as test_without_label.txt."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["guid,tag"] + [f"{g},{p}" for g, p in zip(predictions.guids, predictions.predicted)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run(cfg: PredictConfig, show_progress: bool = True) -> tuple[Path, Predictions]:
+    predictions = predict(cfg.run, cfg.data, cfg.split, cfg.cache, cfg.device, show_progress)
+    out = cfg.out or Path(cfg.run) / f"predictions-{cfg.split}.txt"
+    return write_predictions_file(predictions, out), predictions

@@ -1,0 +1,157 @@
+"""Stage 2: train a fusion head on cached features, in seconds.
+
+Model selection (early stopping, the best epoch) uses the validation split only; test
+items are never looked at here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from msa.cache.features import CacheError, FeatureSet, complete_feature_sets, find_feature_set
+from msa.cache.manifest import Manifest, read_manifest
+from msa.models.heads import HEADS, create_head
+from msa.pipeline import rundir
+from msa.pipeline.config import TrainHeadConfig, to_json
+from msa.pipeline.metrics import SELECT, classification_metrics
+from msa.pipeline.mvsa import LABELS
+from msa.pipeline.training import (
+    FeatureBank,
+    class_weights_from,
+    classification_loss,
+    evaluate,
+    train_one_epoch,
+    warmup_cosine,
+)
+
+MODALITY_ORDER = ("text", "image")  # roles of two-modality heads: the first is the "text" role
+
+
+@dataclasses.dataclass
+class TrainData:
+    """What a run reads, loaded once; a sweep shares one across its runs."""
+
+    manifest: Manifest
+    feature_sets: dict[str, FeatureSet]  # modality -> set, in role order
+    bank: FeatureBank
+    targets: torch.Tensor  # [N] class index, -1 for unlabelled rows
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict
+    best_epoch: int
+    seconds: float
+
+
+def select_feature_sets(cache: Path, manifest: Manifest, names: tuple[str, ...]) -> dict[str, FeatureSet]:
+    """The named feature sets, or the single complete set of each modality in the cache."""
+    if names:
+        chosen = [find_feature_set(cache, n.removesuffix(".h5")) for n in names]
+        for feature_set in chosen:
+            if feature_set.fingerprint.get("manifest_id") != manifest.manifest_id:
+                raise CacheError(f"{feature_set.name} was extracted for another manifest than {cache}'s")
+        return {fs.fingerprint["modality"]: fs for fs in chosen}
+    by_modality: dict[str, list[FeatureSet]] = {}
+    for feature_set in complete_feature_sets(cache, manifest.manifest_id):
+        by_modality.setdefault(feature_set.fingerprint["modality"], []).append(feature_set)
+    if not by_modality:
+        raise CacheError(f"{cache}: no complete feature sets; run `msa extract` first")
+    for modality, sets in by_modality.items():
+        if len(sets) > 1:
+            raise CacheError(f"{cache} holds {len(sets)} {modality} feature sets "
+                             f"({', '.join(s.name for s in sets)}); choose with --features")
+    order = sorted(by_modality, key=lambda m: (MODALITY_ORDER.index(m) if m in MODALITY_ORDER else 99, m))
+    return {m: by_modality[m][0] for m in order}
+
+
+def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool) -> TrainData:
+    manifest = read_manifest(cache)
+    feature_sets = select_feature_sets(cache, manifest, features)
+    bank = FeatureBank.load(feature_sets, with_tokens)
+    label_index = {name: i for i, name in enumerate(LABELS)}
+    targets = torch.tensor([label_index.get(lab, -1) if lab else -1 for lab in manifest.column("label")])
+    return TrainData(manifest, feature_sets, bank, targets)
+
+
+def default_run_dir(cfg: TrainHeadConfig) -> Path:
+    return Path("runs") / f"{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> TrainResult:
+    """Train one head; `data` lets a sweep reuse features already in memory."""
+    if cfg.fusion not in HEADS:
+        raise ValueError(f"unknown fusion head {cfg.fusion!r}; known: {', '.join(sorted(HEADS))}")
+    if cfg.select not in SELECT:
+        raise ValueError(f"--select must be one of {', '.join(SELECT)}")
+    if data is None:
+        data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / rundir.HISTORY).unlink(missing_ok=True)
+    feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint} for m, fs in data.feature_sets.items()}
+    rundir.write_json(run_dir / rundir.CONFIG, {**to_json(cfg), "out": str(run_dir), "feature_sets": feature_info,
+                                                "cache": str(Path(cfg.cache).resolve())})
+
+    train_rows = data.manifest.rows_of_split("train")
+    val_rows = data.manifest.rows_of_split("val")
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise ValueError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = create_head(cfg.fusion, data.bank.dims(), len(LABELS), cfg.hidden, cfg.dropout)
+    weights = None
+    if cfg.loss in ("weighted-ce", "focal"):
+        weights = (torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights
+                   else class_weights_from(data.targets[train_rows].numpy(), len(LABELS)))
+    loss_fn = classification_loss(cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
+    scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
+    select_key, larger_is_better = SELECT[cfg.select]
+
+    start = time.perf_counter()
+    best_score, best_epoch, best_state, stale = None, 0, None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        train = train_one_epoch(model, data.bank, train_rows, data.targets, optimizer, scheduler, loss_fn,
+                                cfg.batch_size, generator, cfg.rdrop_alpha, cfg.modality_dropout, cfg.aux_weight)
+        val = evaluate(model, data.bank, val_rows, data.targets)
+        metrics = classification_metrics(data.targets[val_rows].numpy(), val["probabilities"].argmax(1), list(LABELS))
+        metrics["loss"] = val["loss"]
+        rundir.append_history(run_dir, {
+            "epoch": epoch, "train_loss": round(train["loss"], 5), "aux_loss": round(train["aux_loss"], 5),
+            "val_loss": round(val["loss"], 5), "val_accuracy": round(metrics["accuracy"], 5),
+            "val_macro_f1": round(metrics["macro_f1"], 5), "lr": scheduler.get_last_lr()[0],
+            "seconds": round(time.perf_counter() - epoch_start, 3)})
+        score = metrics[select_key] if larger_is_better else -metrics[select_key]
+        if best_score is None or score > best_score:
+            best_score, best_epoch, best_state, stale = score, epoch, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                log(f"early stop at epoch {epoch}: no better val {cfg.select} for {cfg.patience} epochs")
+                break
+    seconds = time.perf_counter() - start
+
+    model.load_state_dict(best_state)
+    val = evaluate(model, data.bank, val_rows, data.targets)
+    metrics = classification_metrics(data.targets[val_rows].numpy(), val["probabilities"].argmax(1), list(LABELS))
+    metrics.update(loss=val["loss"], best_epoch=best_epoch, train_seconds=seconds)
+    torch.save({"state_dict": best_state, "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
+                "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()},
+                "class_names": list(LABELS), "feature_sets": feature_info}, run_dir / rundir.CHECKPOINT)
+    rundir.write_json(run_dir / rundir.METRICS, metrics)
+    guids = data.manifest.guids
+    labels = data.manifest.column("label")
+    rundir.write_predictions(run_dir / rundir.VAL_PREDICTIONS, rundir.predictions_table(
+        [guids[r] for r in val_rows], [labels[r] for r in val_rows], val["probabilities"], list(LABELS),
+        val.get("gate")))
+    rundir.plot_run(run_dir, metrics)
+    return TrainResult(run_dir, metrics, best_epoch, seconds)

@@ -1,0 +1,190 @@
+"""Stage 2: heads on cached features, sweeps, predict and evaluate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from typer.testing import CliRunner
+
+from msa.cache.features import FeatureSet
+from msa.cli import app
+from msa.models.heads import HEADS, Modality, ModalityDims, create_head
+from msa.pipeline.config import EvaluateConfig, ExtractConfig, PredictConfig, SweepConfig, TrainHeadConfig
+from msa.pipeline.demo import make_demo_dataset
+from msa.stages import evaluate, extract, predict, sweep, train_head
+
+FAST = dict(epochs=12, batch_size=16, lr=3e-3, hidden=64, patience=12)
+
+
+@pytest.fixture(scope="session")
+def signal_cache(tmp_path_factory, tiny_models) -> Path:
+    """Cached features of a clean generated data set with a planted signal."""
+    root = tmp_path_factory.mktemp("signal")
+    data = make_demo_dataset(root / "data", n_labelled=150, n_test=20, seed=1)
+    cfg = ExtractConfig(data=data, cache=root / "cache", text_model=tiny_models["text"], max_len=16,
+                        image_model="timm:test_efficientnet", image_weights=tiny_models["image_weights"])
+    extract.run(cfg, show_progress=False)
+    return cfg.cache
+
+
+def majority_share(cache: Path) -> float:
+    table = pd.read_parquet(cache / "manifest.parquet")
+    return table[table.split == "val"].label.value_counts(normalize=True).max()
+
+
+@pytest.mark.parametrize("fusion", sorted(HEADS))
+def test_every_head_trains_and_beats_the_majority_class(fusion, signal_cache, tmp_path):
+    result = train_head.run(TrainHeadConfig(cache=signal_cache, fusion=fusion, out=tmp_path / fusion, **FAST),
+                            log=lambda *_: None)
+    assert result.metrics["accuracy"] > majority_share(signal_cache) + 0.1, result.metrics
+    run_dir = result.run_dir
+    for name in ("config.json", "metrics.json", "history.csv", "checkpoint.pt", "val_predictions.parquet",
+                 "curves.png", "confusion.png"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["fusion"] == fusion and set(config["feature_sets"]) == {"text", "image"}
+    assert config["feature_sets"]["text"]["fingerprint"]["max_len"] == 16
+    predictions = pd.read_parquet(run_dir / "val_predictions.parquet")
+    assert len(predictions) == result.metrics["n"]
+    assert ("gate" in predictions.columns) == (fusion == "gmu")
+    np.testing.assert_allclose(predictions[["p_negative", "p_neutral", "p_positive"]].sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", sorted(HEADS))
+def test_heads_take_any_number_of_named_modalities(fusion):
+    dims = {"text": ModalityDims(12, 8), "audio": ModalityDims(6, 5), "vision": ModalityDims(4, 3)}
+    head = create_head(fusion, dims, num_classes=3, hidden=16, dropout=0.0)
+    batch = {name: Modality(torch.randn(5, d.pooled), torch.randn(5, 7, d.token), torch.rand(5, 7) > 0.3)
+             for name, d in dims.items()}
+    for m in batch.values():
+        m.mask[:, 0] = True
+    out = head(batch)
+    assert out["logits"].shape == (5, 3) and torch.isfinite(out["logits"]).all()
+
+
+def test_unknown_head_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown fusion head 'nope'; known: aligned, co-attn, concat"):
+        create_head("nope", {"text": ModalityDims(4, 4)}, 3)
+
+
+def test_same_seed_same_metrics(signal_cache, tmp_path):
+    cfg = TrainHeadConfig(cache=signal_cache, fusion="gmu", out=tmp_path / "a", seed=3, modality_dropout=0.2,
+                          rdrop_alpha=0.5, loss="focal", **FAST)
+    first = train_head.run(cfg, log=lambda *_: None)
+    second = train_head.run(dataclasses.replace(cfg, out=tmp_path / "b"), log=lambda *_: None)
+    drop_time = ("train_seconds",)
+    assert {k: v for k, v in first.metrics.items() if k not in drop_time} == \
+        {k: v for k, v in second.metrics.items() if k not in drop_time}
+    history = [pd.read_csv(d / "history.csv").drop(columns="seconds") for d in (first.run_dir, second.run_dir)]
+    pd.testing.assert_frame_equal(*history)
+
+
+def test_losses_and_regularisers_change_training(signal_cache, tmp_path):
+    base = TrainHeadConfig(cache=signal_cache, fusion="concat", out=tmp_path / "ce", epochs=3, batch_size=16)
+    plain = pd.read_csv(train_head.run(base, log=lambda *_: None).run_dir / "history.csv")
+    for change in ({"loss": "weighted-ce"}, {"loss": "focal"}, {"label_smoothing": 0.1}, {"rdrop_alpha": 1.0},
+                   {"modality_dropout": 0.5}):
+        name = "-".join(f"{k}{v}" for k, v in change.items())
+        other = train_head.run(dataclasses.replace(base, out=tmp_path / name, **change), log=lambda *_: None)
+        assert not np.allclose(pd.read_csv(other.run_dir / "history.csv").train_loss, plain.train_loss), change
+
+
+def test_sweep_table_and_restart_skips_finished_runs(signal_cache, tmp_path, monkeypatch):
+    cfg = SweepConfig(base=TrainHeadConfig(cache=signal_cache, epochs=2, batch_size=32, hidden=32),
+                      out=tmp_path / "sweep", fusions=("concat", "late"), seeds=(0, 1), grid={"lr": (1e-3, 3e-3)})
+    table = sweep.run(cfg, show_progress=False)
+    assert len(table) == 8 and table.run.is_unique
+    assert set(table.columns) >= {"fusion", "seed", "lr", "accuracy", "macro_f1", "train_seconds"}
+    assert (tmp_path / "sweep" / "results.csv").is_file() and (tmp_path / "sweep" / "results.parquet").is_file()
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train_head, "run", must_not_train)
+    again = sweep.run(cfg, show_progress=False)
+    pd.testing.assert_frame_equal(again, table)
+    board = sweep.leaderboard(table, ["lr"])
+    assert len(board) == 4 and (board.runs == 2).all()
+    assert board.macro_f1_mean.is_monotonic_decreasing
+
+
+def test_sweep_grid_parsing():
+    assert sweep.parse_grid(["lr=1e-3,3e-4", "dropout=0.1", "loss=ce,focal"]) == \
+        {"lr": (1e-3, 3e-4), "dropout": (0.1,), "loss": ("ce", "focal")}
+    with pytest.raises(ValueError, match="expected FIELD=V1,V2"):
+        sweep.parse_grid(["learning_rate=1"])
+
+
+def test_predict_extracts_new_data_with_the_runs_encoders(signal_cache, tmp_path):
+    run = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="co-attn", out=tmp_path / "run", **FAST),
+                         log=lambda *_: None)
+    new_data = make_demo_dataset(tmp_path / "new", n_labelled=10, n_test=15, seed=9)
+    path, predictions = predict.run(PredictConfig(run=run.run_dir, data=new_data), show_progress=False)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "guid,tag"
+    test_guids = [line.split(",")[0] for line in (new_data / "test_without_label.txt").read_text().splitlines()[1:]]
+    assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(test_guids)
+    assert {line.split(",")[1] for line in lines[1:]} <= {"negative", "neutral", "positive"}
+    # The new cache holds the run's feature sets: same fingerprint but for the manifest.
+    run_config = json.loads((run.run_dir / "config.json").read_text())
+    for modality, info in run_config["feature_sets"].items():
+        (new_set,) = (run.run_dir / "predict-cache" / "features").glob(f"{modality}-*.h5")
+        fingerprint = FeatureSet.open(new_set).fingerprint
+        assert fingerprint.pop("manifest_id") != info["fingerprint"].pop("manifest_id")
+        assert fingerprint == info["fingerprint"]
+    # On the run's own data, nothing is extracted and val predictions match the run's.
+    _, own = predict.run(PredictConfig(run=run.run_dir, split="val"), show_progress=False)
+    saved = pd.read_parquet(run.run_dir / "val_predictions.parquet")
+    assert own.predicted == saved.prediction.tolist()
+
+
+def test_evaluate_matches_scikit_learn_and_reports_agreement_and_gate(signal_cache, tmp_path):
+    runs = {f: train_head.run(TrainHeadConfig(cache=signal_cache, fusion=f, out=tmp_path / f, **FAST),
+                              log=lambda *_: None).run_dir for f in ("gmu", "text-only", "image-only")}
+    report = evaluate.run(EvaluateConfig(run=runs["gmu"], text_run=runs["text-only"], image_run=runs["image-only"]))
+    saved = pd.read_parquet(runs["gmu"] / "val_predictions.parquet")
+    y, p = saved.label, saved.prediction
+    labels = ["negative", "neutral", "positive"]
+    m = report["metrics"]
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro", labels=labels, zero_division=0))
+    precision, recall, f1, support = precision_recall_fscore_support(y, p, labels=labels, zero_division=0)
+    for i, name in enumerate(labels):
+        assert m["per_class"][name]["recall"] == pytest.approx(recall[i])
+        assert m["per_class"][name]["support"] == support[i]
+    agreement = report["agreement"]
+    assert sum(agreement["unimodal"].values()) == agreement["items"] == len(saved)
+    assert set(report["gate"]["by outcome"]) <= {"correct", "incorrect"}
+    bad = pd.read_csv(tmp_path / "gmu" / "evaluation" / "bad_cases.csv")
+    assert len(bad) == (y != p).sum() and "text" in bad.columns
+    assert sum(report["errors by type"].values()) == len(bad)
+
+
+def test_cli_train_head_sweep_predict_evaluate(signal_cache, tmp_path):
+    runner = CliRunner(env={"COLUMNS": "200"})
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["train-head", "--cache", str(signal_cache), "--fusion", "gmu", "--out",
+                                 str(run_dir), "--epochs", "3", "--loss", "weighted-ce"])
+    assert result.exit_code == 0, result.output
+    assert "val accuracy" in result.output
+    assert json.loads((run_dir / "config.json").read_text())["loss"] == "weighted-ce"
+    result = runner.invoke(app, ["sweep", "--cache", str(signal_cache), "--fusion", "concat,late", "--seeds", "0,1",
+                                 "--epochs", "2", "--out", str(tmp_path / "sweep"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "Leaderboard" in result.output and "(4 runs)" in result.output
+    out = tmp_path / "pred.txt"
+    result = runner.invoke(app, ["predict", "--run", str(run_dir), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 1 + 20
+    result = runner.invoke(app, ["evaluate", "--run", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "macro-F1" in result.output and "text gate (GMU)" in result.output
+    result = runner.invoke(app, ["train-head", "--cache", str(signal_cache), "--fusion", "nope"])
+    assert result.exit_code == 2 and "known: aligned" in result.output
