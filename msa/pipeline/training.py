@@ -21,10 +21,11 @@ LOSSES = ("ce", "weighted-ce", "focal")
 
 @dataclasses.dataclass
 class FeatureBank:
-    """All rows of the feature sets a head reads, in memory (tokens kept float16)."""
+    """All rows of the feature sets a head reads, in memory as float32: converting each
+    batch from the cache's float16 cost co-attn 20 ms of its ~110 ms per batch on MVSA."""
 
-    pooled: dict[str, torch.Tensor]  # name -> [N, D] float32
-    tokens: dict[str, torch.Tensor]  # name -> [N, L, D] float16 (empty if the head reads none)
+    pooled: dict[str, torch.Tensor]  # name -> [N, D]
+    tokens: dict[str, torch.Tensor]  # name -> [N, L, D] (empty if the head reads none)
     masks: dict[str, torch.Tensor]  # name -> [N, L] bool
 
     @classmethod
@@ -36,7 +37,7 @@ class FeatureBank:
                 mask = torch.from_numpy(feature_set.load("mask"))
                 # Keep only positions some item uses: texts rarely fill max_len.
                 length = int(mask.any(0).nonzero().max()) + 1
-                tokens[name] = torch.from_numpy(feature_set.load("tokens"))[:, :length]
+                tokens[name] = torch.from_numpy(feature_set.load("tokens")[:, :length].astype(np.float32))
                 masks[name] = mask[:, :length]
         return cls(pooled, tokens, masks)
 
@@ -45,10 +46,24 @@ class FeatureBank:
                 for name, p in self.pooled.items()}
 
     def batch(self, rows: torch.Tensor) -> dict[str, Modality]:
-        return {name: Modality(pooled[rows],
-                               self.tokens[name][rows].float() if name in self.tokens else None,
-                               self.masks[name][rows] if name in self.masks else None)
-                for name, pooled in self.pooled.items()}
+        """The rows' features; token sequences cut to the batch's longest (pad positions are
+        masked, so this changes no result, and texts average a quarter of max_len)."""
+        batch = {}
+        for name, pooled in self.pooled.items():
+            if name not in self.tokens:
+                batch[name] = Modality(pooled[rows])
+                continue
+            mask = self.masks[name][rows]
+            length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+            batch[name] = Modality(pooled[rows], self.tokens[name][rows, :length], mask[:, :length])
+        return batch
+
+    def lengths(self) -> torch.Tensor | None:
+        """[N] each item's tokens summed over modalities (fixed-length image tokens add the
+        same to every item, so the order is the text's); None without tokens."""
+        if not self.masks:
+            return None
+        return torch.stack([m.sum(1) for m in self.masks.values()]).sum(0)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -104,15 +119,28 @@ def drop_modalities(inputs: dict[str, Modality], p: float, generator: torch.Gene
     return out
 
 
+def shuffled_batches(rows: np.ndarray, batch_size: int, generator: torch.Generator,
+                     lengths: torch.Tensor | None = None, pool_batches: int = 50) -> list[torch.Tensor]:
+    """Random batches; with lengths, from length buckets: shuffle, sort each pool of
+    `pool_batches` batches by length, cut it into batches, shuffle the batch order.
+    Batches of similar lengths carry little padding (co-attn trains 3x faster on MVSA)."""
+    order = torch.from_numpy(rows)[torch.randperm(len(rows), generator=generator)]
+    if lengths is None:
+        return list(order.split(batch_size))
+    batches = []
+    for pool in order.split(batch_size * pool_batches):
+        pool = pool[torch.argsort(lengths[pool], stable=True)]
+        batches += list(pool.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+
+
 def train_one_epoch(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targets: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler, loss_fn, batch_size: int,
                     generator: torch.Generator, rdrop_alpha: float = 0.0, modality_dropout: float = 0.0,
                     aux_weight: float = 0.1) -> dict[str, float]:
     model.train()
-    order = torch.from_numpy(rows)[torch.randperm(len(rows), generator=generator)]
     totals = {"loss": 0.0, "aux_loss": 0.0}
-    for start in range(0, len(order), batch_size):
-        batch_rows = order[start: start + batch_size]
+    for batch_rows in shuffled_batches(rows, batch_size, generator, bank.lengths()):
         inputs = bank.batch(batch_rows)
         if modality_dropout > 0:
             inputs = drop_modalities(inputs, modality_dropout, generator)
@@ -146,17 +174,21 @@ def evaluate(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targets: tor
     """Probabilities [N, C] (and gate [N] where the head has one) for rows; loss if targets."""
     model.eval()
     probabilities, gates, loss = [], [], 0.0
+    lengths = bank.lengths()
+    # Length-sorted batches (little padding); outputs are put back in the order of rows.
+    order = np.argsort(lengths[rows].numpy(), kind="stable") if lengths is not None else np.arange(len(rows))
     for start in range(0, len(rows), batch_size):
-        batch_rows = torch.from_numpy(rows[start: start + batch_size])
+        batch_rows = torch.from_numpy(rows[order[start: start + batch_size]])
         out = model(bank.batch(batch_rows))
         probabilities.append(out["logits"].softmax(-1))
         if "gate" in out:
             gates.append(out["gate"])
         if targets is not None:
             loss += nn.functional.cross_entropy(out["logits"], targets[batch_rows], reduction="sum").item()
-    result = {"probabilities": torch.cat(probabilities).numpy() if probabilities else np.zeros((0, 0))}
+    restore = np.argsort(order)
+    result = {"probabilities": torch.cat(probabilities).numpy()[restore] if probabilities else np.zeros((0, 0))}
     if gates:
-        result["gate"] = torch.cat(gates).numpy()
+        result["gate"] = torch.cat(gates).numpy()[restore]
     if targets is not None:
         result["loss"] = loss / max(1, len(rows))
     return result
