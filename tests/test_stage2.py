@@ -110,6 +110,10 @@ def test_sweep_table_and_restart_skips_finished_runs(signal_cache, tmp_path, mon
     monkeypatch.setattr(train_head, "run", must_not_train)
     again = sweep.run(cfg, show_progress=False)
     pd.testing.assert_frame_equal(again, table)
+    monkeypatch.undo()
+    changed = sweep.run(dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, epochs=1), seeds=(0,)),
+                        show_progress=False)  # other options: the runs are trained again, not skipped
+    assert (changed.best_epoch == 1).all()
     board = sweep.leaderboard(table, ["lr"])
     assert len(board) == 4 and (board.runs == 2).all()
     assert board.macro_f1_mean.is_monotonic_decreasing

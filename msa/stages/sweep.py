@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from pathlib import Path
 
 import pandas as pd
 from rich.table import Table
 
 from msa.models.heads import HEADS
 from msa.pipeline import rundir
-from msa.pipeline.config import SweepConfig, TrainHeadConfig
+from msa.pipeline.config import SweepConfig, TrainHeadConfig, to_json
 from msa.pipeline.progress import console, progress_bar
 from msa.stages import train_head
 
@@ -54,12 +55,21 @@ def plan(cfg: SweepConfig) -> list[TrainHeadConfig]:
     return configs
 
 
+def finished(run_cfg: TrainHeadConfig) -> bool:
+    """A run is done when its metrics exist and it ran with exactly these options."""
+    if not (run_cfg.out / rundir.METRICS).is_file():
+        return False
+    saved = rundir.read_json(run_cfg.out / rundir.CONFIG)
+    wanted = {**to_json(run_cfg), "cache": str(Path(run_cfg.cache).resolve())}  # as train_head records it
+    return all(saved.get(k) == v for k, v in wanted.items() if k != "out")
+
+
 def run(cfg: SweepConfig, show_progress: bool = True) -> pd.DataFrame:
     for fusion in cfg.fusions:
         if fusion not in HEADS:
             raise ValueError(f"unknown fusion head {fusion!r}; known: {', '.join(sorted(HEADS))}")
     runs = plan(cfg)
-    todo = [r for r in runs if not (r.out / rundir.METRICS).is_file()]
+    todo = [r for r in runs if not finished(r)]
     if len(todo) < len(runs):
         console.print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; skipping them")
     if todo:

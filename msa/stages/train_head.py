@@ -94,7 +94,8 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
         data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / rundir.HISTORY).unlink(missing_ok=True)
+    for stale in (rundir.HISTORY, rundir.METRICS):  # metrics.json marks a finished run: never a stale one
+        (run_dir / stale).unlink(missing_ok=True)
     feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint} for m, fs in data.feature_sets.items()}
     rundir.write_json(run_dir / rundir.CONFIG, {**to_json(cfg), "out": str(run_dir), "feature_sets": feature_info,
                                                 "cache": str(Path(cfg.cache).resolve())})
@@ -111,7 +112,8 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
         weights = (torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights
                    else class_weights_from(data.targets[train_rows].numpy(), len(LABELS)))
     loss_fn = classification_loss(cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters; the default per-parameter loop was 24% of an epoch.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
     select_key, larger_is_better = SELECT[cfg.select]

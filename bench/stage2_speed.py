@@ -1,0 +1,74 @@
+"""Stage 2 speed and quality on a real cache (the README's stage 2 figures come from here).
+
+1. A pooled-feature head (concat) and a token-level head (co-attn), 20 epochs each,
+   early stopping off, on the cache's train split.
+2. A sweep of every head x 3 seeds with default options, the same as
+   `msa sweep --cache CACHE --fusion <all heads> --seeds 1,2,3 --out OUT`;
+   its leaderboard (val macro-F1 and accuracy, mean ± std over seeds) is printed as a
+   Markdown table.
+
+    python bench/stage2_speed.py --cache msa-cache --out runs/bench-stage2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from msa.models.heads import HEADS
+from msa.pipeline.config import SweepConfig, TrainHeadConfig
+from msa.stages import sweep, train_head
+
+ABLATIONS_LAST = ["text-only", "image-only"]
+
+
+def markdown(board) -> str:
+    lines = ["| head | val macro-F1 | val accuracy | neutral F1 | s / run |", "|---|---|---|---|---|"]
+    for _, row in board.iterrows():
+        lines.append(f"| {row['fusion']} | {sweep.mean_std(row, 'macro_f1')} | {sweep.mean_std(row, 'accuracy')} "
+                     f"| {sweep.mean_std(row, 'neutral_f1')} | {row['train_seconds_mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-stage2"))
+    parser.add_argument("--seeds", default="1,2,3")
+    args = parser.parse_args()
+    if args.out.exists():
+        shutil.rmtree(args.out)  # timings of a fresh sweep, not of skipped runs
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+
+    report = {}
+    for fusion in ("concat", "co-attn"):
+        data = train_head.load_train_data(args.cache, (), HEADS[fusion].uses_tokens)
+        cfg = TrainHeadConfig(cache=args.cache, fusion=fusion, epochs=20, patience=20,
+                              out=args.out / f"single-{fusion}")
+        result = train_head.run(cfg, data=data, log=lambda *_: None)
+        report[f"{fusion}: 20 epochs on {len(data.manifest.rows_of_split('train'))} train items, s"] = result.seconds
+        print(f"{fusion}: 20 epochs in {result.seconds:.1f} s (val macro-F1 {result.metrics['macro_f1']:.4f})",
+              flush=True)
+
+    fusions = tuple(sorted(set(HEADS) - set(ABLATIONS_LAST))) + tuple(ABLATIONS_LAST)
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    start = time.perf_counter()
+    table = sweep.run(SweepConfig(base=TrainHeadConfig(cache=args.cache), out=args.out / "sweep", fusions=fusions,
+                                  seeds=seeds), show_progress=False)
+    seconds = time.perf_counter() - start
+    report[f"sweep: {len(fusions)} heads x {len(seeds)} seeds, s"] = seconds
+    print(f"sweep of {len(table)} runs in {seconds:.0f} s ({seconds / 60:.1f} min)", flush=True)
+    board = sweep.leaderboard(table, [])
+    print(markdown(board))
+    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    (args.out / "leaderboard.md").write_text(markdown(board) + "\n")
+
+
+if __name__ == "__main__":
+    main()
