@@ -149,7 +149,7 @@ TRAIN_OPTIONS = dict(
     cache=typer.Option(_t("cache"), help="Cache written by `msa extract`."),
     features=typer.Option(None, help="Feature set names, comma-separated (default: the one set per modality)."),
     epochs=typer.Option(_t("epochs")),
-    batch_size=typer.Option(_t("batch_size")),
+    batch_size=typer.Option(None, help="Default: the head's own (128 for pooled heads, 64 for token-level)."),
     lr=typer.Option(_t("lr")),
     weight_decay=typer.Option(_t("weight_decay")),
     warmup_ratio=typer.Option(_t("warmup_ratio"), help="Share of steps warming up, then cosine decay."),
@@ -201,8 +201,8 @@ def train_head_command(
 
 @app.command()
 def sweep(
-    fusion: str = typer.Option("concat", help="Heads, comma-separated."),
-    seeds: str = typer.Option("0,1,2", help="Seeds, comma-separated."),
+    fusion: str = typer.Option(",".join(default(SweepConfig, "fusions")), help="Heads, comma-separated."),
+    seeds: str = typer.Option(",".join(map(str, default(SweepConfig, "seeds"))), help="Seeds, comma-separated."),
     grid: list[str] = typer.Option(None, help="FIELD=V1,V2 over any train-head option; repeat for more."),
     out: Path = typer.Option(default(SweepConfig, "out"), help="Sweep directory (one run dir per run)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),

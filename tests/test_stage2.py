@@ -122,6 +122,7 @@ def test_sweep_table_and_restart_skips_finished_runs(signal_cache, tmp_path, mon
 def test_sweep_grid_parsing():
     assert sweep.parse_grid(["lr=1e-3,3e-4", "dropout=0.1", "loss=ce,focal"]) == \
         {"lr": (1e-3, 3e-4), "dropout": (0.1,), "loss": ("ce", "focal")}
+    assert sweep.parse_grid(["batch_size=32,64"]) == {"batch_size": (32, 64)}  # a field defaulting to None
     with pytest.raises(ValueError, match="expected FIELD=V1,V2"):
         sweep.parse_grid(["learning_rate=1"])
 

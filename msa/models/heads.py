@@ -71,6 +71,9 @@ class FusionHead(nn.Module):
     """Common set-up: the modality names in order, and which token-level inputs a head reads."""
 
     uses_tokens = False
+    # Measured on MVSA, 2 CPU cores, 20 epochs: concat 6.0 s at 64 and 4.6 s at 128 (same
+    # macro-F1); co-attn 57 s at 64 and 70 s at 128 (longer batches carry more padding).
+    default_batch_size = 128
 
     def __init__(self, dims: dict[str, ModalityDims], num_classes: int, hidden: int, dropout: float):
         super().__init__()
@@ -195,6 +198,7 @@ class CrossAttentionHead(FusionHead):
     """The text's pooled feature queries the image tokens (multi-head attention)."""
 
     uses_tokens = True
+    default_batch_size = 64
 
     def __init__(self, dims, num_classes, hidden, dropout, heads: int = 4):
         super().__init__(dims, num_classes, hidden, dropout)
@@ -218,6 +222,7 @@ class CoAttentionHead(FusionHead):
     the two pooled contexts and the global image feature are joined."""
 
     uses_tokens = True
+    default_batch_size = 64
 
     def __init__(self, dims, num_classes, hidden, dropout, heads: int = 4):
         super().__init__(dims, num_classes, hidden, dropout)
@@ -255,6 +260,7 @@ class EarlyFusionHead(FusionHead):
     joined into one sequence behind a [CLS] token, through a small transformer encoder."""
 
     uses_tokens = True
+    default_batch_size = 64
 
     def __init__(self, dims, num_classes, hidden, dropout, layers: int = 1, heads: int = 4):
         super().__init__(dims, num_classes, hidden, dropout)
@@ -311,6 +317,7 @@ class HierarchicalHead(FusionHead):
     level (projected pooled features); both are joined before the classifier."""
 
     uses_tokens = True
+    default_batch_size = 64
 
     def __init__(self, dims, num_classes, hidden, dropout, heads: int = 4):
         super().__init__(dims, num_classes, hidden, dropout)

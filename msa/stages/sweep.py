@@ -33,9 +33,22 @@ def parse_grid(specs: list[str]) -> dict[str, tuple]:
         key = key.strip().replace("-", "_")
         if key not in fields or not values:
             raise ValueError(f"--grid {spec!r}: expected FIELD=V1,V2 with a train-head option as FIELD")
-        kind = type(getattr(TrainHeadConfig(), key))
-        grid[key] = tuple(kind(v) if kind in (int, float) else v for v in values.split(","))
+        grid[key] = tuple(_typed(TrainHeadConfig(), key, v) for v in values.split(","))
     return grid
+
+
+def _typed(config: TrainHeadConfig, key: str, value: str):
+    """A grid value as the field's type; fields defaulting to None take numbers if they parse."""
+    kind = type(getattr(config, key))
+    if kind in (int, float):
+        return kind(value)
+    if getattr(config, key) is None:
+        for number in (int, float):
+            try:
+                return number(value)
+            except ValueError:
+                pass
+    return value
 
 
 def run_name(fusion: str, seed: int, overrides: dict) -> str:
@@ -60,7 +73,9 @@ def finished(run_cfg: TrainHeadConfig) -> bool:
     if not (run_cfg.out / rundir.METRICS).is_file():
         return False
     saved = rundir.read_json(run_cfg.out / rundir.CONFIG)
-    wanted = {**to_json(run_cfg), "cache": str(Path(run_cfg.cache).resolve())}  # as train_head records it
+    batch_size = run_cfg.batch_size or HEADS[run_cfg.fusion].default_batch_size
+    # As train_head records it: the resolved cache path and batch size.
+    wanted = {**to_json(run_cfg), "cache": str(Path(run_cfg.cache).resolve()), "batch_size": batch_size}
     return all(saved.get(k) == v for k, v in wanted.items() if k != "out")
 
 

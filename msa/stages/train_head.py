@@ -92,6 +92,8 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
         raise ValueError(f"--select must be one of {', '.join(SELECT)}")
     if data is None:
         data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens)
+    if cfg.batch_size is None:
+        cfg = dataclasses.replace(cfg, batch_size=HEADS[cfg.fusion].default_batch_size)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (rundir.HISTORY, rundir.METRICS):  # metrics.json marks a finished run: never a stale one
