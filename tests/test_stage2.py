@@ -193,3 +193,17 @@ def test_cli_train_head_sweep_predict_evaluate(signal_cache, tmp_path):
     assert "macro-F1" in result.output and "text gate (GMU)" in result.output
     result = runner.invoke(app, ["train-head", "--cache", str(signal_cache), "--fusion", "nope"])
     assert result.exit_code == 2 and "known: aligned" in result.output
+
+
+def test_evaluate_against_a_labels_file(signal_cache, tmp_path):
+    run_dir = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="concat", out=tmp_path / "run", **FAST),
+                             log=lambda *_: None).run_dir
+    saved = pd.read_parquet(run_dir / "val_predictions.parquet")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("guid,tag\n" + "\n".join(f"{g},{lab}" for g, lab in zip(saved.guid, saved.label)) + "\n")
+    from_file = evaluate.run(EvaluateConfig(run=run_dir, labels=labels, out=tmp_path / "a"))["metrics"]
+    from_val = evaluate.run(EvaluateConfig(run=run_dir, out=tmp_path / "b"))["metrics"]
+    assert from_file == from_val
+    labels.write_text("guid,tag\nnot-a-guid,positive\n")
+    with pytest.raises(ValueError, match="1 guids are not in the run's cache"):
+        evaluate.run(EvaluateConfig(run=run_dir, labels=labels))
