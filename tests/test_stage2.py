@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,13 @@ def test_predict_extracts_new_data_with_the_runs_encoders(signal_cache, tmp_path
         fingerprint = FeatureSet.open(new_set).fingerprint
         assert fingerprint.pop("manifest_id") != info["fingerprint"].pop("manifest_id")
         assert fingerprint == info["fingerprint"]
+    # A run directory alone (copied away, its cache gone) is enough to predict new data.
+    moved = Path(shutil.copytree(run.run_dir, tmp_path / "moved", ignore=shutil.ignore_patterns("predict-cache")))
+    moved_config = json.loads((moved / "config.json").read_text())
+    moved_config["cache"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(moved_config))
+    _, from_moved = predict.run(PredictConfig(run=moved, data=new_data), show_progress=False)
+    assert from_moved.predicted == predictions.predicted
     # On the run's own data, nothing is extracted and val predictions match the run's.
     _, own = predict.run(PredictConfig(run=run.run_dir, split="val"), show_progress=False)
     saved = pd.read_parquet(run.run_dir / "val_predictions.parquet")

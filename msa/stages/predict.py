@@ -20,8 +20,10 @@ from msa.pipeline.config import SPLITS, ExtractConfig, PredictConfig
 from msa.pipeline.training import FeatureBank, evaluate
 from msa.stages import extract
 
-# Fingerprint entries that may differ between the run's cache and a new data set's.
-PER_DATASET_KEYS = ("manifest_id",)
+# Fingerprint entries that may differ between the run's features and new data's: the
+# manifest, and the precision `auto` picked on another machine (bf16 or fp16 features
+# agree with fp32 ones to a cosine of 0.999+, see bench/extract_throughput.py).
+MAY_DIFFER = ("manifest_id", "precision")
 
 
 @dataclasses.dataclass
@@ -64,13 +66,13 @@ def ensure_features(run_dir: Path, data: Path | None, cache: Path | None, device
     cache = Path(cache) if cache else Path(run_dir) / "predict-cache"
     names = {}
     for modality, info in config["feature_sets"].items():
-        notes = _notes_of(run_cache, info["name"])
-        extract_cfg = _extract_config(notes["extract_config"], data, cache, modality, device)
+        recorded = info.get("extract_config") or _recorded_in_cache(run_cache, info["name"])
+        extract_cfg = _extract_config(recorded, data, cache, modality, device)
         result = extract.run(extract_cfg, show_progress=show_progress).feature_sets[modality]
         produced = find_feature_set(cache, result.name).fingerprint
         wanted = info["fingerprint"]
         differing = sorted(k for k in set(produced) | set(wanted)
-                           if k not in PER_DATASET_KEYS and produced.get(k) != wanted.get(k))
+                           if k not in MAY_DIFFER and produced.get(k) != wanted.get(k))
         if differing:
             run_values = [wanted.get(k) for k in differing]
             now_values = [produced.get(k) for k in differing]
@@ -80,7 +82,8 @@ def ensure_features(run_dir: Path, data: Path | None, cache: Path | None, device
     return cache, names
 
 
-def _notes_of(run_cache: Path, name: str) -> dict:
+def _recorded_in_cache(run_cache: Path, name: str) -> dict:
+    """The extract options kept with the run's feature set (runs that predate config.json's copy)."""
     try:
         notes = find_feature_set(run_cache, name).notes
     except CacheError as err:
@@ -88,7 +91,7 @@ def _notes_of(run_cache: Path, name: str) -> dict:
                          "are unknown; re-run `msa extract` with the run's options") from err
     if "extract_config" not in notes:
         raise CacheError(f"{name} records no extract options")
-    return notes
+    return notes["extract_config"]
 
 
 def _extract_config(recorded: dict, data: Path, cache: Path, modality: str, device: str) -> ExtractConfig:
