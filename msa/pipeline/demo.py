@@ -87,6 +87,9 @@ def make_tiny_text_model(path: Path, hidden_size: int = 32, layers: int = 2, see
     """A random 2-layer BERT with a vocabulary of the demo words, saved as an HF directory."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     words = sorted({w for ws in CLASS_WORDS.values() for w in ws} | set(FILLER_WORDS)
                    | {"caption", "picture", "of", "an", "image"})
