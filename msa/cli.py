@@ -206,6 +206,8 @@ def sweep(
     grid: list[str] = typer.Option(None, help="FIELD=V1,V2 over any train-head option; repeat for more."),
     out: Path = typer.Option(default(SweepConfig, "out"), help="Sweep directory (one run dir per run)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    workers: int = typer.Option(default(SweepConfig, "workers"),
+                                help="Worker processes sharing the CPU threads (2 helps small heads on 2 cores)."),
     cache: Path = TRAIN_OPTIONS["cache"], features: str = TRAIN_OPTIONS["features"],
     epochs: int = TRAIN_OPTIONS["epochs"], batch_size: int = TRAIN_OPTIONS["batch_size"],
     lr: float = TRAIN_OPTIONS["lr"], weight_decay: float = TRAIN_OPTIONS["weight_decay"],
@@ -224,7 +226,7 @@ def sweep(
                               focal_gamma, rdrop_alpha, modality_dropout, select, patience)
     try:
         cfg = SweepConfig(base=base, out=out, fusions=_names(fusion), seeds=tuple(int(s) for s in _names(seeds)),
-                          grid=stage.parse_grid(grid or []))
+                          grid=stage.parse_grid(grid or []), workers=workers)
         table = stage.run(cfg, show_progress=progress)
     except _known_errors() as err:
         _fail(err)

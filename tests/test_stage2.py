@@ -120,6 +120,14 @@ def test_sweep_table_and_restart_skips_finished_runs(signal_cache, tmp_path, mon
     assert board.macro_f1_mean.is_monotonic_decreasing
 
 
+def test_sweep_in_two_worker_processes(signal_cache, tmp_path):
+    cfg = SweepConfig(base=TrainHeadConfig(cache=signal_cache, epochs=2, hidden=32), out=tmp_path / "sweep",
+                      fusions=("concat", "gmu"), seeds=(0, 1), workers=2)
+    table = sweep.run(cfg, show_progress=False)
+    assert sorted(table.run) == ["concat-seed0", "concat-seed1", "gmu-seed0", "gmu-seed1"]
+    assert all((tmp_path / "sweep" / name / "checkpoint.pt").is_file() for name in table.run)
+
+
 def test_sweep_grid_parsing():
     assert sweep.parse_grid(["lr=1e-3,3e-4", "dropout=0.1", "loss=ce,focal"]) == \
         {"lr": (1e-3, 3e-4), "dropout": (0.1,), "loss": ("ce", "focal")}

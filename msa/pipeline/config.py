@@ -78,6 +78,7 @@ class SweepConfig:
     fusions: tuple[str, ...] = ("concat",)
     seeds: tuple[int, ...] = (0, 1, 2)
     grid: dict[str, tuple] = dataclasses.field(default_factory=dict)  # TrainHeadConfig field -> values
+    workers: int = 1  # processes sharing the CPU threads (2 cores: 12 pooled-head runs 30.8 s -> 26.8 s)
 
 
 SPLITS = ("test", "val", "train", "all")

@@ -7,12 +7,16 @@ table (one row a run) is rebuilt from the run directories, never from stdout.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import json
+import multiprocessing
+import queue
 from pathlib import Path
 
 import pandas as pd
+import torch
 from rich.table import Table
 
 from msa.models.heads import HEADS
@@ -88,19 +92,54 @@ def run(cfg: SweepConfig, show_progress: bool = True) -> pd.DataFrame:
     if len(todo) < len(runs):
         console.print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; skipping them")
     if todo:
-        with_tokens = any(HEADS[r.fusion].uses_tokens for r in todo)
-        data = train_head.load_train_data(cfg.base.cache, cfg.base.features, with_tokens)
         with progress_bar(show_progress) as bar:
             task = bar.add_task("sweep", total=len(todo), rate="")
-            for run_cfg in todo:
-                bar.update(task, rate=run_cfg.out.name)
-                train_head.run(run_cfg, data=data, log=lambda *_: None)
-                bar.advance(task)
+
+            def advance(name: str) -> None:
+                bar.update(task, advance=1, rate=name)
+
+            if cfg.workers > 1 and len(todo) > 1:
+                run_in_workers(todo, cfg.workers, advance)
+            else:
+                train_share(todo, torch.get_num_threads(), advance)
     table = results_table(runs, cfg.grid)
     cfg.out.mkdir(parents=True, exist_ok=True)
     table.to_parquet(cfg.out / "results.parquet", index=False)
     table.to_csv(cfg.out / "results.csv", index=False)
     return table
+
+
+def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
+    """Train runs one after another on features loaded once; finished(name) after each."""
+    torch.set_num_threads(threads)
+    with_tokens = any(HEADS[r.fusion].uses_tokens for r in runs)
+    data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens)
+    for run_cfg in runs:
+        train_head.run(run_cfg, data=data, log=lambda *_: None)
+        finished(run_cfg.out.name)
+
+
+def run_in_workers(runs: list[TrainHeadConfig], workers: int, finished) -> None:
+    """Runs dealt round-robin to worker processes, each with its share of the CPU threads
+    and its own copy of the features. Small heads are bound by per-step overhead, which
+    one thread each hides better than two threads in one process: on MVSA, 2 cores, 4
+    concat runs took 11.7 s in 2 workers and 17.8 s in one process; a whole sweep of 12
+    pooled-head runs 26.8 s against 30.8 s, worker start-up included."""
+    workers = min(workers, len(runs))
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can hang
+    with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        names = manager.Queue()
+        futures = [pool.submit(train_share, runs[i::workers], threads, names.put) for i in range(workers)]
+        reported = 0
+        while reported < len(runs):
+            try:
+                finished(names.get(timeout=0.5))
+                reported += 1
+            except queue.Empty:
+                failed = [f for f in futures if f.done() and f.exception()]
+                if failed:
+                    raise failed[0].exception() from None
 
 
 def results_table(runs: list[TrainHeadConfig], grid: dict) -> pd.DataFrame:
