@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import tempfile
@@ -49,7 +48,7 @@ def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    return Compute(torch.device("cpu"), precision).autocast()
 
 
 def image_variants(args, paths: list[str]) -> dict:
@@ -106,9 +105,9 @@ def text_variants(args, texts: list[str]) -> dict:
     ids = encoder.tokenize(texts)
     results = {}
     reference = None
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    sorted_batches = [encoder.collate([ids[j] for j in order[i: i + args.batch_size]])
-                      for i in range(0, len(ids), args.batch_size)]
+    batches = encoder.length_sorted_batches(ids, args.batch_size)
+    order = np.concatenate(batches)
+    sorted_batches = [encoder.collate([ids[j] for j in batch]) for batch in batches]
     padded_batches = [pad_to(encoder.collate(ids[i: i + args.batch_size]), args.max_len, encoder)
                       for i in range(0, len(ids), args.batch_size)]
     inverse = np.argsort(order)
@@ -158,9 +157,8 @@ def bare_forward(args, n: int, compute: Compute, texts: list[str], paths: list[s
     """The encoders alone, as extract runs them by default, on pre-decoded, pre-tokenised inputs."""
     text_encoder = TextEncoder(args.text_model, args.max_len)
     ids = text_encoder.tokenize(texts[:n])
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    text_batches = [text_encoder.collate([ids[j] for j in order[i: i + args.batch_size]])
-                    for i in range(0, n, args.batch_size)]
+    text_batches = [text_encoder.collate([ids[j] for j in batch])
+                    for batch in text_encoder.length_sorted_batches(ids, args.batch_size)]
     text_rate, _ = timed(lambda b: _with(compute, text_encoder, *b)[1], text_batches)
     image_encoder = build_image_encoder(args.image_model, args.image_weights).to(memory_format=torch.channels_last)
     torch._dynamo.reset()

@@ -211,13 +211,9 @@ def merge_shards(cache_dir: Path, name: str) -> Path:
     missing = sorted(set(range(expected)) - {int(p.name.split(".shard-")[1].split("-")[0]) for p in shard_files})
     if missing:
         raise CacheError(f"{name}: shards {missing} of {expected} are not finished yet")
-    with h5py.File(shard_files[0], "r") as first:
-        fingerprint = _read_fingerprint(first)
-        guids = first["guid"].asstr()[:].tolist()
-    target = feature_path(cache_dir, name)
-    with h5py.File(shard_files[0], "r") as first:
-        notes = json.loads(first.attrs.get("notes", "{}"))
-    writer = FeatureWriter(target, fingerprint, guids, np.arange(len(guids)), notes)
+    first = FeatureSet.open(shard_files[0])
+    fingerprint, target = first.fingerprint, feature_path(cache_dir, name)
+    writer = FeatureWriter(target, fingerprint, first.guids, np.arange(len(first.guids)), first.notes)
     for shard_file in shard_files:
         with h5py.File(shard_file, "r") as f:
             if _read_fingerprint(f) != fingerprint:

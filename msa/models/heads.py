@@ -30,9 +30,13 @@ def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 def create_head(name: str, dims: dict[str, ModalityDims], num_classes: int, hidden: int = 256,
                 dropout: float = 0.1) -> nn.Module:
     """The one place heads are built."""
+    return HEADS[check_head(name)](dims, num_classes, hidden, dropout)
+
+
+def check_head(name: str) -> str:
     if name not in HEADS:
         raise ValueError(f"unknown fusion head {name!r}; known: {', '.join(sorted(HEADS))}")
-    return HEADS[name](dims, num_classes, hidden, dropout)
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,20 +221,29 @@ class CrossAttentionHead(FusionHead):
         return {"logits": self.classify(torch.cat([query, context], dim=-1).squeeze(1))}
 
 
-@register_head("co-attn")
-class CoAttentionHead(FusionHead):
-    """Both directions: text tokens attend to image tokens and image tokens to text tokens;
-    the two pooled contexts and the global image feature are joined."""
+class TokenPairHead(FusionHead):
+    """Set-up shared by heads that work on the text and image token sequences: the first
+    two modalities in those roles, each projected to `width` = hidden // 2."""
 
     uses_tokens = True
     default_batch_size = 64
 
-    def __init__(self, dims, num_classes, hidden, dropout, heads: int = 4):
+    def __init__(self, dims, num_classes, hidden, dropout):
         super().__init__(dims, num_classes, hidden, dropout)
         self.text, self.image = self.names[:2]
-        width = hidden // 2  # token-level work dominates; see TokenAttention
-        self.text_tokens = token_projection(dims[self.text].token, width)
-        self.image_tokens = token_projection(dims[self.image].token, width)
+        self.width = hidden // 2  # token-level work dominates; see TokenAttention
+        self.text_tokens = token_projection(dims[self.text].token, self.width)
+        self.image_tokens = token_projection(dims[self.image].token, self.width)
+
+
+@register_head("co-attn")
+class CoAttentionHead(TokenPairHead):
+    """Both directions: text tokens attend to image tokens and image tokens to text tokens;
+    the two pooled contexts and the global image feature are joined."""
+
+    def __init__(self, dims, num_classes, hidden, dropout, heads: int = 4):
+        super().__init__(dims, num_classes, hidden, dropout)
+        width = self.width
         self.image_global = projection(dims[self.image].pooled, width, dropout)
         self.text_to_image = TokenAttention(width, heads)
         self.image_to_text = TokenAttention(width, heads)
@@ -313,19 +326,13 @@ class AlignedHead(FusionHead):
 
 
 @register_head("hierarchical")
-class HierarchicalHead(FusionHead):
+class HierarchicalHead(TokenPairHead):
     """Fusion at two levels: token level (text tokens attend to image tokens) and pooled
     level (projected pooled features); both are joined before the classifier."""
 
-    uses_tokens = True
-    default_batch_size = 64
-
     def __init__(self, dims, num_classes, hidden, dropout, heads: int = 4):
         super().__init__(dims, num_classes, hidden, dropout)
-        self.text, self.image = self.names[:2]
-        width = hidden // 2  # token-level work dominates; see TokenAttention
-        self.text_tokens = token_projection(dims[self.text].token, width)
-        self.image_tokens = token_projection(dims[self.image].token, width)
+        width = self.width
         self.attend = TokenAttention(width, heads)
         self.pooled = nn.ModuleDict({m: projection(d.pooled, hidden, dropout) for m, d in dims.items()})
         self.classify = mlp(width + hidden * len(dims), hidden, num_classes, dropout)

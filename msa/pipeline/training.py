@@ -35,8 +35,7 @@ class FeatureBank:
             pooled[name] = torch.from_numpy(feature_set.load("pooled")).float()
             if with_tokens:
                 mask = torch.from_numpy(feature_set.load("mask"))
-                # Keep only positions some item uses: texts rarely fill max_len.
-                length = int(mask.any(0).nonzero().max()) + 1
+                length = used_length(mask)  # texts rarely fill max_len
                 tokens[name] = torch.from_numpy(feature_set.load("tokens")[:, :length].astype(np.float32))
                 masks[name] = mask[:, :length]
         return cls(pooled, tokens, masks)
@@ -54,7 +53,7 @@ class FeatureBank:
                 batch[name] = Modality(pooled[rows])
                 continue
             mask = self.masks[name][rows]
-            length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+            length = used_length(mask)
             batch[name] = Modality(pooled[rows], self.tokens[name][rows, :length], mask[:, :length])
         return batch
 
@@ -64,6 +63,12 @@ class FeatureBank:
         if not self.masks:
             return None
         return torch.stack([m.sum(1) for m in self.masks.values()]).sum(0)
+
+
+def used_length(mask: torch.Tensor) -> int:
+    """One past the last position any row uses ([N, L] -> int, at least 1)."""
+    used = mask.any(0).nonzero()
+    return int(used.max()) + 1 if len(used) else 1
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):

@@ -160,12 +160,8 @@ def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, wri
     encoder.to(compute.device)
     texts = manifest.column("text")
     token_ids = encoder.tokenize([texts[r] for r in rows])
-    # Longest first: similar lengths share a batch (little padding), and the slowest
-    # batches come first, so memory peaks and the ETA is pessimistic at the start.
-    order = np.argsort([-len(ids) for ids in token_ids], kind="stable")
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     with _progress("text", len(rows), show_progress) as advance:
-        for batch in batches:
+        for batch in encoder.length_sorted_batches(token_ids, batch_size):
             input_ids, attention_mask = encoder.collate([token_ids[i] for i in batch])
             with torch.inference_mode(), compute.autocast():
                 tokens, pooled = encoder(input_ids.to(compute.device), attention_mask.to(compute.device))

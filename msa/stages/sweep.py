@@ -13,15 +13,14 @@ import itertools
 import json
 import multiprocessing
 import queue
-from pathlib import Path
 
 import pandas as pd
 import torch
 from rich.table import Table
 
-from msa.models.heads import HEADS
+from msa.models.heads import HEADS, check_head
 from msa.pipeline import rundir
-from msa.pipeline.config import SweepConfig, TrainHeadConfig, to_json
+from msa.pipeline.config import SweepConfig, TrainHeadConfig
 from msa.pipeline.progress import console, progress_bar
 from msa.stages import train_head
 
@@ -77,16 +76,12 @@ def finished(run_cfg: TrainHeadConfig) -> bool:
     if not (run_cfg.out / rundir.METRICS).is_file():
         return False
     saved = rundir.read_json(run_cfg.out / rundir.CONFIG)
-    batch_size = run_cfg.batch_size or HEADS[run_cfg.fusion].default_batch_size
-    # As train_head records it: the resolved cache path and batch size.
-    wanted = {**to_json(run_cfg), "cache": str(Path(run_cfg.cache).resolve()), "batch_size": batch_size}
-    return all(saved.get(k) == v for k, v in wanted.items() if k != "out")
+    return all(saved.get(k) == v for k, v in train_head.recorded_options(run_cfg).items() if k != "out")
 
 
 def run(cfg: SweepConfig, show_progress: bool = True) -> pd.DataFrame:
     for fusion in cfg.fusions:
-        if fusion not in HEADS:
-            raise ValueError(f"unknown fusion head {fusion!r}; known: {', '.join(sorted(HEADS))}")
+        check_head(fusion)
     runs = plan(cfg)
     todo = [r for r in runs if not finished(r)]
     if len(todo) < len(runs):

@@ -15,7 +15,7 @@ import torch
 
 from msa.cache.features import CacheError, FeatureSet, complete_feature_sets, find_feature_set
 from msa.cache.manifest import Manifest, read_manifest
-from msa.models.heads import HEADS, create_head
+from msa.models.heads import HEADS, check_head, create_head
 from msa.pipeline import rundir
 from msa.pipeline.config import TrainHeadConfig, to_json
 from msa.pipeline.metrics import SELECT, classification_metrics
@@ -80,20 +80,30 @@ def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool) -
     return TrainData(manifest, feature_sets, bank, targets)
 
 
+def resolved(cfg: TrainHeadConfig) -> TrainHeadConfig:
+    """The config as it runs: a missing batch size becomes the head's own."""
+    if cfg.batch_size is None:
+        return dataclasses.replace(cfg, batch_size=HEADS[cfg.fusion].default_batch_size)
+    return cfg
+
+
+def recorded_options(cfg: TrainHeadConfig) -> dict:
+    """The options as config.json records them (a sweep compares these to skip a run)."""
+    return {**to_json(resolved(cfg)), "cache": str(Path(cfg.cache).resolve())}
+
+
 def default_run_dir(cfg: TrainHeadConfig) -> Path:
     return Path("runs") / f"{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> TrainResult:
     """Train one head; `data` lets a sweep reuse features already in memory."""
-    if cfg.fusion not in HEADS:
-        raise ValueError(f"unknown fusion head {cfg.fusion!r}; known: {', '.join(sorted(HEADS))}")
+    check_head(cfg.fusion)  # before loading features, which can take seconds
     if cfg.select not in SELECT:
         raise ValueError(f"--select must be one of {', '.join(SELECT)}")
     if data is None:
         data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens)
-    if cfg.batch_size is None:
-        cfg = dataclasses.replace(cfg, batch_size=HEADS[cfg.fusion].default_batch_size)
+    cfg = resolved(cfg)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (rundir.HISTORY, rundir.METRICS):  # metrics.json marks a finished run: never a stale one
@@ -101,8 +111,8 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
     # With the extract options, the run directory alone can extract new data for prediction.
     feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint,
                         "extract_config": fs.notes.get("extract_config")} for m, fs in data.feature_sets.items()}
-    rundir.write_json(run_dir / rundir.CONFIG, {**to_json(cfg), "out": str(run_dir), "feature_sets": feature_info,
-                                                "cache": str(Path(cfg.cache).resolve())})
+    rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "out": str(run_dir),
+                                                "feature_sets": feature_info})
 
     train_rows = data.manifest.rows_of_split("train")
     val_rows = data.manifest.rows_of_split("val")
@@ -123,7 +133,7 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
     select_key, larger_is_better = SELECT[cfg.select]
 
     start = time.perf_counter()
-    best_score, best_epoch, best_state, stale = None, 0, None, 0
+    best_score, best_epoch, best_state, best_val, best_metrics, stale = None, 0, None, None, None, 0
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         train = train_one_epoch(model, data.bank, train_rows, data.targets, optimizer, scheduler, loss_fn,
@@ -138,7 +148,8 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
             "seconds": round(time.perf_counter() - epoch_start, 3)})
         score = metrics[select_key] if larger_is_better else -metrics[select_key]
         if best_score is None or score > best_score:
-            best_score, best_epoch, best_state, stale = score, epoch, copy.deepcopy(model.state_dict()), 0
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state, best_val, best_metrics = copy.deepcopy(model.state_dict()), val, metrics
         else:
             stale += 1
             if stale >= cfg.patience:
@@ -146,10 +157,7 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
                 break
     seconds = time.perf_counter() - start
 
-    model.load_state_dict(best_state)
-    val = evaluate(model, data.bank, val_rows, data.targets)
-    metrics = classification_metrics(data.targets[val_rows].numpy(), val["probabilities"].argmax(1), list(LABELS))
-    metrics.update(loss=val["loss"], best_epoch=best_epoch, train_seconds=seconds)
+    val, metrics = best_val, {**best_metrics, "best_epoch": best_epoch, "train_seconds": seconds}
     torch.save({"state_dict": best_state, "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
                 "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()},
                 "class_names": list(LABELS), "feature_sets": feature_info}, run_dir / rundir.CHECKPOINT)
