@@ -223,3 +223,14 @@ def test_evaluate_against_a_labels_file(signal_cache, tmp_path):
     labels.write_text("guid,tag\nnot-a-guid,positive\n")
     with pytest.raises(ValueError, match="1 guids are not in the run's cache"):
         evaluate.run(EvaluateConfig(run=run_dir, labels=labels))
+
+
+def test_a_run_does_not_depend_on_what_else_its_sweep_loaded(signal_cache, tmp_path):
+    """A mixed sweep loads token features for every run; pooled heads must not notice."""
+    cfg = TrainHeadConfig(cache=signal_cache, fusion="concat", seed=4, **FAST)
+    results = [train_head.run(dataclasses.replace(cfg, out=tmp_path / str(tokens)),
+                              data=train_head.load_train_data(signal_cache, (), with_tokens=tokens),
+                              log=lambda *_: None).metrics for tokens in (False, True)]
+    for metrics in results:
+        metrics.pop("train_seconds")
+    assert results[0] == results[1]

@@ -44,12 +44,13 @@ class FeatureBank:
         return {name: ModalityDims(p.shape[1], self.tokens[name].shape[2] if name in self.tokens else p.shape[1])
                 for name, p in self.pooled.items()}
 
-    def batch(self, rows: torch.Tensor) -> dict[str, Modality]:
-        """The rows' features; token sequences cut to the batch's longest (pad positions are
-        masked, so this changes no result, and texts average a quarter of max_len)."""
+    def batch(self, rows: torch.Tensor, with_tokens: bool) -> dict[str, Modality]:
+        """The rows' features; token sequences (only for heads that read them) cut to the
+        batch's longest (pad positions are masked, so this changes no result, and texts
+        average a quarter of max_len)."""
         batch = {}
         for name, pooled in self.pooled.items():
-            if name not in self.tokens:
+            if not with_tokens or name not in self.tokens:
                 batch[name] = Modality(pooled[rows])
                 continue
             mask = self.masks[name][rows]
@@ -145,8 +146,11 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targe
                     aux_weight: float = 0.1) -> dict[str, float]:
     model.train()
     totals = {"loss": 0.0, "aux_loss": 0.0}
-    for batch_rows in shuffled_batches(rows, batch_size, generator, bank.lengths()):
-        inputs = bank.batch(batch_rows)
+    # A run's batches depend on its head alone, not on whether a sweep loaded tokens for others.
+    with_tokens = model.uses_tokens
+    lengths = bank.lengths() if with_tokens else None
+    for batch_rows in shuffled_batches(rows, batch_size, generator, lengths):
+        inputs = bank.batch(batch_rows, with_tokens)
         if modality_dropout > 0:
             inputs = drop_modalities(inputs, modality_dropout, generator)
         y = targets[batch_rows]
@@ -179,12 +183,12 @@ def evaluate(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targets: tor
     """Probabilities [N, C] (and gate [N] where the head has one) for rows; loss if targets."""
     model.eval()
     probabilities, gates, loss = [], [], 0.0
-    lengths = bank.lengths()
+    lengths = bank.lengths() if model.uses_tokens else None
     # Length-sorted batches (little padding); outputs are put back in the order of rows.
     order = np.argsort(lengths[rows].numpy(), kind="stable") if lengths is not None else np.arange(len(rows))
     for start in range(0, len(rows), batch_size):
         batch_rows = torch.from_numpy(rows[order[start: start + batch_size]])
-        out = model(bank.batch(batch_rows))
+        out = model(bank.batch(batch_rows, model.uses_tokens))
         probabilities.append(out["logits"].softmax(-1))
         if "gate" in out:
             gates.append(out["gate"])
