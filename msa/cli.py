@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -124,16 +125,13 @@ def cache_merge(
     console.print(f"merged: {path}")
 
 
-def _train_head_config(cache: Path, fusion: str, features: str, out: Path | None, epochs: int, batch_size: int,
-                       lr: float, weight_decay: float, warmup_ratio: float, dropout: float, hidden: int, seed: int,
-                       loss: str, class_weights: str, label_smoothing: float, focal_gamma: float,
-                       rdrop_alpha: float, modality_dropout: float, select: str, patience: int) -> TrainHeadConfig:
-    return TrainHeadConfig(
-        cache=cache, fusion=fusion, features=_names(features), out=out, epochs=epochs, batch_size=batch_size,
-        lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, dropout=dropout, hidden=hidden, seed=seed,
-        loss=loss, class_weights=tuple(float(w) for w in _names(class_weights)) or None,
-        label_smoothing=label_smoothing, focal_gamma=focal_gamma, rdrop_alpha=rdrop_alpha,
-        modality_dropout=modality_dropout, select=select, patience=patience)
+def _train_head_config(options: dict) -> TrainHeadConfig:
+    """A TrainHeadConfig from a command's options, by name (comma lists become tuples)."""
+    fields = {f.name for f in dataclasses.fields(TrainHeadConfig)}
+    values = {k: v for k, v in options.items() if k in fields}
+    values["features"] = _names(values.get("features"))
+    values["class_weights"] = tuple(float(w) for w in _names(values.get("class_weights"))) or None
+    return TrainHeadConfig(**values)
 
 
 def _names(csv: str | None) -> tuple[str, ...]:
@@ -186,9 +184,7 @@ def train_head_command(
     """Train one fusion head on cached features; writes a run directory."""
     from msa.stages import train_head
 
-    cfg = _train_head_config(cache, fusion, features, out, epochs, batch_size, lr, weight_decay, warmup_ratio,
-                             dropout, hidden, seed, loss, class_weights, label_smoothing, focal_gamma,
-                             rdrop_alpha, modality_dropout, select, patience)
+    cfg = _train_head_config(locals())
     try:
         result = train_head.run(cfg, log=console.print)
     except _known_errors() as err:
@@ -221,9 +217,8 @@ def sweep(
     """Train every head x seed x grid combination on shared in-memory features; resumable."""
     from msa.stages import sweep as stage
 
-    base = _train_head_config(cache, "concat", features, None, epochs, batch_size, lr, weight_decay,
-                              warmup_ratio, dropout, hidden, 0, loss, class_weights, label_smoothing,
-                              focal_gamma, rdrop_alpha, modality_dropout, select, patience)
+    # The sweep's own --fusion, --seeds and --out are not the base run's.
+    base = _train_head_config({**locals(), "fusion": default(TrainHeadConfig, "fusion"), "out": None})
     try:
         cfg = SweepConfig(base=base, out=out, fusions=_names(fusion), seeds=tuple(int(s) for s in _names(seeds)),
                           grid=stage.parse_grid(grid or []), workers=workers)
