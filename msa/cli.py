@@ -9,7 +9,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from msa.pipeline.config import EvaluateConfig, ExtractConfig, PredictConfig, SweepConfig, TrainHeadConfig, default
+from msa.pipeline.config import (
+    CaptionConfig,
+    EvaluateConfig,
+    ExtractConfig,
+    PredictConfig,
+    SweepConfig,
+    TrainHeadConfig,
+    default,
+)
 from msa.pipeline.progress import console
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -52,6 +60,10 @@ def extract(
     limit: int = typer.Option(None, help="Only the first N listed items (a quick trial)."),
     shard: str = typer.Option(None, help="i/n: encode the i-th of n disjoint shares; join with `msa cache merge`."),
     modalities: str = typer.Option(",".join(default(ExtractConfig, "modalities")), help="Comma-separated."),
+    text_source: str = typer.Option(default(ExtractConfig, "text_source"),
+                                    help="raw | caption | raw+caption (post text <sep> caption); captions "
+                                         "come from `msa caption`."),
+    captions: str = typer.Option(None, help="Caption set to read (default: the one in the cache)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Encode every item of an MVSA data set once and cache the features (resumable)."""
@@ -61,7 +73,7 @@ def extract(
                         image_model=image_model, image_weights=image_weights, on_bad_image=on_bad_image,
                         val_ratio=val_ratio, split_seed=split_seed, device=device, precision=precision,
                         compile=compile, batch_size=batch_size, limit=limit, shard=shard,
-                        modalities=tuple(m.strip() for m in modalities.split(",") if m.strip()))
+                        modalities=_names(modalities), text_source=text_source, captions=captions)
     try:
         result = stage.run(cfg, show_progress=progress)
     except _known_errors() as err:
@@ -69,6 +81,41 @@ def extract(
     for table in stage.summary_tables(result):
         console.print(table)
     console.print(f"cache: {cache.resolve()}")
+
+
+def _c(field: str):
+    return default(CaptionConfig, field)
+
+
+@app.command()
+def caption(
+    data: Path = typer.Option(..., help="MVSA folder (train.txt, test_without_label.txt, data/)."),
+    cache: Path = typer.Option(_c("cache"), help="Cache directory; captions go to CACHE/captions/."),
+    backend: str = typer.Option(_c("backend"), help="transformers | lavis."),
+    model: str = typer.Option(_c("model"), help="HF id or local BLIP directory; lavis: base_coco | large_coco."),
+    batch_size: int = typer.Option(_c("batch_size")),
+    num_beams: int = typer.Option(_c("num_beams"), help="1: greedy; more: beam search."),
+    max_new_tokens: int = typer.Option(_c("max_new_tokens")),
+    prompt: str = typer.Option(None, help='Text the caption continues, e.g. "a picture of" (not stored).'),
+    device: str = typer.Option(_c("device"), help="auto | cpu | cuda."),
+    precision: str = typer.Option(_c("precision"), help="auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA)."),
+    compile: bool = typer.Option(None, "--compile/--no-compile",
+                                 help="torch.compile the vision encoder (default: from 200 images on CPU)."),
+    lavis_python: str = typer.Option(None, help="Python of the environment lavis is installed in."),
+    limit: int = typer.Option(None, help="Only the first N listed items (a quick trial)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Caption every image once with BLIP into the cache (resumable: captioned images are skipped)."""
+    options = {k: v for k, v in locals().items() if k != "progress"}
+    from msa.stages import caption as stage
+
+    cfg = CaptionConfig(**options)
+    try:
+        result = stage.run(cfg, show_progress=progress)
+    except _known_errors() as err:
+        _fail(err)
+    console.print(stage.summary_table(result))
+    console.print(f"captions: {result.path}")
 
 
 @cache_app.command("ls")

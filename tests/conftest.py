@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from msa.pipeline.config import ExtractConfig
-from msa.pipeline.demo import make_demo_dataset, make_tiny_image_weights, make_tiny_text_model
+from msa.pipeline.demo import make_demo_dataset, make_tiny_captioner, make_tiny_image_weights, make_tiny_text_model
 
 TINY_IMAGE_MODEL = "timm:test_efficientnet"
 
@@ -20,6 +20,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {
         "text": str(make_tiny_text_model(root / "tiny-bert")),
         "image_weights": str(make_tiny_image_weights(root / "test_efficientnet.pth", TINY_IMAGE_MODEL)),
+        "captioner": str(make_tiny_captioner(root / "tiny-blip")),
     }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -44,3 +46,17 @@ def resolve_compute(device: str = "auto", precision: str = "auto") -> Compute:
         else:
             precision = "bf16" if cpu_has_fast_bf16() else "fp32"
     return Compute(torch.device(device), precision)
+
+
+def prefetch(batches: list, load: Callable, depth: int = 2) -> Iterator:
+    """Yield load(batch) for each batch, loading up to `depth` batches ahead in a thread.
+
+    PIL releases the GIL while decoding and resizing, so this overlaps with the forward pass.
+    """
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(load, b) for b in batches[:depth]]
+        for i in range(len(batches)):
+            result = pending.pop(0).result()
+            if i + depth < len(batches):
+                pending.append(pool.submit(load, batches[i + depth]))
+            yield result

@@ -27,6 +27,28 @@ class ExtractConfig:
     limit: int | None = None  # only the first N listed items: a quick trial
     shard: str | None = None  # "i/n": encode the i-th of n disjoint shares (0-based)
     modalities: tuple[str, ...] = ("text", "image")
+    text_source: str = "raw"  # raw | caption | raw+caption (post text <sep> caption, the tokenizer's separator)
+    captions: str | None = None  # caption set for caption sources; default: the one set in the cache
+
+
+TEXT_SOURCES = ("raw", "caption", "raw+caption")
+
+
+@dataclasses.dataclass
+class CaptionConfig:
+    data: Path  # MVSA folder, as for extract
+    cache: Path = Path("msa-cache")  # captions go to CACHE/captions/, beside the feature sets
+    backend: str = "transformers"  # transformers | lavis (its own Python environment, see README)
+    model: str = "Salesforce/blip-image-captioning-base"  # HF id or local dir; lavis: base_coco | large_coco
+    batch_size: int = 16
+    num_beams: int = 1  # 1: greedy
+    max_new_tokens: int = 20
+    prompt: str | None = None  # e.g. "a picture of": conditions the caption, stripped from the stored text
+    device: str = "auto"
+    precision: str = "auto"  # auto: fp16 on CUDA, fp32 on CPUs without fast bf16
+    compile: bool | None = None  # torch.compile the vision encoder; None: when 200+ images are pending on CPU
+    lavis_python: str | None = None  # the interpreter of the environment lavis is installed in
+    limit: int | None = None  # only the first N listed items
 
 
 def to_json(config: Any) -> dict:

@@ -118,3 +118,30 @@ def make_tiny_image_weights(path: Path, model: str = "timm:test_efficientnet", s
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return Path(path)
+
+
+def make_tiny_captioner(path: Path, hidden_size: int = 32, image_size: int = 32, seed: int = 0) -> Path:
+    """A random BLIP captioner of the real architecture, tiny (1 layer each side, 32x32 images),
+    saved with its processor as an HF directory. Its captions are random demo words."""
+    import torch
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    words = sorted({w for ws in CLASS_WORDS.values() for w in ws} | set(FILLER_WORDS))
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ["[DEC]"] + words)}
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
+    torch.manual_seed(seed)
+    layers = dict(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=1,
+                  num_attention_heads=2)
+    config = BlipConfig(
+        vision_config=dict(image_size=image_size, patch_size=16, initializer_range=0.5, **layers),
+        text_config=dict(vocab_size=len(vocab), max_position_embeddings=64, pad_token_id=vocab["[PAD]"],
+                         bos_token_id=vocab["[DEC]"], sep_token_id=vocab["[SEP]"], eos_token_id=vocab["[SEP]"],
+                         encoder_hidden_size=hidden_size, initializer_range=0.5, **layers),
+        projection_dim=hidden_size,
+    )
+    BlipForConditionalGeneration(config).save_pretrained(path)
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    BlipProcessor(image_processor, tokenizer).save_pretrained(path)
+    return Path(path)

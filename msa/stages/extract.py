@@ -7,27 +7,27 @@ text to max_len); image decoding runs in a background thread while the encoder r
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.table import Table
 
-from msa.cache.features import FeatureWriter, feature_path, is_complete, shard_rows
+from msa.cache.captions import CaptionSet, image_bytes, list_caption_sets
+from msa.cache.features import CacheError, FeatureWriter, feature_path, is_complete, shard_rows
 from msa.cache.fingerprint import config_id, slug
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess, weights_identity
 from msa.models.text import TextEncoder, model_identity
-from msa.pipeline.compute import Compute, resolve_compute
-from msa.pipeline.config import ExtractConfig, to_json
+from msa.pipeline.compute import Compute, prefetch, resolve_compute
+from msa.pipeline.config import TEXT_SOURCES, ExtractConfig, to_json
 from msa.pipeline.mvsa import ReadReport, read_mvsa
-from msa.pipeline.progress import console, progress_bar, rate_text
+from msa.pipeline.progress import ItemProgress, console, rate_text
 
 FORMAT_VERSION = 1
 MODALITIES = ("text", "image")
@@ -68,13 +68,15 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, compute: Compute) -> dict:
+def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, compute: Compute,
+                        captions: CaptionSet | None = None) -> dict:
     """Everything the stored numbers depend on; a change gives a new feature set."""
     common = {"format_version": FORMAT_VERSION, "modality": modality, "manifest_id": manifest_id,
               "dtype": "float16", "precision": compute.precision}
     if modality == "text":
-        return {**common, "model": cfg.text_model, "weights": model_identity(cfg.text_model),
-                "max_len": cfg.max_len, "pooling": cfg.pooling, "text_source": "raw", "split_layer": None}
+        text = {**common, "model": cfg.text_model, "weights": model_identity(cfg.text_model),
+                "max_len": cfg.max_len, "pooling": cfg.pooling, "text_source": cfg.text_source, "split_layer": None}
+        return {**text, "captions": captions.fingerprint} if captions else text
     if modality == "image":
         preprocess = image_preprocess(cfg.image_model)
         return {**common, "model": cfg.image_model,
@@ -84,7 +86,26 @@ def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, com
 
 
 def feature_set_name(modality: str, model: str, fingerprint: dict) -> str:
-    return f"{modality}-{slug(model)}-{config_id(fingerprint)}"
+    source = fingerprint.get("text_source", "raw")
+    kind = modality if source == "raw" else f"{modality}-{slug(source)}"
+    return f"{kind}-{slug(model)}-{config_id(fingerprint)}"
+
+
+def resolve_captions(cfg: ExtractConfig, manifest: Manifest) -> CaptionSet | None:
+    """The caption set a caption text source reads, checked to cover every item of the manifest."""
+    if cfg.text_source not in TEXT_SOURCES:
+        raise ValueError(f"--text-source must be one of {', '.join(TEXT_SOURCES)}, got {cfg.text_source!r}")
+    if cfg.text_source == "raw" or "text" not in cfg.modalities:
+        return None
+    names = [cfg.captions] if cfg.captions else list_caption_sets(cfg.cache)
+    if not names:
+        raise CacheError(f"--text-source {cfg.text_source} needs captions, and {cfg.cache} has none: "
+                         f"run `msa caption --data {cfg.data} --cache {cfg.cache}` first")
+    if len(names) > 1:
+        raise CacheError(f"{cfg.cache} holds {len(names)} caption sets ({', '.join(names)}); choose with --captions")
+    captions = CaptionSet.load(cfg.cache, names[0])
+    captions.texts(manifest.guids, [image_bytes(p) for p in manifest.column("image_path")])  # all there?
+    return captions
 
 
 def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback | None = None) -> ExtractResult:
@@ -92,9 +113,13 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
     compute = resolve_compute(cfg.device, cfg.precision)
     shard = parse_shard(cfg.shard)
     manifest, report = prepare_manifest(cfg)
+    captions = resolve_captions(cfg, manifest)
+    if captions:  # recorded by name, so that predictions on new data extend the same captions
+        cfg = dataclasses.replace(cfg, captions=captions.name)
     results = {}
     for modality in cfg.modalities:
-        fingerprint = feature_fingerprint(cfg, modality, manifest.manifest_id, compute)
+        fingerprint = feature_fingerprint(cfg, modality, manifest.manifest_id, compute,
+                                          captions if modality == "text" else None)
         model = cfg.text_model if modality == "text" else cfg.image_model
         name = feature_set_name(modality, model, fingerprint)
         path = feature_path(cfg.cache, name, shard)
@@ -103,11 +128,13 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
             continue
         start = time.perf_counter()
         notes = {"extract_config": to_json(cfg)}
+        if captions and modality == "text":
+            notes["caption_config"] = captions.notes["caption_config"]
         with FeatureWriter(path, fingerprint, manifest.guids, shard_rows(len(manifest), shard), notes) as writer:
             pending = writer.pending_rows()
             if modality == "text":
                 encode_texts(TextEncoder(cfg.text_model, cfg.max_len, cfg.pooling), manifest, pending,
-                             writer, compute, cfg.batch_size, show_progress, on_batch)
+                             writer, compute, cfg.batch_size, show_progress, on_batch, captions, cfg.text_source)
             else:
                 encoder = build_image_encoder(cfg.image_model, cfg.image_weights)
                 use_compile = cfg.compile or (compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES)
@@ -156,11 +183,18 @@ def source_signature(cfg: ExtractConfig) -> str:
 
 
 def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, writer: FeatureWriter,
-                 compute: Compute, batch_size: int, show_progress: bool, on_batch: BatchCallback | None) -> None:
+                 compute: Compute, batch_size: int, show_progress: bool, on_batch: BatchCallback | None,
+                 captions: CaptionSet | None = None, text_source: str = "raw") -> None:
     encoder.to(compute.device)
-    texts = manifest.column("text")
-    token_ids = encoder.tokenize([texts[r] for r in rows])
-    with _progress("text", len(rows), show_progress) as advance:
+    posts = [manifest.column("text")[r] for r in rows]
+    caption_texts = captions.texts([manifest.guids[r] for r in rows]) if captions else None
+    if text_source == "caption":
+        token_ids = encoder.tokenize(caption_texts)
+    elif text_source == "raw+caption":  # a text pair: the tokenizer puts its own separator between them
+        token_ids = encoder.tokenize(posts, caption_texts)
+    else:
+        token_ids = encoder.tokenize(posts)
+    with ItemProgress("text", len(rows), show_progress) as advance:
         for batch in encoder.length_sorted_batches(token_ids, batch_size):
             input_ids, attention_mask = encoder.collate([token_ids[i] for i in batch])
             with torch.inference_mode(), compute.autocast():
@@ -191,8 +225,8 @@ def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, w
     def load(batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.stack([encoder.preprocess.load(sources[i]) for i in batch]))
 
-    with _progress("image", len(rows), show_progress) as advance:
-        for batch, pixels in zip(batches, _prefetch(batches, load)):
+    with ItemProgress("image", len(rows), show_progress) as advance:
+        for batch, pixels in zip(batches, prefetch(batches, load)):
             images = encoder.preprocess.normalise(pixels.to(compute.device))
             images = images.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), compute.autocast():
@@ -210,41 +244,6 @@ def _compiled(encoder: ImageEncoder) -> Callable:
     except Exception as err:  # no C++ compiler, unsupported platform: eager still works
         warnings.warn(f"torch.compile unavailable ({err}); encoding without it", stacklevel=2)
         return encoder
-
-
-def _prefetch(batches: list, load: Callable, depth: int = 2) -> Iterator:
-    """Yield load(batch) for each batch, loading up to `depth` batches ahead in a thread.
-
-    PIL releases the GIL while decoding and resizing, so this overlaps with the forward pass.
-    """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [pool.submit(load, b) for b in batches[:depth]]
-        for i in range(len(batches)):
-            result = pending.pop(0).result()
-            if i + depth < len(batches):
-                pending.append(pool.submit(load, batches[i + depth]))
-            yield result
-
-
-class _progress:
-    """A progress bar for one feature set; yields advance(n)."""
-
-    def __init__(self, label: str, total: int, enabled: bool):
-        self.bar = progress_bar(enabled)
-        self.task = self.bar.add_task(f"{label:>5}", total=total, rate="")
-        self.start = time.perf_counter()
-        self.done = 0
-
-    def __enter__(self) -> Callable[[int], None]:
-        self.bar.start()
-        return self.advance
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        self.bar.update(self.task, advance=n, rate=rate_text(self.done, time.perf_counter() - self.start))
-
-    def __exit__(self, *exc) -> None:
-        self.bar.stop()
 
 
 def summary_tables(result: ExtractResult) -> list[Table]:

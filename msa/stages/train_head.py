@@ -109,8 +109,9 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
     for stale in (rundir.HISTORY, rundir.METRICS):  # metrics.json marks a finished run: never a stale one
         (run_dir / stale).unlink(missing_ok=True)
     # With the extract options, the run directory alone can extract new data for prediction.
-    feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint,
-                        "extract_config": fs.notes.get("extract_config")} for m, fs in data.feature_sets.items()}
+    # (and the caption config, for text made from captions)
+    feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes}
+                    for m, fs in data.feature_sets.items()}
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "out": str(run_dir),
                                                 "feature_sets": feature_info})
 

@@ -1,0 +1,190 @@
+"""Caption sets: one caption per image, as Parquet keyed by guid, under CACHE/captions/.
+
+A set is named by its captioner and generation settings (its fingerprint), not by the
+data: predictions on new data add rows to the same set. Each row also records the
+image file's size, so an image replaced under the same guid is captioned again.
+
+Crash safety: a run appends each finished batch to NAME.partial.jsonl (flushed and
+fsynced); finishing folds those rows into NAME.parquet with an atomic replace. A torn
+last line, from a kill mid-write, is ignored, and its images are captioned again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from msa.cache.features import CacheError
+from msa.cache.fingerprint import config_id, slug
+
+CAPTION_DIR = "captions"
+SCHEMA = pa.schema([("guid", pa.string()), ("caption", pa.string()), ("flag", pa.string()),
+                    ("image_bytes", pa.int64())])
+BAD_IMAGE = "bad_image"  # the flag of an image that could not be read: its caption is ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Caption:
+    text: str
+    flag: str  # "" or BAD_IMAGE
+    image_bytes: int  # size of the captioned file; -1 when it was missing
+
+
+def caption_set_name(model: str, fingerprint: dict) -> str:
+    return f"captions-{slug(model)}-{config_id(fingerprint)}"
+
+
+def caption_dir(cache: Path) -> Path:
+    return Path(cache) / CAPTION_DIR
+
+
+def list_caption_sets(cache: Path) -> list[str]:
+    folder = caption_dir(cache)
+    names = {p.name.removesuffix(".parquet") for p in folder.glob("*.parquet")}
+    names |= {p.name.removesuffix(".partial.jsonl") for p in folder.glob("*.partial.jsonl")}
+    return sorted(names)
+
+
+def is_finished(cache: Path, name: str) -> bool:
+    """Stored as Parquet, with no interrupted run's rows waiting to be folded in."""
+    parquet, partial = _paths(cache, name)
+    return parquet.is_file() and not partial.is_file()
+
+
+@dataclasses.dataclass
+class CaptionSet:
+    """A caption set as stored: finished rows plus those of an interrupted run."""
+
+    name: str
+    fingerprint: dict
+    notes: dict  # the caption config that made it, and the precision it ran at
+    captions: dict[str, Caption]
+
+    @classmethod
+    def load(cls, cache: Path, name: str) -> CaptionSet:
+        parquet, partial = _paths(cache, name)
+        if not parquet.is_file() and not partial.is_file():
+            known = ", ".join(list_caption_sets(cache)) or "none"
+            raise CacheError(f"no caption set {name} in {caption_dir(cache)} (known: {known}); run `msa caption`")
+        fingerprint, notes, captions = {}, {}, {}
+        if parquet.is_file():
+            table = pq.read_table(parquet)
+            meta = json.loads(table.schema.metadata[b"msa"])
+            fingerprint, notes = meta["fingerprint"], meta["notes"]
+            for row in table.to_pylist():
+                captions[row["guid"]] = Caption(row["caption"], row["flag"], row["image_bytes"])
+        if partial.is_file():
+            header, rows = _read_partial(partial)
+            if header:
+                fingerprint, notes = header["fingerprint"], header["notes"]
+            for row in rows:
+                captions[row["guid"]] = Caption(row["caption"], row["flag"], row["image_bytes"])
+        return cls(name, fingerprint, notes, captions)
+
+    def covers(self, guid: str, image_bytes: int) -> bool:
+        caption = self.captions.get(guid)
+        return caption is not None and caption.image_bytes == image_bytes
+
+    def texts(self, guids: list[str], sizes: list[int] | None = None) -> list[str]:
+        """Captions in the order of `guids`. With the images' current file sizes, an image
+        replaced since it was captioned counts as uncaptioned. The error names the first gap."""
+        sizes = sizes if sizes is not None else [None] * len(guids)
+        missing = [g for g, size in zip(guids, sizes)
+                   if g not in self.captions or (size is not None and self.captions[g].image_bytes != size)]
+        if missing:
+            raise CacheError(f"caption set {self.name} lacks current captions for {len(missing)} of {len(guids)} "
+                             f"items (first: guid {missing[0]}); run `msa caption` on this data first")
+        return [self.captions[g].text for g in guids]
+
+
+def image_bytes(path: str) -> int:
+    """The size of an image file, which rows record so that a replaced image is captioned again."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
+
+
+class CaptionWriter:
+    """Appends captioned batches to the partial file; `finish()` folds them into the Parquet set."""
+
+    def __init__(self, cache: Path, name: str, fingerprint: dict, notes: dict):
+        self.cache, self.name, self.fingerprint, self.notes = Path(cache), name, fingerprint, notes
+        self.parquet, self.partial = _paths(cache, name)
+        self.parquet.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(self.partial)
+        new = not self.partial.is_file() or self.partial.stat().st_size == 0
+        self.file = open(self.partial, "a", encoding="utf-8")
+        if new:
+            self._append({"fingerprint": fingerprint, "notes": notes})
+
+    def write(self, guids: list[str], captions: list[str], flags: list[str], image_bytes: list[int]) -> None:
+        for guid, caption, flag, size in zip(guids, captions, flags, image_bytes):
+            self.file.write(json.dumps({"guid": guid, "caption": caption, "flag": flag, "image_bytes": size},
+                                       ensure_ascii=False) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def _append(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def finish(self) -> Path:
+        """Write every row (earlier runs' and this one's) to NAME.parquet, then drop the partial file."""
+        self.file.close()
+        stored = CaptionSet.load(self.cache, self.name)
+        rows = [{"guid": g, "caption": c.text, "flag": c.flag, "image_bytes": c.image_bytes}
+                for g, c in sorted(stored.captions.items())]
+        table = pa.Table.from_pylist(rows, schema=SCHEMA).replace_schema_metadata(
+            {"msa": json.dumps({"fingerprint": self.fingerprint, "notes": self.notes})})
+        tmp = self.parquet.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.parquet)
+        self.partial.unlink()
+        return self.parquet
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
+def caption_path(cache: Path, name: str) -> Path:
+    return caption_dir(cache) / f"{name}.parquet"
+
+
+def _paths(cache: Path, name: str) -> tuple[Path, Path]:
+    return caption_path(cache, name), caption_dir(cache) / f"{name}.partial.jsonl"
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that a kill left without its newline, so appends start on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _read_partial(path: Path) -> tuple[dict | None, list[dict]]:
+    """The header and rows of a partial file; no header when a kill tore its first line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # torn by a kill mid-write: those images are captioned again
+                break
+            raise CacheError(f"{path}:{number}: not a JSON line; delete the file to caption its images again") \
+                from None
+    if not records:
+        return None, []
+    if "fingerprint" not in records[0]:
+        raise CacheError(f"{path}: no header line; delete the file to caption its images again")
+    return records[0], records[1:]
