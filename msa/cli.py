@@ -13,6 +13,7 @@ from msa.pipeline.config import (
     CaptionConfig,
     EvaluateConfig,
     ExtractConfig,
+    FinetuneConfig,
     PredictConfig,
     SweepConfig,
     TrainHeadConfig,
@@ -64,6 +65,10 @@ def extract(
                                     help="raw | caption | raw+caption (post text <sep> caption); captions "
                                          "come from `msa caption`."),
     captions: str = typer.Option(None, help="Caption set to read (default: the one in the cache)."),
+    text_split_layer: int = typer.Option(None, help="Also cache the hidden states entering the top K text "
+                                                    "layers (for train-head --unfreeze-text-layers K)."),
+    image_split_stage: int = typer.Option(None, help="Also cache the activation entering the last K image "
+                                                     "stages (for train-head --unfreeze-image-stages K)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Encode every item of an MVSA data set once and cache the features (resumable)."""
@@ -73,7 +78,8 @@ def extract(
                         image_model=image_model, image_weights=image_weights, on_bad_image=on_bad_image,
                         val_ratio=val_ratio, split_seed=split_seed, device=device, precision=precision,
                         compile=compile, batch_size=batch_size, limit=limit, shard=shard,
-                        modalities=_names(modalities), text_source=text_source, captions=captions)
+                        modalities=_names(modalities), text_source=text_source, captions=captions,
+                        text_split_layer=text_split_layer, image_split_stage=image_split_stage)
     try:
         result = stage.run(cfg, show_progress=progress)
     except _known_errors() as err:
@@ -209,6 +215,14 @@ TRAIN_OPTIONS = dict(
     modality_dropout=typer.Option(_t("modality_dropout"), help="Per-sample chance of zeroing one modality."),
     select=typer.Option(_t("select"), help="macro_f1 | accuracy | loss, on the val split."),
     patience=typer.Option(_t("patience"), help="Epochs without improvement before stopping."),
+    unfreeze_text_layers=typer.Option(_t("unfreeze_text_layers"), help="Train the top K text layers on the "
+                                      "hidden states cached by `extract --text-split-layer K`."),
+    unfreeze_image_stages=typer.Option(_t("unfreeze_image_stages"), help="Train the last K image stages on the "
+                                       "activations cached by `extract --image-split-stage K`."),
+    lr_encoder=typer.Option(_t("lr_encoder"), help="Learning rate of unfrozen encoder layers."),
+    lr_fusion=typer.Option(_t("lr_fusion"), help="Of the head's fusion layers, when something is unfrozen."),
+    lr_head=typer.Option(_t("lr_head"), help="Of the classifier, when something is unfrozen (else --lr)."),
+    grad_accum=typer.Option(_t("grad_accum"), help="Batches per optimizer step."),
 )
 
 
@@ -226,7 +240,10 @@ def train_head_command(
     class_weights: str = TRAIN_OPTIONS["class_weights"], label_smoothing: float = TRAIN_OPTIONS["label_smoothing"],
     focal_gamma: float = TRAIN_OPTIONS["focal_gamma"], rdrop_alpha: float = TRAIN_OPTIONS["rdrop_alpha"],
     modality_dropout: float = TRAIN_OPTIONS["modality_dropout"], select: str = TRAIN_OPTIONS["select"],
-    patience: int = TRAIN_OPTIONS["patience"],
+    patience: int = TRAIN_OPTIONS["patience"], unfreeze_text_layers: int = TRAIN_OPTIONS["unfreeze_text_layers"],
+    unfreeze_image_stages: int = TRAIN_OPTIONS["unfreeze_image_stages"],
+    lr_encoder: float = TRAIN_OPTIONS["lr_encoder"], lr_fusion: float = TRAIN_OPTIONS["lr_fusion"],
+    lr_head: float = TRAIN_OPTIONS["lr_head"], grad_accum: int = TRAIN_OPTIONS["grad_accum"],
 ) -> None:
     """Train one fusion head on cached features; writes a run directory."""
     from msa.stages import train_head
@@ -259,7 +276,10 @@ def sweep(
     class_weights: str = TRAIN_OPTIONS["class_weights"], label_smoothing: float = TRAIN_OPTIONS["label_smoothing"],
     focal_gamma: float = TRAIN_OPTIONS["focal_gamma"], rdrop_alpha: float = TRAIN_OPTIONS["rdrop_alpha"],
     modality_dropout: float = TRAIN_OPTIONS["modality_dropout"], select: str = TRAIN_OPTIONS["select"],
-    patience: int = TRAIN_OPTIONS["patience"],
+    patience: int = TRAIN_OPTIONS["patience"], unfreeze_text_layers: int = TRAIN_OPTIONS["unfreeze_text_layers"],
+    unfreeze_image_stages: int = TRAIN_OPTIONS["unfreeze_image_stages"],
+    lr_encoder: float = TRAIN_OPTIONS["lr_encoder"], lr_fusion: float = TRAIN_OPTIONS["lr_fusion"],
+    lr_head: float = TRAIN_OPTIONS["lr_head"], grad_accum: int = TRAIN_OPTIONS["grad_accum"],
 ) -> None:
     """Train every head x seed x grid combination on shared in-memory features; resumable."""
     from msa.stages import sweep as stage
@@ -274,6 +294,62 @@ def sweep(
         _fail(err)
     console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))
     console.print(f"results: {out / 'results.csv'} ({len(table)} runs)")
+
+
+def _f(field: str):
+    return default(FinetuneConfig, field)
+
+
+@app.command()
+def finetune(
+    data: Path = typer.Option(None, help="MVSA folder (not needed with --resume)."),
+    out: Path = typer.Option(None, help="Run directory (default runs/finetune-<fusion>-seed<seed>-<time>)."),
+    resume: Path = typer.Option(None, help="Continue this run exactly where it stopped (its options are kept)."),
+    text_model: str = typer.Option(_f("text_model")), max_len: int = typer.Option(_f("max_len")),
+    pooling: str = typer.Option(_f("pooling")), image_model: str = typer.Option(_f("image_model")),
+    image_weights: str = typer.Option(None), fusion: str = typer.Option(_f("fusion")),
+    hidden: int = typer.Option(_f("hidden")), dropout: float = typer.Option(_f("dropout")),
+    unfreeze_text_layers: int = typer.Option(_f("unfreeze_text_layers")),
+    unfreeze_image_stages: int = typer.Option(_f("unfreeze_image_stages")),
+    lr_encoder: float = typer.Option(_f("lr_encoder")), lr_fusion: float = typer.Option(_f("lr_fusion")),
+    lr_head: float = typer.Option(_f("lr_head")), weight_decay: float = typer.Option(_f("weight_decay")),
+    warmup_ratio: float = typer.Option(_f("warmup_ratio")), epochs: int = typer.Option(_f("epochs")),
+    batch_size: int = typer.Option(_f("batch_size")), grad_accum: int = typer.Option(_f("grad_accum")),
+    grad_clip: float = typer.Option(_f("grad_clip"), help="Max gradient norm (0: off)."),
+    loss: str = typer.Option(_f("loss")), class_weights: str = typer.Option(None),
+    label_smoothing: float = typer.Option(_f("label_smoothing")), focal_gamma: float = typer.Option(_f("focal_gamma")),
+    select: str = typer.Option(_f("select")), patience: int = typer.Option(_f("patience")),
+    seed: int = typer.Option(_f("seed")),
+    image_aug: str = typer.Option(_f("image_aug"), help="none | weak | strong (weak + RandAugment)."),
+    clean_text: bool = typer.Option(_f("clean_text"), help="Drop URLs, @mentions; unwrap #tags."),
+    val_ratio: float = typer.Option(_f("val_ratio")), split_seed: int = typer.Option(_f("split_seed")),
+    on_bad_image: str = typer.Option(_f("on_bad_image")), limit: int = typer.Option(None),
+    device: str = typer.Option(_f("device")), precision: str = typer.Option(_f("precision")),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Fine-tune the encoders' tops and a fusion head end to end on raw data (checkpointed every epoch)."""
+    options = {k: v for k, v in locals().items() if k not in ("resume", "progress")}
+    from msa.pipeline import rundir
+    from msa.stages import finetune as stage
+
+    try:
+        if resume:
+            recorded = rundir.read_json(resume / rundir.CONFIG)
+            fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+            cfg = FinetuneConfig(**{k: v for k, v in recorded.items() if k in fields})
+            cfg = dataclasses.replace(cfg, out=resume)
+        elif data is None:
+            raise ValueError("--data is needed (or --resume RUN)")
+        else:
+            options["class_weights"] = tuple(float(w) for w in _names(class_weights)) or None
+            cfg = FinetuneConfig(**options)
+        run_dir = stage.run(cfg, resume=bool(resume), show_progress=progress, log=console.print)
+    except _known_errors() as err:
+        _fail(err)
+    metrics = rundir.read_json(run_dir / rundir.METRICS)
+    console.print(f"val accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+                  f"(best epoch {metrics['best_epoch']})")
+    console.print(f"run: {run_dir}")
 
 
 @app.command()

@@ -18,7 +18,9 @@ import numpy as np
 
 FORMAT_VERSION = 1
 FEATURES_DIR = "features"
-PARTS = ("pooled", "tokens", "mask")
+# split: the activation entering the unfreezable top of the encoder (--text-split-layer,
+# --image-split-stage), kept float32 so that training the top on it matches end to end.
+PARTS = ("pooled", "tokens", "mask", "split")
 # ~1 MiB chunks of whole rows: a random batch reads few chunks, a chunk is one write.
 CHUNK_BYTES = 1 << 20
 
@@ -107,21 +109,29 @@ class FeatureWriter:
     def pending_rows(self) -> np.ndarray:
         return self.rows[~self.done[self.rows]]
 
-    def write(self, rows: np.ndarray, pooled: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> None:
-        """Store a batch: pooled [B, D], tokens [B, L, D], mask [B, L]; rows in any order."""
+    def write(self, rows: np.ndarray, pooled: np.ndarray, tokens: np.ndarray, mask: np.ndarray,
+              split: np.ndarray | None = None) -> None:
+        """Store a batch: pooled [B, D], tokens [B, L, D], mask [B, L], optionally split [B, ...];
+        rows in any order."""
         if "pooled" not in self.file:
-            self._create_datasets(pooled, tokens)
+            self._create_datasets(pooled, tokens, split)
         order = np.argsort(rows)
         rows = np.asarray(rows)[order]  # h5py writes need increasing indices
         self.file["pooled"][rows] = pooled[order].astype(np.float16)
         self.file["tokens"][rows] = tokens[order].astype(np.float16)
         self.file["mask"][rows] = mask[order].astype(bool)
+        if split is not None:
+            self.file["split"][rows] = split[order].astype(np.float32)
         self.file["done"][rows] = 1
         self.done[rows] = True
         self.file.flush()
 
-    def _create_datasets(self, pooled: np.ndarray, tokens: np.ndarray) -> None:
+    def _create_datasets(self, pooled: np.ndarray, tokens: np.ndarray, split: np.ndarray | None) -> None:
         n = len(self.done)
+        if split is not None:
+            split_rows = max(1, min(n, CHUNK_BYTES // (split[0].size * 4)))
+            self.file.create_dataset("split", shape=(n, *split.shape[1:]), dtype=np.float32,
+                                     chunks=(split_rows, *split.shape[1:]))
         _, token_len, token_dim = tokens.shape
         chunk_rows = max(1, min(n, CHUNK_BYTES // (token_len * token_dim * 2)))
         self.file.create_dataset("pooled", shape=(n, pooled.shape[1]), dtype=np.float16,
@@ -169,7 +179,7 @@ class FeatureSet:
             return cls(Path(path), _read_fingerprint(f), f["guid"].asstr()[:].tolist(), shapes, notes)
 
     def load(self, part: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """Read one part (`pooled`, `tokens` or `mask`), all rows or the given ones."""
+        """Read one part (`pooled`, `tokens`, `mask` or `split`), all rows or the given ones."""
         with h5py.File(self.path, "r") as f:
             if rows is None:
                 return f[part][:]
@@ -221,7 +231,8 @@ def merge_shards(cache_dir: Path, name: str) -> Path:
             start, stop = (int(v) for v in f.attrs["rows"])
             for lo in range(start, stop, 512):
                 hi = min(stop, lo + 512)
-                writer.write(np.arange(lo, hi), f["pooled"][lo:hi], f["tokens"][lo:hi], f["mask"][lo:hi])
+                writer.write(np.arange(lo, hi), f["pooled"][lo:hi], f["tokens"][lo:hi], f["mask"][lo:hi],
+                             f["split"][lo:hi] if "split" in f else None)
     if not writer.finish():
         raise CacheError(f"{name}: the shards do not cover every row")
     for shard_file in shard_files:

@@ -50,6 +50,7 @@ class Modality:
     pooled: torch.Tensor  # [B, D]
     tokens: torch.Tensor | None = None  # [B, L, D]
     mask: torch.Tensor | None = None  # [B, L], True where a token is real
+    split: torch.Tensor | None = None  # the activation entering an unfrozen encoder top, if one reads it
 
     def present(self) -> torch.Tensor:
         """[B] True where the modality is there at all (modality dropout zeroes it)."""

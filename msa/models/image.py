@@ -74,6 +74,35 @@ class ImageEncoder(nn.Module):
         return features, pooled
 
 
+    def split(self, stages: int) -> tuple[nn.Module, ImageEncoder]:
+        """(bottom, top): bottom(images) is the activation entering the last `stages` stages
+        (e.g. ResNet layer4's input); top(activation) gives what forward(images) gives.
+        Both share this encoder's modules."""
+        stem, blocks, tail = trunk_stages(self.trunk)
+        if not 1 <= stages <= len(blocks):
+            raise ValueError(f"the image split must be between 1 and {len(blocks)} stages, got {stages}")
+        bottom = nn.Sequential(*stem, *blocks[: len(blocks) - stages])
+        top = ImageEncoder(nn.Sequential(*blocks[len(blocks) - stages:], *tail), self.pool, self.preprocess, self.dim)
+        return bottom, top
+
+
+def trunk_stages(trunk: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """A trunk as (stem, stages, tail) modules run in that order."""
+    if isinstance(trunk, TimmTrunk) and all(hasattr(trunk.model, a) for a in ("conv_stem", "bn1", "blocks")):
+        model = trunk.model  # timm EfficientNet / MobileNet: forward_features is stem, blocks, head conv
+        return [model.conv_stem, model.bn1], list(model.blocks), [model.conv_head, model.bn2]
+    if isinstance(trunk, nn.Sequential) and hasattr(trunk, "7"):  # torchvision ResNet: stem, layer1-4
+        modules = list(trunk)
+        if len(modules) == 8:
+            return modules[:4], modules[4:], []
+    if isinstance(trunk, TimmTrunk) and hasattr(trunk.model, "layer4"):  # timm ResNet
+        model = trunk.model
+        return ([model.conv1, model.bn1, model.act1, model.maxpool],
+                [model.layer1, model.layer2, model.layer3, model.layer4], [])
+    raise ValueError(f"splitting {type(trunk).__name__} into stages is not supported (EfficientNet/MobileNet "
+                     "via timm and ResNets are)")
+
+
 class SpatialMean(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features.mean(dim=(2, 3))

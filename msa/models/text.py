@@ -85,8 +85,69 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
-        if self.pooling == "cls":
-            return hidden, hidden[:, 0]
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return hidden, pooled
+        return hidden, pool_tokens(hidden, attention_mask, self.pooling)
+
+    def forward_with_split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           split_layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward(), plus the hidden states entering the top `split_layer` layers ([B, L, D])."""
+        layers = len(transformer_layers(self.model))
+        if not 1 <= split_layer <= layers:
+            raise ValueError(f"--text-split-layer must be between 1 and {layers} for this model, got {split_layer}")
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        # hidden_states[0] is the embeddings' output, [i] the output of layer i.
+        split = out.hidden_states[layers - split_layer]
+        hidden = out.last_hidden_state
+        return hidden, pool_tokens(hidden, attention_mask, self.pooling), split
+
+    def top(self, layers: int) -> TextTop:
+        """The top `layers` transformer layers as a module of their own (weights copied)."""
+        return TextTop(self.model, layers, self.pooling)
+
+
+def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer layers: the ModuleList as long as its layer count
+    (encoder.layer in BERT, RoBERTa and MPNet, transformer.layer in DistilBERT)."""
+    count = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise EncoderLoadError(f"{type(model).__name__}: cannot find its {count} transformer layers")
+
+
+class _PassEmbeddings(nn.Module):
+    """Stands in for the embeddings: the cached hidden states come in as inputs_embeds."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, **kwargs) -> torch.Tensor:
+        return inputs_embeds
+
+
+class TextTop(nn.Module):
+    """The top K layers of a text encoder, run on the cached hidden states entering them.
+
+    It is a copy of the whole model with the embeddings passing their input through and
+    only the top layers left, so the model's own code builds the attention mask (and
+    MPNet's relative position bias) exactly as in the full forward pass."""
+
+    def __init__(self, model: nn.Module, layers: int, pooling: str):
+        super().__init__()
+        import copy
+
+        self.model = copy.deepcopy(model)
+        stack = transformer_layers(self.model)
+        if not 1 <= layers <= len(stack):
+            raise ValueError(f"--unfreeze-text-layers must be between 1 and {len(stack)}, got {layers}")
+        del stack[: len(stack) - layers]
+        self.model.embeddings = _PassEmbeddings()
+        self.model.pooler = None
+        self.pooling = pooling
+
+    def forward(self, split: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(inputs_embeds=split, attention_mask=attention_mask.long()).last_hidden_state
+        return hidden, pool_tokens(hidden, attention_mask, self.pooling)

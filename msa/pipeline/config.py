@@ -29,6 +29,8 @@ class ExtractConfig:
     modalities: tuple[str, ...] = ("text", "image")
     text_source: str = "raw"  # raw | caption | raw+caption (post text <sep> caption, the tokenizer's separator)
     captions: str | None = None  # caption set for caption sources; default: the one set in the cache
+    text_split_layer: int | None = None  # also cache the hidden states entering the top K text layers
+    image_split_stage: int | None = None  # also cache the activation entering the last K image stages
 
 
 TEXT_SOURCES = ("raw", "caption", "raw+caption")
@@ -91,6 +93,53 @@ class TrainHeadConfig:
     aux_weight: float = 0.1  # weight of a head's auxiliary loss (the aligned head's contrastive term)
     select: str = "macro_f1"  # macro_f1 | accuracy | loss: early stopping and the best epoch, on val
     patience: int = 5  # epochs without improvement before stopping
+    # Unfrozen encoder tops, run on the split activations cached by extract (0: features only).
+    unfreeze_text_layers: int = 0  # needs a text set extracted with --text-split-layer of the same K
+    unfreeze_image_stages: int = 0  # needs an image set extracted with --image-split-stage of the same K
+    lr_encoder: float = 1e-5  # layer-wise rates when something is unfrozen; lr applies otherwise
+    lr_fusion: float = 5e-5
+    lr_head: float = 1e-4
+    grad_accum: int = 1  # batches per optimizer step
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    data: Path  # MVSA folder
+    out: Path | None = None  # run directory; default runs/finetune-<fusion>-seed<seed>-<time>
+    text_model: str = "roberta-base"
+    max_len: int = 128
+    pooling: str = "mean"
+    image_model: str = "resnet50"
+    image_weights: str | None = None
+    fusion: str = "concat"
+    hidden: int = 256
+    dropout: float = 0.1
+    unfreeze_text_layers: int = 2  # top transformer layers trained (the rest stays frozen)
+    unfreeze_image_stages: int = 1  # last stages trained (ResNet: layer4)
+    lr_encoder: float = 1e-5
+    lr_fusion: float = 5e-5
+    lr_head: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    epochs: int = 5
+    batch_size: int = 16
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+    loss: str = "ce"
+    class_weights: tuple[float, ...] | None = None
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0
+    select: str = "macro_f1"
+    patience: int = 3
+    seed: int = 0
+    image_aug: str = "none"  # none | weak (crop, flip, colour jitter) | strong (weak + RandAugment)
+    clean_text: bool = False  # drop URLs and @mentions, unwrap #tags, collapse whitespace
+    val_ratio: float = 0.2  # the same split as `msa extract` with the same ratio and seed
+    split_seed: int = 42
+    on_bad_image: str = "blank"
+    limit: int | None = None
+    device: str = "auto"
+    precision: str = "auto"  # AMP: fp16/bf16 autocast on CUDA
 
 
 @dataclasses.dataclass

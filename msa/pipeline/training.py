@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from msa.cache.features import FeatureSet
+from msa.cache.features import CacheError, FeatureSet
 from msa.models.heads import Modality, ModalityDims
 
 LOSSES = ("ce", "weighted-ce", "focal")
@@ -27,35 +27,49 @@ class FeatureBank:
     pooled: dict[str, torch.Tensor]  # name -> [N, D]
     tokens: dict[str, torch.Tensor]  # name -> [N, L, D] (empty if the head reads none)
     masks: dict[str, torch.Tensor]  # name -> [N, L] bool
+    split: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # name -> [N, ...] for encoder tops
 
     @classmethod
-    def load(cls, feature_sets: dict[str, FeatureSet], with_tokens: bool) -> FeatureBank:
-        pooled, tokens, masks = {}, {}, {}
+    def load(cls, feature_sets: dict[str, FeatureSet], with_tokens: bool, split_names: tuple[str, ...] = ()
+             ) -> FeatureBank:
+        pooled, tokens, masks, split = {}, {}, {}, {}
         for name, feature_set in feature_sets.items():
             pooled[name] = torch.from_numpy(feature_set.load("pooled")).float()
-            if with_tokens:
+            if with_tokens or name in split_names:
                 mask = torch.from_numpy(feature_set.load("mask"))
                 length = used_length(mask)  # texts rarely fill max_len
-                tokens[name] = torch.from_numpy(feature_set.load("tokens")[:, :length].astype(np.float32))
                 masks[name] = mask[:, :length]
-        return cls(pooled, tokens, masks)
+            if with_tokens:
+                tokens[name] = torch.from_numpy(feature_set.load("tokens")[:, :length].astype(np.float32))
+            if name in split_names:
+                if "split" not in feature_set.shapes:
+                    raise CacheError(f"{feature_set.name} holds no split activations; extract with "
+                                     "--text-split-layer / --image-split-stage")
+                values = torch.from_numpy(feature_set.load("split"))
+                split[name] = values[:, :length] if values.ndim == 3 else values  # text [N, L, D]: trimmed
+        return cls(pooled, tokens, masks, split)
 
     def dims(self) -> dict[str, ModalityDims]:
         return {name: ModalityDims(p.shape[1], self.tokens[name].shape[2] if name in self.tokens else p.shape[1])
                 for name, p in self.pooled.items()}
 
     def batch(self, rows: torch.Tensor, with_tokens: bool) -> dict[str, Modality]:
-        """The rows' features; token sequences (only for heads that read them) cut to the
-        batch's longest (pad positions are masked, so this changes no result, and texts
-        average a quarter of max_len)."""
+        """The rows' features; token sequences (only for heads that read them) and text split
+        activations cut to the batch's longest (pad positions are masked, so this changes no
+        result, and texts average a quarter of max_len)."""
         batch = {}
         for name, pooled in self.pooled.items():
-            if not with_tokens or name not in self.tokens:
-                batch[name] = Modality(pooled[rows])
-                continue
-            mask = self.masks[name][rows]
-            length = used_length(mask)
-            batch[name] = Modality(pooled[rows], self.tokens[name][rows, :length], mask[:, :length])
+            tokens = mask = split = None
+            if name in self.masks and ((with_tokens and name in self.tokens) or name in self.split):
+                mask = self.masks[name][rows]
+                length = used_length(mask)
+                mask = mask[:, :length]
+                if with_tokens and name in self.tokens:
+                    tokens = self.tokens[name][rows, :length]
+            if name in self.split:
+                split = self.split[name][rows]
+                split = split[:, :length] if split.ndim == 3 else split
+            batch[name] = Modality(pooled[rows], tokens, mask, split)
         return batch
 
     def lengths(self) -> torch.Tensor | None:
@@ -120,8 +134,10 @@ def drop_modalities(inputs: dict[str, Modality], p: float, generator: torch.Gene
     for i, name in enumerate(names):
         keep = ~(drop & (which == i))  # [B]
         m = inputs[name]
-        out[name] = Modality(m.pooled * keep[:, None], None if m.tokens is None else m.tokens * keep[:, None, None],
-                             m.mask)  # the mask stays: attention over all-zero keys is fine, over no keys is NaN
+        # The mask stays: attention over all-zero keys is fine, over no keys is NaN.
+        out[name] = dataclasses.replace(
+            m, pooled=m.pooled * keep[:, None], tokens=None if m.tokens is None else m.tokens * keep[:, None, None],
+            split=None if m.split is None else m.split * keep.view(-1, *[1] * (m.split.ndim - 1)))
     return out
 
 
@@ -143,13 +159,16 @@ def shuffled_batches(rows: np.ndarray, batch_size: int, generator: torch.Generat
 def train_one_epoch(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targets: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler, loss_fn, batch_size: int,
                     generator: torch.Generator, rdrop_alpha: float = 0.0, modality_dropout: float = 0.0,
-                    aux_weight: float = 0.1) -> dict[str, float]:
+                    aux_weight: float = 0.1, grad_accum: int = 1) -> dict[str, float]:
     model.train()
     totals = {"loss": 0.0, "aux_loss": 0.0}
-    # A run's batches depend on its head alone, not on whether a sweep loaded tokens for others.
+    # A run's batches depend on its model alone, not on whether a sweep loaded tokens for others.
     with_tokens = model.uses_tokens
-    lengths = bank.lengths() if with_tokens else None
-    for batch_rows in shuffled_batches(rows, batch_size, generator, lengths):
+    with_tops = bool(getattr(model, "tops", None))  # a text top runs transformer layers: bucket by length
+    lengths = bank.lengths() if with_tokens or with_tops else None
+    batches = shuffled_batches(rows, batch_size, generator, lengths)
+    optimizer.zero_grad(set_to_none=True)
+    for index, batch_rows in enumerate(batches):
         inputs = bank.batch(batch_rows, with_tokens)
         if modality_dropout > 0:
             inputs = drop_modalities(inputs, modality_dropout, generator)
@@ -169,10 +188,11 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targe
             totals["aux_loss"] += aux.item() * len(batch_rows)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss ({loss.item()}); lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        (loss / grad_accum).backward()
+        if (index + 1) % grad_accum == 0 or index + 1 == len(batches):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         totals["loss"] += loss.item() * len(batch_rows)
     return {k: v / len(rows) for k, v in totals.items()}
 

@@ -75,13 +75,15 @@ def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, com
               "dtype": "float16", "precision": compute.precision}
     if modality == "text":
         text = {**common, "model": cfg.text_model, "weights": model_identity(cfg.text_model),
-                "max_len": cfg.max_len, "pooling": cfg.pooling, "text_source": cfg.text_source, "split_layer": None}
+                "max_len": cfg.max_len, "pooling": cfg.pooling, "text_source": cfg.text_source,
+                "split_layer": cfg.text_split_layer}
         return {**text, "captions": captions.fingerprint} if captions else text
     if modality == "image":
         preprocess = image_preprocess(cfg.image_model)
         return {**common, "model": cfg.image_model,
                 "weights": weights_identity(cfg.image_model, cfg.image_weights),
-                "preprocess": dataclasses.asdict(preprocess), "jpeg_draft": True, "split_stage": None}
+                "preprocess": dataclasses.asdict(preprocess), "jpeg_draft": True,
+                "split_stage": cfg.image_split_stage}
     raise ValueError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
 
 
@@ -134,12 +136,13 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
             pending = writer.pending_rows()
             if modality == "text":
                 encode_texts(TextEncoder(cfg.text_model, cfg.max_len, cfg.pooling), manifest, pending,
-                             writer, compute, cfg.batch_size, show_progress, on_batch, captions, cfg.text_source)
+                             writer, compute, cfg.batch_size, show_progress, on_batch, captions, cfg.text_source,
+                             cfg.text_split_layer)
             else:
                 encoder = build_image_encoder(cfg.image_model, cfg.image_weights)
                 use_compile = cfg.compile or (compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES)
                 encode_images(encoder, manifest, pending, writer, compute, cfg.batch_size,
-                              show_progress, on_batch, use_compile)
+                              show_progress, on_batch, use_compile, cfg.image_split_stage)
             writer.finish()
         results[modality] = FeatureSetResult(modality, name, path, False, writer.resumed_rows,
                                              len(pending), time.perf_counter() - start)
@@ -184,7 +187,7 @@ def source_signature(cfg: ExtractConfig) -> str:
 
 def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, writer: FeatureWriter,
                  compute: Compute, batch_size: int, show_progress: bool, on_batch: BatchCallback | None,
-                 captions: CaptionSet | None = None, text_source: str = "raw") -> None:
+                 captions: CaptionSet | None = None, text_source: str = "raw", split_layer: int | None = None) -> None:
     encoder.to(compute.device)
     posts = [manifest.column("text")[r] for r in rows]
     caption_texts = captions.texts([manifest.guids[r] for r in rows]) if captions else None
@@ -198,7 +201,11 @@ def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, wri
         for batch in encoder.length_sorted_batches(token_ids, batch_size):
             input_ids, attention_mask = encoder.collate([token_ids[i] for i in batch])
             with torch.inference_mode(), compute.autocast():
-                tokens, pooled = encoder(input_ids.to(compute.device), attention_mask.to(compute.device))
+                if split_layer:
+                    tokens, pooled, split = encoder.forward_with_split(
+                        input_ids.to(compute.device), attention_mask.to(compute.device), split_layer)
+                else:
+                    tokens, pooled = encoder(input_ids.to(compute.device), attention_mask.to(compute.device))
             length = tokens.shape[1]
             stored_tokens = np.zeros((len(batch), encoder.max_len, encoder.dim), dtype=np.float16)
             # Pad positions hold zeros, not the model's output for pad tokens: what is
@@ -206,7 +213,11 @@ def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, wri
             stored_tokens[:, :length] = (tokens.float() * attention_mask.unsqueeze(-1).to(tokens.device)).cpu().numpy()
             stored_mask = np.zeros((len(batch), encoder.max_len), dtype=bool)
             stored_mask[:, :length] = attention_mask.numpy().astype(bool)
-            writer.write(rows[batch], pooled.float().cpu().numpy(), stored_tokens, stored_mask)
+            stored_split = None
+            if split_layer:
+                stored_split = np.zeros((len(batch), encoder.max_len, split.shape[-1]), dtype=np.float32)
+                stored_split[:, :length] = (split.float() * attention_mask.unsqueeze(-1).to(split.device)).cpu().numpy()
+            writer.write(rows[batch], pooled.float().cpu().numpy(), stored_tokens, stored_mask, stored_split)
             advance(len(batch))
             if on_batch:
                 on_batch("text", len(batch))
@@ -214,9 +225,17 @@ def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, wri
 
 def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, writer: FeatureWriter,
                   compute: Compute, batch_size: int, show_progress: bool, on_batch: BatchCallback | None,
-                  use_compile: bool) -> None:
+                  use_compile: bool, split_stage: int | None = None) -> None:
     encoder.to(compute.device, memory_format=torch.channels_last)
-    forward = _compiled(encoder) if use_compile else encoder
+    if split_stage:  # bottom and top in turn: the activation between them is stored too
+        bottom, top = encoder.split(split_stage)
+        bottom, top = (_compiled(bottom), _compiled(top)) if use_compile else (bottom, top)
+
+        def forward(images):
+            split = bottom(images)
+            return (*top(split), split)
+    else:
+        forward = _compiled(encoder) if use_compile else encoder
     paths, flags = manifest.column("image_path"), manifest.column("flags")
     # Flagged images (missing, corrupt) are encoded as a blank image: the row stays aligned.
     sources = [None if any(f.endswith("_image") for f in flags[r]) else paths[r] for r in rows]
@@ -230,9 +249,10 @@ def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, w
             images = encoder.preprocess.normalise(pixels.to(compute.device))
             images = images.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), compute.autocast():
-                tokens, pooled = forward(images)
+                tokens, pooled, *split = forward(images)
             mask = np.ones(tokens.shape[:2], dtype=bool)
-            writer.write(rows[batch], pooled.float().cpu().numpy(), tokens.float().cpu().numpy(), mask)
+            split = split[0].float().contiguous().cpu().numpy() if split else None
+            writer.write(rows[batch], pooled.float().cpu().numpy(), tokens.float().cpu().numpy(), mask, split)
             advance(len(batch))
             if on_batch:
                 on_batch("image", len(batch))

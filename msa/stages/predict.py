@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from msa.cache.features import CacheError, find_feature_set
-from msa.cache.manifest import Manifest, read_manifest
-from msa.models.heads import ModalityDims, create_head
+from msa.cache.manifest import Manifest, build_manifest, read_manifest
+from msa.models.heads import ModalityDims
 from msa.pipeline import rundir
 from msa.pipeline.config import SPLITS, CaptionConfig, ExtractConfig, PredictConfig
+from msa.pipeline.mvsa import LABELS, read_mvsa
 from msa.pipeline.training import FeatureBank, evaluate
-from msa.stages import caption, extract
+from msa.stages import caption, extract, finetune
+from msa.stages.train_head import build_model
 
 # Fingerprint entries that may differ between the run's features and new data's: the
 # manifest, and the precision `auto` picked on another machine (bf16 or fp16 features
@@ -44,8 +46,8 @@ class Predictions:
 def load_head(run_dir: Path) -> tuple[torch.nn.Module, dict]:
     checkpoint = torch.load(Path(run_dir) / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
     dims = {m: ModalityDims(**d) for m, d in checkpoint["dims"].items()}
-    model = create_head(checkpoint["fusion"], dims, len(checkpoint["class_names"]),
-                        checkpoint["hidden"], checkpoint["dropout"])
+    model = build_model(checkpoint["fusion"], dims, checkpoint["hidden"], checkpoint["dropout"],
+                        checkpoint["feature_sets"], checkpoint.get("unfrozen", {}))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), checkpoint
 
@@ -116,16 +118,35 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
             device: str = "auto", show_progress: bool = True) -> Predictions:
     if split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if rundir.read_json(Path(run_dir) / rundir.CONFIG).get("kind") == "finetune":
+        return _predict_finetuned(run_dir, data, split, device, show_progress)
     cache, names = ensure_features(run_dir, data, cache, device, show_progress)
     model, checkpoint = load_head(run_dir)
     manifest = read_manifest(cache)
     feature_sets = {m: find_feature_set(cache, n) for m, n in names.items()}
-    bank = FeatureBank.load(feature_sets, with_tokens=model.uses_tokens)
+    bank = FeatureBank.load(feature_sets, model.uses_tokens, tuple(checkpoint.get("unfrozen", {})))
     rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
     out = evaluate(model, bank, rows, None)
     guids, labels = manifest.guids, manifest.column("label")
     return Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"],
                        out.get("gate"), checkpoint["class_names"], manifest, rows)
+
+
+def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str,
+                       show_progress: bool) -> Predictions:
+    """An end-to-end run reads raw data: its own (the manifest kept in the run) or new data."""
+    model, cfg, compute = finetune.load_finetuned(run_dir, device)
+    if data is None:
+        manifest = read_manifest(run_dir)
+    else:
+        items, _ = read_mvsa(data, cfg.on_bad_image)
+        manifest = build_manifest(items, data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
+    raw = finetune.RawData.read(manifest, model.encoders["text"], cfg.clean_text)
+    rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
+    probabilities = finetune.predict_rows(model, raw, rows, compute, cfg.batch_size * 2, show_progress)
+    guids, labels = manifest.guids, manifest.column("label")
+    return Predictions([guids[r] for r in rows], [labels[r] for r in rows], probabilities, None, list(LABELS),
+                       manifest, rows)
 
 
 def write_predictions_file(predictions: Predictions, path: Path) -> Path:

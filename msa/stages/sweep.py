@@ -108,7 +108,8 @@ def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
     """Train runs one after another on features loaded once; finished(name) after each."""
     torch.set_num_threads(threads)
     with_tokens = any(HEADS[r.fusion].uses_tokens for r in runs)
-    data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens)
+    split_names = tuple(sorted({m for r in runs for m in train_head.unfrozen(r)}))
+    data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names)
     for run_cfg in runs:
         train_head.run(run_cfg, data=data, log=lambda *_: None)
         finished(run_cfg.out.name)

@@ -16,6 +16,9 @@ import torch
 from msa.cache.features import CacheError, FeatureSet, complete_feature_sets, find_feature_set
 from msa.cache.manifest import Manifest, read_manifest
 from msa.models.heads import HEADS, check_head, create_head
+from msa.models.image import build_image_encoder
+from msa.models.text import TextEncoder
+from msa.models.unfrozen import TopsAndHead, parameter_groups
 from msa.pipeline import rundir
 from msa.pipeline.config import TrainHeadConfig, to_json
 from msa.pipeline.metrics import SELECT, classification_metrics
@@ -71,13 +74,49 @@ def select_feature_sets(cache: Path, manifest: Manifest, names: tuple[str, ...])
     return {m: by_modality[m][0] for m in order}
 
 
-def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool) -> TrainData:
+def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
+                    split_names: tuple[str, ...] = ()) -> TrainData:
     manifest = read_manifest(cache)
     feature_sets = select_feature_sets(cache, manifest, features)
-    bank = FeatureBank.load(feature_sets, with_tokens)
+    bank = FeatureBank.load(feature_sets, with_tokens, split_names)
     label_index = {name: i for i, name in enumerate(LABELS)}
     targets = torch.tensor([label_index.get(lab, -1) if lab else -1 for lab in manifest.column("label")])
     return TrainData(manifest, feature_sets, bank, targets)
+
+
+def unfrozen(cfg) -> dict[str, int]:
+    """Modality -> how many top layers (text) or stages (image) are trained."""
+    return {m: k for m, k in (("text", cfg.unfreeze_text_layers), ("image", cfg.unfreeze_image_stages)) if k}
+
+
+def build_tops(feature_info: dict[str, dict], counts: dict[str, int]) -> dict[str, torch.nn.Module]:
+    """Encoder tops with the pretrained weights of the encoders that extracted the features."""
+    tops = {}
+    for modality, count in counts.items():
+        if modality not in feature_info:
+            raise ValueError(f"cannot unfreeze the {modality} encoder: the run reads no {modality} features")
+        fingerprint, recorded = feature_info[modality]["fingerprint"], feature_info[modality]["extract_config"]
+        key, option = ("split_layer", "--text-split-layer") if modality == "text" else ("split_stage",
+                                                                                         "--image-split-stage")
+        if fingerprint.get(key) != count:
+            raise CacheError(f"{feature_info[modality]['name']} was extracted with {option} "
+                             f"{fingerprint.get(key)}; unfreezing {count} needs {option} {count}")
+        if modality == "text":
+            tops[modality] = TextEncoder(recorded["text_model"], recorded["max_len"], recorded["pooling"]).top(count)
+            tops[modality].requires_grad_(True)
+        else:
+            top = build_image_encoder(recorded["image_model"], recorded["image_weights"]).split(count)[1]
+            top.requires_grad_(False)
+            top.trunk.requires_grad_(True)  # the stages only: a timm pool holds the whole model
+            tops[modality] = top
+    return tops
+
+
+def build_model(fusion: str, dims: dict, hidden: int, dropout: float, feature_info: dict,
+                counts: dict[str, int]) -> torch.nn.Module:
+    """The head, behind encoder tops when any are unfrozen."""
+    head = create_head(fusion, dims, len(LABELS), hidden, dropout)
+    return TopsAndHead(head, build_tops(feature_info, counts)) if counts else head
 
 
 def resolved(cfg: TrainHeadConfig) -> TrainHeadConfig:
@@ -101,8 +140,9 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
     check_head(cfg.fusion)  # before loading features, which can take seconds
     if cfg.select not in SELECT:
         raise ValueError(f"--select must be one of {', '.join(SELECT)}")
+    counts = unfrozen(cfg)
     if data is None:
-        data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens)
+        data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens, tuple(counts))
     cfg = resolved(cfg)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,15 +161,17 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
         raise ValueError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = create_head(cfg.fusion, data.bank.dims(), len(LABELS), cfg.hidden, cfg.dropout)
+    model = build_model(cfg.fusion, data.bank.dims(), cfg.hidden, cfg.dropout, feature_info, counts)
     weights = None
     if cfg.loss in ("weighted-ce", "focal"):
         weights = (torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights
                    else class_weights_from(data.targets[train_rows].numpy(), len(LABELS)))
     loss_fn = classification_loss(cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma)
     # fused: one kernel for all parameters; the default per-parameter loop was 24% of an epoch.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
+    groups = (parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head, cfg.weight_decay) if counts
+              else model.parameters())
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    steps_per_epoch = -(-len(train_rows) // (cfg.batch_size * cfg.grad_accum))
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
     select_key, larger_is_better = SELECT[cfg.select]
 
@@ -138,7 +180,8 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         train = train_one_epoch(model, data.bank, train_rows, data.targets, optimizer, scheduler, loss_fn,
-                                cfg.batch_size, generator, cfg.rdrop_alpha, cfg.modality_dropout, cfg.aux_weight)
+                                cfg.batch_size, generator, cfg.rdrop_alpha, cfg.modality_dropout, cfg.aux_weight,
+                                cfg.grad_accum)
         val = evaluate(model, data.bank, val_rows, data.targets)
         metrics = classification_metrics(data.targets[val_rows].numpy(), val["probabilities"].argmax(1), list(LABELS))
         metrics["loss"] = val["loss"]
@@ -160,6 +203,7 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
 
     val, metrics = best_val, {**best_metrics, "best_epoch": best_epoch, "train_seconds": seconds}
     torch.save({"state_dict": best_state, "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
+                "unfrozen": counts,
                 "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()},
                 "class_names": list(LABELS), "feature_sets": feature_info}, run_dir / rundir.CHECKPOINT)
     rundir.write_json(run_dir / rundir.METRICS, metrics)

@@ -1,0 +1,89 @@
+"""Captioning throughput of `msa caption` on real images (the README's caption figures come from here).
+
+No BLIP weights can be had offline, so the model is a random-init BLIP of the
+blip-image-captioning-base architecture (ViT-B/16 at 384 px, 12-layer BERT decoder) with
+the bert-base-uncased vocabulary; speed does not depend on the weights. Each variant runs
+the whole stage (decoding, generation, the caption store) on the first N images:
+
+    python bench/caption_throughput.py --data ../shared/datasets/mvsa-lab5 \
+        --vocab ~/.cache/msa/offline-models/all-MiniLM-L6-v2/vocab.txt --out bench/results/caption.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from msa.pipeline.config import CaptionConfig
+from msa.stages import caption
+
+
+def make_random_blip_base(path: Path, vocab: Path) -> Path:
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    torch.manual_seed(0)
+    tokenizer = BertTokenizer(vocab_file=str(vocab))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder start token, id 30522
+    BlipForConditionalGeneration(BlipConfig()).save_pretrained(path)  # the defaults are blip-...-base's shapes
+    BlipProcessor(BlipImageProcessor(size={"height": 384, "width": 384}), tokenizer).save_pretrained(path)
+    return path
+
+
+def timed_run(cfg: CaptionConfig) -> dict:
+    """captions/s over the whole run, and after its first batch (compile and warm-up excluded)."""
+    marks = []
+    start = time.perf_counter()
+    result = caption.run(cfg, show_progress=False, on_batch=lambda n: marks.append((time.perf_counter(), n)))
+    total = time.perf_counter() - start
+    after_first = sum(n for _, n in marks[1:]) / (marks[-1][0] - marks[0][0]) if len(marks) > 1 else None
+    words = [len(c.text.split()) for c in result.caption_set.captions.values() if c.text]
+    return {"images": result.captioned, "seconds": round(total, 1), "captions/s": round(result.captioned / total, 3),
+            "captions/s after first batch": after_first and round(after_first, 3),
+            "mean words per caption": round(sum(words) / max(len(words), 1), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--vocab", type=Path, required=True, help="a bert-base-uncased vocab.txt")
+    parser.add_argument("--single-n", type=int, default=24, help="images for one-at-a-time")
+    parser.add_argument("--batched-n", type=int, default=256, help="images for each batched variant")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args()
+
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}", "max_new_tokens": args.max_new_tokens}
+    print(report["machine"], flush=True)
+    variants = {
+        "one at a time, fp32": dict(batch_size=1, compile=False, limit=args.single_n),
+        "batch 16 greedy, fp32": dict(batch_size=16, compile=False, limit=args.batched_n // 4),
+        "batch 16 greedy, fp32, compiled ViT (the default from 200 images)": dict(batch_size=16, compile=True,
+                                                                                   limit=args.batched_n),
+        "batch 16 beam 3, fp32, compiled ViT": dict(batch_size=16, compile=True, num_beams=3,
+                                                    limit=args.batched_n // 4),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_random_blip_base(Path(tmp) / "blip-base-random", args.vocab)
+        for i, (label, options) in enumerate(variants.items()):
+            cfg = CaptionConfig(data=args.data, cache=Path(tmp) / f"cache-{i}", model=str(model), device="cpu",
+                                precision="fp32", max_new_tokens=args.max_new_tokens, **options)
+            report[label] = timed_run(cfg)
+            print(label, json.dumps(report[label]), flush=True)
+    single = report["one at a time, fp32"]["captions/s"]
+    report["speed-up over one at a time"] = {k: round(v["captions/s"] / single, 2) for k, v in report.items()
+                                             if isinstance(v, dict) and "captions/s" in v}
+    print(json.dumps(report["speed-up over one at a time"], indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

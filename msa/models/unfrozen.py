@@ -1,0 +1,61 @@
+"""Fusion heads behind the unfrozen tops of the encoders, and layer-wise learning rates.
+
+On cached features (`train-head --unfreeze-...`), a top reads the split activation that
+`msa extract --text-split-layer/--image-split-stage` stored; end to end (`msa finetune`)
+the same top reads the frozen bottom's output. Either way the head sees what it would
+see on cached features: token features, pooled features and masks per modality.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msa.models.heads import Modality
+from msa.models.text import TextTop
+
+
+def top_features(top: nn.Module, split: torch.Tensor, mask: torch.Tensor | None) -> Modality:
+    """Run one encoder top on its input activation: a text top on hidden states and their mask,
+    an image top on a feature map."""
+    if isinstance(top, TextTop):
+        tokens, pooled = top(split, mask)
+        return Modality(pooled, tokens * mask.unsqueeze(-1).to(tokens.dtype), mask)  # zeros at pads, as cached
+    tokens, pooled = top(split)
+    return Modality(pooled, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+
+
+class TopsAndHead(nn.Module):
+    """A head whose inputs for some modalities come from trainable encoder tops."""
+
+    def __init__(self, head: nn.Module, tops: dict[str, nn.Module]):
+        super().__init__()
+        self.head = head
+        self.tops = nn.ModuleDict(tops)
+        self.uses_tokens = head.uses_tokens
+        self.default_batch_size = head.default_batch_size
+
+    def forward(self, inputs: dict[str, Modality]) -> dict[str, torch.Tensor]:
+        features = {name: top_features(self.tops[name], m.split, m.mask) if name in self.tops else m
+                    for name, m in inputs.items()}
+        return self.head(features)
+
+
+def parameter_groups(model: nn.Module, lr_encoder: float, lr_fusion: float, lr_head: float,
+                     weight_decay: float) -> list[dict]:
+    """Optimizer groups: encoder layers (`tops.`/`encoders.`), the head's classifier (its
+    `classify` module; all of a head that has none, like text-only or late), the rest of the
+    head (fusion). Frozen parameters are left out."""
+    groups = {"encoder": [], "fusion": [], "head": []}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head_has_classifier = any("classify" in n.split(".") for n, _ in trainable)
+    for name, parameter in trainable:
+        parts = name.split(".")
+        if parts[0] in ("tops", "encoders"):
+            groups["encoder"].append(parameter)
+        elif "classify" in parts or not head_has_classifier:
+            groups["head"].append(parameter)
+        else:
+            groups["fusion"].append(parameter)
+    rates = {"encoder": lr_encoder, "fusion": lr_fusion, "head": lr_head}
+    return [{"name": k, "params": v, "lr": rates[k], "weight_decay": weight_decay} for k, v in groups.items() if v]

@@ -1,0 +1,150 @@
+"""Unfrozen encoder tops on cached split activations, and end-to-end fine-tuning (`msa finetune`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from msa.cache.features import CacheError, FeatureSet
+from msa.cache.manifest import read_manifest
+from msa.models.unfrozen import TopsAndHead, parameter_groups
+from msa.pipeline.config import EvaluateConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
+from msa.pipeline.training import FeatureBank
+from msa.stages import evaluate, extract, finetune, predict, train_head
+
+
+@pytest.fixture
+def split_cache(extract_config):
+    cfg = extract_config(text_split_layer=1, image_split_stage=1)
+    result = extract.run(cfg, show_progress=False)
+    return cfg, {m: FeatureSet.open(r.path) for m, r in result.feature_sets.items()}
+
+
+@pytest.fixture
+def finetune_config(messy_data_source, tiny_models, tmp_path):
+    def make(**overrides) -> FinetuneConfig:
+        cfg = FinetuneConfig(data=messy_data_source, out=tmp_path / "ft", text_model=tiny_models["text"], max_len=16,
+                             image_model="timm:test_efficientnet", image_weights=tiny_models["image_weights"],
+                             hidden=16, unfreeze_text_layers=1, unfreeze_image_stages=1, epochs=2, batch_size=8,
+                             lr_encoder=1e-3, lr_fusion=1e-3, lr_head=1e-3, device="cpu")
+        return dataclasses.replace(cfg, **overrides)
+
+    return make
+
+
+def test_split_activations_are_cached_with_their_own_fingerprint(split_cache, extract_config):
+    _, sets = split_cache
+    assert sets["text"].fingerprint["split_layer"] == 1 and sets["image"].fingerprint["split_stage"] == 1
+    assert sets["text"].shapes["split"] == (*sets["text"].shapes["mask"], 32)  # [N, max_len, hidden]
+    assert len(sets["image"].shapes["split"]) == 4  # [N, C, h, w]
+    plain = extract.run(extract_config(), show_progress=False).feature_sets
+    assert {plain[m].name for m in plain}.isdisjoint({fs.name for fs in sets.values()})
+    # The final features do not depend on whether the split was stored too.
+    for modality, feature_set in sets.items():
+        np.testing.assert_array_equal(FeatureSet.open(plain[modality].path).load("pooled"), feature_set.load("pooled"))
+
+
+def test_cached_tops_give_the_same_logits_as_end_to_end(split_cache, finetune_config):
+    cfg, sets = split_cache
+    feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes} for m, fs in sets.items()}
+    bank = FeatureBank.load(sets, with_tokens=True, split_names=("text", "image"))
+    cached = train_head.build_model("co-attn", bank.dims(), 16, 0.1, feature_info, {"text": 1, "image": 1}).eval()
+    end_to_end = finetune.build_model(finetune_config(fusion="co-attn")).eval()
+    end_to_end.head.load_state_dict(cached.head.state_dict())
+    manifest = read_manifest(cfg.cache)
+    raw = finetune.RawData.read(manifest, end_to_end.encoders["text"], clean=False)
+    rows = torch.arange(len(manifest))
+    with torch.no_grad():
+        from_cache = cached(bank.batch(rows, with_tokens=True))["logits"]
+        pixels = finetune.load_pixels(end_to_end, raw, rows)
+        direct = end_to_end(finetune.batch_inputs(end_to_end, raw, rows, pixels, None, torch.device("cpu")))["logits"]
+    torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-4)
+
+
+def test_unfrozen_train_head_trains_the_tops_and_predicts(split_cache, tmp_path):
+    cfg, sets = split_cache
+    run_cfg = TrainHeadConfig(cache=cfg.cache, fusion="concat", out=tmp_path / "run", epochs=2, hidden=16,
+                              unfreeze_text_layers=1, unfreeze_image_stages=1, lr_encoder=1e-2)
+    result = train_head.run(run_cfg, log=lambda *_: None)
+    checkpoint = torch.load(result.run_dir / "checkpoint.pt", weights_only=False)
+    assert checkpoint["unfrozen"] == {"text": 1, "image": 1}
+    fresh = train_head.build_tops(checkpoint["feature_sets"], {"text": 1})["text"].state_dict()
+    trained = {k.removeprefix("tops.text."): v for k, v in checkpoint["state_dict"].items()
+               if k.startswith("tops.text.")}
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)  # the top layer was trained
+    _, own = predict.run(PredictConfig(run=result.run_dir, split="val"), show_progress=False)
+    saved = pd.read_parquet(result.run_dir / "val_predictions.parquet")
+    assert own.predicted == saved.prediction.tolist()
+    with pytest.raises(CacheError, match="needs --text-split-layer 2"):
+        train_head.run(dataclasses.replace(run_cfg, unfreeze_text_layers=2), log=lambda *_: None)
+
+
+def test_layer_wise_learning_rates_land_on_the_right_groups(split_cache):
+    cfg, sets = split_cache
+    feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes} for m, fs in sets.items()}
+    bank = FeatureBank.load(sets, False, ("text",))
+    model = train_head.build_model("concat", bank.dims(), 16, 0.1, feature_info, {"text": 1})
+    assert isinstance(model, TopsAndHead)
+    groups = {g["name"]: g for g in parameter_groups(model, 1e-5, 5e-5, 1e-4, 0.01)}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert ids["encoder"] == {id(p) for p in model.tops.parameters()}
+    assert ids["head"] == {id(p) for p in model.head.classify.parameters()}
+    assert ids["fusion"] == {id(p) for p in model.head.project.parameters()}
+    assert [groups[n]["lr"] for n in ("encoder", "fusion", "head")] == [1e-5, 5e-5, 1e-4]
+
+
+def test_finetune_resume_gives_the_same_final_weights(finetune_config, tmp_path):
+    whole = finetune.run(finetune_config(out=tmp_path / "whole", image_aug="weak"), show_progress=False,
+                         log=lambda *_: None)
+
+    def kill_after_first_epoch(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cfg = finetune_config(out=tmp_path / "resumed", image_aug="weak")
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg, show_progress=False, log=lambda *_: None, on_epoch=kill_after_first_epoch)
+    finetune.run(cfg, resume=True, show_progress=False, log=lambda *_: None)
+    a = torch.load(whole / finetune.LAST, weights_only=False)
+    b = torch.load(tmp_path / "resumed" / finetune.LAST, weights_only=False)
+    assert a["state"] == b["state"] and a["state"]["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert (whole / "history.csv").read_text().count("\n") == (tmp_path / "resumed" / "history.csv").read_text(
+    ).count("\n") == 3
+
+
+def test_finetune_trains_only_the_tops_and_augments_only_training(finetune_config, monkeypatch):
+    seen = []
+    real = finetune.image_augmentation
+
+    def counting(preset, crop):
+        transform = real(preset, crop)
+        return lambda image: seen.append(image.shape) or transform(image)
+
+    monkeypatch.setattr(finetune, "image_augmentation", counting)
+    cfg = finetune_config(image_aug="strong", epochs=1)
+    run_dir = finetune.run(cfg, show_progress=False, log=lambda *_: None)
+    manifest = read_manifest(run_dir)
+    assert len(seen) == len(manifest.rows_of_split("train"))  # not the val items evaluated after it
+    trained = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state_dict"]
+    fresh = finetune.build_model(cfg).state_dict()
+    layers = "encoders.text.model.encoder.layer."
+    query = "attention.self.query.weight"
+    assert torch.equal(trained[layers + "0." + query], fresh[layers + "0." + query])
+    assert not torch.equal(trained[layers + "1." + query], fresh[layers + "1." + query])
+    assert torch.equal(trained["encoders.image.trunk.model.conv_stem.weight"],
+                       fresh["encoders.image.trunk.model.conv_stem.weight"])
+    # The run directory serves predict and evaluate unchanged.
+    _, own = predict.run(PredictConfig(run=run_dir, split="val"), show_progress=False)
+    assert own.predicted == pd.read_parquet(run_dir / "val_predictions.parquet").prediction.tolist()
+    report = evaluate.run(EvaluateConfig(run=run_dir))
+    assert 0 <= report["metrics"]["macro_f1"] <= 1
+
+
+def test_clean_text():
+    assert finetune.clean_text("so #happy  @bob see http://t.co/x1 www.a.com now") == "so happy see now"
