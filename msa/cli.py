@@ -124,6 +124,22 @@ def caption(
     console.print(f"captions: {result.path}")
 
 
+@app.command("import-features")
+def import_features(
+    file: Path = typer.Argument(..., help="MultiBench-style pickle: train/valid/test, modality arrays, labels, id."),
+    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory to create."),
+) -> None:
+    """Import pre-extracted sequence features (CMU-MOSI/MOSEI) as a cache for the stage 2 heads."""
+    from msa.stages import import_features as stage
+
+    try:
+        result = stage.run(file, cache)
+    except _known_errors() as err:
+        _fail(err)
+    console.print(stage.summary_table(result))
+    console.print(f"cache: {cache.resolve()} ({', '.join(p.name for p in result.feature_sets.values())})")
+
+
 @cache_app.command("ls")
 def cache_ls(cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory.")) -> None:
     """List the manifest and every feature set in a cache, with sizes."""
@@ -183,6 +199,7 @@ def _train_head_config(options: dict) -> TrainHeadConfig:
     fields = {f.name for f in dataclasses.fields(TrainHeadConfig)}
     values = {k: v for k, v in options.items() if k in fields}
     values["features"] = _names(values.get("features"))
+    values["modalities"] = _names(values.get("modalities"))
     values["class_weights"] = tuple(float(w) for w in _names(values.get("class_weights"))) or None
     return TrainHeadConfig(**values)
 
@@ -206,14 +223,15 @@ TRAIN_OPTIONS = dict(
     warmup_ratio=typer.Option(_t("warmup_ratio"), help="Share of steps warming up, then cosine decay."),
     dropout=typer.Option(_t("dropout")),
     hidden=typer.Option(_t("hidden"), help="Width of the head."),
-    loss=typer.Option(_t("loss"), help="ce | weighted-ce | focal."),
+    loss=typer.Option(None, help="ce | weighted-ce | focal; regression: mse | l1 | huber (default ce / l1)."),
     class_weights=typer.Option(None, help="Comma-separated, in class order negative,neutral,positive "
                                           "(default for weighted losses: inverse train frequency)."),
     label_smoothing=typer.Option(_t("label_smoothing")),
     focal_gamma=typer.Option(_t("focal_gamma")),
     rdrop_alpha=typer.Option(_t("rdrop_alpha"), help="R-Drop KL weight (0: off)."),
     modality_dropout=typer.Option(_t("modality_dropout"), help="Per-sample chance of zeroing one modality."),
-    select=typer.Option(_t("select"), help="macro_f1 | accuracy | loss, on the val split."),
+    select=typer.Option(None, help="macro_f1 | accuracy | loss; regression: mae | corr | loss (default macro_f1 "
+                                   "/ mae), on the val split."),
     patience=typer.Option(_t("patience"), help="Epochs without improvement before stopping."),
     unfreeze_text_layers=typer.Option(_t("unfreeze_text_layers"), help="Train the top K text layers on the "
                                       "hidden states cached by `extract --text-split-layer K`."),
@@ -223,6 +241,11 @@ TRAIN_OPTIONS = dict(
     lr_fusion=typer.Option(_t("lr_fusion"), help="Of the head's fusion layers, when something is unfrozen."),
     lr_head=typer.Option(_t("lr_head"), help="Of the classifier, when something is unfrozen (else --lr)."),
     grad_accum=typer.Option(_t("grad_accum"), help="Batches per optimizer step."),
+    task=typer.Option(_t("task"), help="auto | classification | regression (auto: regression for float scores)."),
+    modalities=typer.Option(None, help="Modalities to use, comma-separated (default: all in the cache)."),
+    sequence_encoder=typer.Option(_t("sequence_encoder"), help="lstm | transformer, for sum-lstm, attention, "
+                                                               "seq-concat."),
+    output_scaling=typer.Option(_t("output_scaling"), help="tanh | sigmoid: bounds regression scores to [-3, 3]."),
 )
 
 
@@ -244,6 +267,8 @@ def train_head_command(
     unfreeze_image_stages: int = TRAIN_OPTIONS["unfreeze_image_stages"],
     lr_encoder: float = TRAIN_OPTIONS["lr_encoder"], lr_fusion: float = TRAIN_OPTIONS["lr_fusion"],
     lr_head: float = TRAIN_OPTIONS["lr_head"], grad_accum: int = TRAIN_OPTIONS["grad_accum"],
+    task: str = TRAIN_OPTIONS["task"], modalities: str = TRAIN_OPTIONS["modalities"],
+    sequence_encoder: str = TRAIN_OPTIONS["sequence_encoder"], output_scaling: str = TRAIN_OPTIONS["output_scaling"],
 ) -> None:
     """Train one fusion head on cached features; writes a run directory."""
     from msa.stages import train_head
@@ -253,10 +278,15 @@ def train_head_command(
         result = train_head.run(cfg, log=console.print)
     except _known_errors() as err:
         _fail(err)
-    m = result.metrics
-    console.print(f"val accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-                  f"(best epoch {result.best_epoch}, {result.seconds:.1f} s)")
+    console.print(f"{_metrics_line(result.metrics)}  (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
     console.print(f"run: {result.run_dir}")
+
+
+def _metrics_line(m: dict) -> str:
+    if "mae" in m:
+        return (f"val MAE {m['mae']:.4f}  corr {m['corr']:.4f}  Acc-2 {m['acc2']:.4f}  "
+                f"Non0-Acc-2 {m['non0_acc2']:.4f}  Acc-7 {m['acc7']:.4f}")
+    return f"val accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
 
 
 @app.command()
@@ -280,6 +310,8 @@ def sweep(
     unfreeze_image_stages: int = TRAIN_OPTIONS["unfreeze_image_stages"],
     lr_encoder: float = TRAIN_OPTIONS["lr_encoder"], lr_fusion: float = TRAIN_OPTIONS["lr_fusion"],
     lr_head: float = TRAIN_OPTIONS["lr_head"], grad_accum: int = TRAIN_OPTIONS["grad_accum"],
+    task: str = TRAIN_OPTIONS["task"], modalities: str = TRAIN_OPTIONS["modalities"],
+    sequence_encoder: str = TRAIN_OPTIONS["sequence_encoder"], output_scaling: str = TRAIN_OPTIONS["output_scaling"],
 ) -> None:
     """Train every head x seed x grid combination on shared in-memory features; resumable."""
     from msa.stages import sweep as stage
@@ -370,6 +402,9 @@ def predict(
                                                     device=device), show_progress=progress)
     except _known_errors() as err:
         _fail(err)
+    if predictions.scores is not None:
+        console.print(f"{len(predictions.guids)} predicted scores (mean {predictions.scores.mean():.3f}): {path}")
+        return
     counts = {c: predictions.predicted.count(c) for c in predictions.class_names}
     console.print(f"{len(predictions.guids)} predictions ({', '.join(f'{k} {v}' for k, v in counts.items())}): {path}")
 

@@ -84,14 +84,18 @@ class TrainHeadConfig:
     dropout: float = 0.1
     hidden: int = 256
     seed: int = 0
-    loss: str = "ce"  # ce | weighted-ce | focal
+    task: str = "auto"  # auto | classification | regression (auto: regression for float scores)
+    modalities: tuple[str, ...] = ()  # a subset of the cache's modalities (text,audio,vision); empty: all
+    sequence_encoder: str = "lstm"  # lstm | transformer: per-modality encoder of the sequence heads
+    output_scaling: str = "tanh"  # tanh | sigmoid: how a regression output is bounded to [-3, 3]
+    loss: str | None = None  # ce | weighted-ce | focal; regression: mse | l1 | huber. None: ce / l1
     class_weights: tuple[float, ...] | None = None  # weighted-ce/focal; default: inverse train frequency
     label_smoothing: float = 0.0
     focal_gamma: float = 2.0
     rdrop_alpha: float = 0.0  # R-Drop: weight of the KL between two dropout passes (0: off)
     modality_dropout: float = 0.0  # per-sample probability of zeroing one modality in training
     aux_weight: float = 0.1  # weight of a head's auxiliary loss (the aligned head's contrastive term)
-    select: str = "macro_f1"  # macro_f1 | accuracy | loss: early stopping and the best epoch, on val
+    select: str | None = None  # macro_f1 | accuracy | loss; regression: mae | corr | loss. None: macro_f1 / mae
     patience: int = 5  # epochs without improvement before stopping
     # Unfrozen encoder tops, run on the split activations cached by extract (0: features only).
     unfreeze_text_layers: int = 0  # needs a text set extracted with --text-split-layer of the same K

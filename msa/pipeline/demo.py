@@ -145,3 +145,31 @@ def make_tiny_captioner(path: Path, hidden_size: int = 32, image_size: int = 32,
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     BlipProcessor(image_processor, tokenizer).save_pretrained(path)
     return Path(path)
+
+
+def make_mosi_pickle(path: Path, sizes: dict[str, int] | None = None, steps: int = 12, seed: int = 0,
+                     dims: dict[str, int] | None = None) -> Path:
+    """A MultiBench-style pickle (train/valid/test; text, audio, vision [N, T, D]; labels; id)
+    whose score in [-3, 3] depends on the text and audio features. Like the real files it
+    pads sequences with zero steps at the start and holds -inf values in audio."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    sizes = sizes or {"train": 160, "valid": 48, "test": 48}
+    dims = dims or {"text": 12, "audio": 6, "vision": 5}
+    data = {}
+    for split, n in sizes.items():
+        part = {name: rng.normal(size=(n, steps, d)).astype(np.float32) for name, d in dims.items()}
+        lengths = rng.integers(steps // 2, steps + 1, size=n)
+        for name in dims:
+            for i, length in enumerate(lengths):
+                part[name][i, : steps - length] = 0.0  # left padding
+        signal = part["text"][:, :, 0].sum(1) / lengths + part["audio"][:, :, 1].sum(1) / lengths
+        scores = np.clip(np.round(3 * np.tanh(2 * signal), 1), -3, 3)
+        part["audio"][rng.random(part["audio"].shape) < 0.01] = -np.inf
+        part["labels"] = scores.reshape(n, 1, 1)
+        part["id"] = np.array([[f"video{split}{i // 4}", str(i % 4)] for i in range(n)])
+        data[split] = part
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return Path(path)

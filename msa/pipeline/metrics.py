@@ -1,4 +1,4 @@
-"""Classification metrics as the field reports them, from scikit-learn."""
+"""Classification and regression metrics as the field reports them."""
 
 from __future__ import annotations
 
@@ -26,5 +26,29 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
     }
 
 
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """CMU-MOSI-style scores in [-3, 3]: MAE, Pearson correlation, Acc-2 and F1 two ways
+    (negative vs non-negative over all items; negative vs positive over items whose true
+    score is not 0, "Non0"), Acc-5 and Acc-7 (scores clipped to [-2, 2] / [-3, 3], rounded).
+    F1 is weighted over the two classes, as the field's reference code computes it."""
+    y_true, y_pred = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
+    nonzero = y_true != 0
+    corr = float(np.corrcoef(y_true, y_pred)[0, 1]) if len(y_true) > 1 and y_pred.std() > 0 else 0.0
+    return {
+        "mae": float(np.abs(y_true - y_pred).mean()),
+        "corr": corr,
+        "acc2": float(accuracy_score(y_true >= 0, y_pred >= 0)),
+        "f1": float(f1_score(y_true >= 0, y_pred >= 0, average="weighted", zero_division=0)),
+        "non0_acc2": float(accuracy_score(y_true[nonzero] > 0, y_pred[nonzero] > 0)) if nonzero.any() else 0.0,
+        "non0_f1": float(f1_score(y_true[nonzero] > 0, y_pred[nonzero] > 0, average="weighted", zero_division=0))
+        if nonzero.any() else 0.0,
+        "acc5": float(np.mean(np.round(np.clip(y_true, -2, 2)) == np.round(np.clip(y_pred, -2, 2)))),
+        "acc7": float(np.mean(np.round(np.clip(y_true, -3, 3)) == np.round(np.clip(y_pred, -3, 3)))),
+        "n": int(len(y_true)),
+    }
+
+
 # Selection metrics: name -> (key in the metrics dict, True if larger is better).
-SELECT = {"macro_f1": ("macro_f1", True), "accuracy": ("accuracy", True), "loss": ("loss", False)}
+SELECT = {"macro_f1": ("macro_f1", True), "accuracy": ("accuracy", True), "loss": ("loss", False),
+          "mae": ("mae", False), "corr": ("corr", True)}
+SELECT_BY_TASK = {"classification": ("macro_f1", "accuracy", "loss"), "regression": ("mae", "corr", "loss")}

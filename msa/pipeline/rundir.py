@@ -5,7 +5,8 @@
     metrics.json            final validation metrics of the best epoch
     checkpoint.pt           the best head's weights, with what is needed to rebuild it
     val_predictions.parquet guid, label, prediction, probabilities (and gate)
-    curves.png, confusion.png
+    curves.png, confusion.png (classification)
+    tensorboard/            the history as TensorBoard events, when tensorboard is installed
 """
 
 from __future__ import annotations
@@ -66,6 +67,22 @@ def predictions_table(guids: list[str], labels: list[str | None], probabilities:
     return pa.table(columns)
 
 
+def score_table(guids: list[str], scores: np.ndarray, predicted: np.ndarray) -> pa.Table:
+    """Regression runs: guid, true score, predicted score."""
+    return pa.table({"guid": guids, "score": np.asarray(scores, dtype=float),
+                     "prediction": np.asarray(predicted, dtype=float)})
+
+
+def tensorboard_writer(run_dir: Path):
+    """A SummaryWriter logging to RUN/tensorboard when tensorboard is installed, else None
+    (history.csv has the same numbers either way)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+
 def write_predictions(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
@@ -86,13 +103,17 @@ def plot_run(run_dir: Path, metrics: dict) -> None:
     left.plot(epochs, [float(r["val_loss"]) for r in history], label="val loss")
     left.set_xlabel("epoch")
     left.legend()
-    right.plot(epochs, [float(r["val_accuracy"]) for r in history], label="val accuracy")
-    right.plot(epochs, [float(r["val_macro_f1"]) for r in history], label="val macro-F1")
+    for key, label in (("val_accuracy", "val accuracy"), ("val_macro_f1", "val macro-F1"),
+                       ("val_mae", "val MAE"), ("val_corr", "val correlation")):
+        if key in history[0]:
+            right.plot(epochs, [float(r[key]) for r in history], label=label)
     right.set_xlabel("epoch")
     right.legend()
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=100)
     plt.close(fig)
+    if "confusion_matrix" not in metrics:  # regression
+        return
 
     matrix = np.array(metrics["confusion_matrix"])
     names = metrics["class_names"]

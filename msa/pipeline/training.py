@@ -17,6 +17,7 @@ from msa.cache.features import CacheError, FeatureSet
 from msa.models.heads import Modality, ModalityDims
 
 LOSSES = ("ce", "weighted-ce", "focal")
+REGRESSION_LOSSES = ("mse", "l1", "huber")
 
 
 @dataclasses.dataclass
@@ -124,6 +125,14 @@ def classification_loss(name: str, class_weights: torch.Tensor | None, label_smo
     return loss
 
 
+def regression_loss(name: str):
+    """loss(scores [B, 1], targets [B]) -> per-sample losses [B]."""
+    if name not in REGRESSION_LOSSES:
+        raise ValueError(f"loss {name!r} is not for regression; use one of {', '.join(REGRESSION_LOSSES)}")
+    function = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss, "huber": nn.functional.huber_loss}[name]
+    return lambda scores, targets: function(scores[:, 0], targets, reduction="none")
+
+
 def drop_modalities(inputs: dict[str, Modality], p: float, generator: torch.Generator) -> dict[str, Modality]:
     """With probability p per sample, zero one modality (never all of them)."""
     names = list(inputs)
@@ -200,22 +209,31 @@ def train_one_epoch(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targe
 @torch.no_grad()
 def evaluate(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targets: torch.Tensor | None,
              batch_size: int = 256) -> dict:
-    """Probabilities [N, C] (and gate [N] where the head has one) for rows; loss if targets."""
+    """Probabilities [N, C] (and gate [N] where the head has one) for rows; for a regression
+    model (one output) scores [N] instead, and the loss is the mean squared error."""
     model.eval()
-    probabilities, gates, loss = [], [], 0.0
+    probabilities, scores, gates, loss = [], [], [], 0.0
     lengths = bank.lengths() if model.uses_tokens else None
     # Length-sorted batches (little padding); outputs are put back in the order of rows.
     order = np.argsort(lengths[rows].numpy(), kind="stable") if lengths is not None else np.arange(len(rows))
     for start in range(0, len(rows), batch_size):
         batch_rows = torch.from_numpy(rows[order[start: start + batch_size]])
         out = model(bank.batch(batch_rows, model.uses_tokens))
-        probabilities.append(out["logits"].softmax(-1))
+        logits = out["logits"]
+        if logits.shape[-1] == 1:
+            scores.append(logits[:, 0])
+            if targets is not None:
+                loss += nn.functional.mse_loss(logits[:, 0], targets[batch_rows], reduction="sum").item()
+        else:
+            probabilities.append(logits.softmax(-1))
+            if targets is not None:
+                loss += nn.functional.cross_entropy(logits, targets[batch_rows], reduction="sum").item()
         if "gate" in out:
             gates.append(out["gate"])
-        if targets is not None:
-            loss += nn.functional.cross_entropy(out["logits"], targets[batch_rows], reduction="sum").item()
     restore = np.argsort(order)
     result = {"probabilities": torch.cat(probabilities).numpy()[restore] if probabilities else np.zeros((0, 0))}
+    if scores:
+        result["scores"] = torch.cat(scores).numpy()[restore]
     if gates:
         result["gate"] = torch.cat(gates).numpy()[restore]
     if targets is not None:

@@ -16,7 +16,7 @@ from rich.table import Table
 from msa.cache.manifest import read_manifest
 from msa.pipeline import rundir
 from msa.pipeline.config import EvaluateConfig
-from msa.pipeline.metrics import classification_metrics
+from msa.pipeline.metrics import classification_metrics, regression_metrics
 from msa.pipeline.mvsa import read_label_file
 from msa.stages.predict import predict
 
@@ -83,6 +83,8 @@ def gate_statistics(table: pd.DataFrame) -> dict:
 
 
 def run(cfg: EvaluateConfig) -> dict:
+    if cfg.labels is None and "score" in pd.read_parquet(Path(cfg.run) / rundir.VAL_PREDICTIONS).columns:
+        return regression_report(cfg)
     table = run_predictions(cfg.run, cfg.labels)
     class_names = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
     index = {name: i for i, name in enumerate(class_names)}
@@ -114,9 +116,23 @@ def run(cfg: EvaluateConfig) -> dict:
     return report
 
 
+def regression_report(cfg: EvaluateConfig) -> dict:
+    """Regression runs: the field's metrics on the validation predictions, and the largest errors."""
+    table = pd.read_parquet(Path(cfg.run) / rundir.VAL_PREDICTIONS)
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    table["error"] = table["prediction"] - table["score"]
+    table.reindex(table["error"].abs().sort_values(ascending=False).index).to_csv(out / "bad_cases.csv", index=False)
+    return {"metrics": regression_metrics(table["score"].to_numpy(), table["prediction"].to_numpy()),
+            "bad cases": str(out / "bad_cases.csv")}
+
+
 def report_tables(report: dict) -> Group:
     """The report for the terminal: per-class metrics, errors, agreement, gate."""
     m = report["metrics"]
+    if "mae" in m:
+        return Group(_pairs(f"{m['n']} items", {k: f"{v:.4f}" for k, v in m.items() if k != "n"}),
+                     f"bad cases: {report['bad cases']}")
     per_class = Table(title=f"{m['n']} items: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
                             f"weighted-F1 {m['weighted_f1']:.4f}")
     for column in ("class", "precision", "recall", "F1", "support"):

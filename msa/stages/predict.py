@@ -37,9 +37,12 @@ class Predictions:
     class_names: list[str]
     manifest: Manifest
     rows: np.ndarray
+    scores: np.ndarray | None = None  # regression runs: the predicted score [N]
 
     @property
     def predicted(self) -> list[str]:
+        if self.scores is not None:
+            return [f"{s:.4f}" for s in self.scores]
         return [self.class_names[i] for i in self.probabilities.argmax(1)]
 
 
@@ -47,7 +50,9 @@ def load_head(run_dir: Path) -> tuple[torch.nn.Module, dict]:
     checkpoint = torch.load(Path(run_dir) / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
     dims = {m: ModalityDims(**d) for m, d in checkpoint["dims"].items()}
     model = build_model(checkpoint["fusion"], dims, checkpoint["hidden"], checkpoint["dropout"],
-                        checkpoint["feature_sets"], checkpoint.get("unfrozen", {}))
+                        checkpoint["feature_sets"], checkpoint.get("unfrozen", {}),
+                        checkpoint.get("task", "classification"), checkpoint.get("sequence_encoder", "lstm"),
+                        checkpoint.get("output_scaling", "tanh"))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), checkpoint
 
@@ -129,7 +134,7 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
     out = evaluate(model, bank, rows, None)
     guids, labels = manifest.guids, manifest.column("label")
     return Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"],
-                       out.get("gate"), checkpoint["class_names"], manifest, rows)
+                       out.get("gate"), checkpoint["class_names"], manifest, rows, out.get("scores"))
 
 
 def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str,
@@ -150,9 +155,10 @@ def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str
 
 
 def write_predictions_file(predictions: Predictions, path: Path) -> Path:
-    """`guid,tag` with a header, as test_without_label.txt."""
+    """`guid,tag` with a header, as test_without_label.txt (`guid,score` for regression runs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["guid,tag"] + [f"{g},{p}" for g, p in zip(predictions.guids, predictions.predicted)]
+    header = "guid,score" if predictions.scores is not None else "guid,tag"
+    lines = [header] + [f"{g},{p}" for g, p in zip(predictions.guids, predictions.predicted)]
     path.write_text("\n".join(lines) + "\n")
     return path
 

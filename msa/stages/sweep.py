@@ -24,7 +24,17 @@ from msa.pipeline.config import SweepConfig, TrainHeadConfig
 from msa.pipeline.progress import console, progress_bar
 from msa.stages import train_head
 
-RESULT_COLUMNS = ("accuracy", "macro_f1", "weighted_f1", "loss", "best_epoch", "train_seconds")
+# Per task: metrics in results.csv, and the leaderboard's (column, title) pairs, its sort key first.
+RESULT_COLUMNS = {
+    "classification": ("accuracy", "macro_f1", "weighted_f1", "neutral_f1", "loss", "best_epoch", "train_seconds"),
+    "regression": ("mae", "corr", "acc2", "f1", "non0_acc2", "non0_f1", "acc5", "acc7", "loss", "best_epoch",
+                   "train_seconds"),
+}
+LEADERBOARD = {
+    "classification": (("macro_f1", "macro-F1"), ("accuracy", "accuracy"), ("neutral_f1", "neutral F1")),
+    "regression": (("mae", "MAE"), ("corr", "corr"), ("acc2", "Acc-2"), ("non0_acc2", "Non0-Acc-2"),
+                   ("acc7", "Acc-7")),
+}
 
 
 def parse_grid(specs: list[str]) -> dict[str, tuple]:
@@ -41,8 +51,11 @@ def parse_grid(specs: list[str]) -> dict[str, tuple]:
 
 
 def _typed(config: TrainHeadConfig, key: str, value: str):
-    """A grid value as the field's type; fields defaulting to None take numbers if they parse."""
+    """A grid value as the field's type; fields defaulting to None take numbers if they parse;
+    tuple fields take `+`-joined values (`modalities=text,text+audio`)."""
     kind = type(getattr(config, key))
+    if kind is tuple:
+        return tuple(v for v in value.split("+") if v)
     if kind in (int, float):
         return kind(value)
     if getattr(config, key) is None:
@@ -55,7 +68,8 @@ def _typed(config: TrainHeadConfig, key: str, value: str):
 
 
 def run_name(fusion: str, seed: int, overrides: dict) -> str:
-    parts = [fusion] + [f"{k}={v}" for k, v in overrides.items()] + [f"seed{seed}"]
+    parts = [fusion] + [f"{k}={'+'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in overrides.items()]
+    parts.append(f"seed{seed}")
     return "-".join(parts).replace("/", "_")
 
 
@@ -109,7 +123,9 @@ def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
     torch.set_num_threads(threads)
     with_tokens = any(HEADS[r.fusion].uses_tokens for r in runs)
     split_names = tuple(sorted({m for r in runs for m in train_head.unfrozen(r)}))
-    data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names)
+    # Runs that differ in --modalities share the data of every modality and take their part.
+    modalities = runs[0].modalities if len({r.modalities for r in runs}) == 1 else ()
+    data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names, modalities)
     for run_cfg in runs:
         train_head.run(run_cfg, data=data, log=lambda *_: None)
         finished(run_cfg.out.name)
@@ -142,21 +158,28 @@ def results_table(runs: list[TrainHeadConfig], grid: dict) -> pd.DataFrame:
     rows = []
     for run_cfg in runs:
         metrics = json.loads((run_cfg.out / rundir.METRICS).read_text())
+        task = "regression" if "mae" in metrics else "classification"
+        if task == "classification":
+            metrics["neutral_f1"] = metrics["per_class"].get("neutral", {}).get("f1")
         rows.append({"run": run_cfg.out.name, "fusion": run_cfg.fusion, "seed": run_cfg.seed,
-                     **{k: getattr(run_cfg, k) for k in grid},
-                     **{k: metrics[k] for k in RESULT_COLUMNS},
-                     "neutral_f1": metrics["per_class"].get("neutral", {}).get("f1")})
+                     **{k: getattr(run_cfg, k) for k in grid}, **{k: metrics[k] for k in RESULT_COLUMNS[task]}})
     return pd.DataFrame(rows)
 
 
-def leaderboard(table: pd.DataFrame, grid_keys: list[str], sort_by: str = "macro_f1") -> pd.DataFrame:
-    """Mean and std over seeds per configuration, best first."""
+def table_task(table: pd.DataFrame) -> str:
+    return "regression" if "mae" in table.columns else "classification"
+
+
+def leaderboard(table: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
+    """Mean and std over seeds per configuration, best first (macro-F1; regression: MAE)."""
     keys = ["fusion", *grid_keys]
-    metrics = ["macro_f1", "accuracy", "neutral_f1", "train_seconds"]
+    task = table_task(table)
+    metrics = [m for m, _ in LEADERBOARD[task]] + ["train_seconds"]
     grouped = table.groupby(keys, dropna=False)[metrics].agg(["mean", "std"])
     grouped.columns = [f"{m}_{s}" for m, s in grouped.columns]
     grouped["runs"] = table.groupby(keys, dropna=False).size()
-    return grouped.sort_values(f"{sort_by}_mean", ascending=False).reset_index()
+    sort_by = metrics[0]
+    return grouped.sort_values(f"{sort_by}_mean", ascending=task == "regression").reset_index()
 
 
 def mean_std(row: pd.Series, metric: str) -> str:
@@ -166,10 +189,10 @@ def mean_std(row: pd.Series, metric: str) -> str:
 
 def leaderboard_table(board: pd.DataFrame, grid_keys: list[str]) -> Table:
     table = Table(title="Leaderboard (val, mean ± std over seeds)")
-    for column in ["fusion", *grid_keys, "macro-F1", "accuracy", "neutral F1", "s/run", "runs"]:
+    columns = LEADERBOARD["regression" if "mae_mean" in board.columns else "classification"]
+    for column in ["fusion", *grid_keys, *(title for _, title in columns), "s/run", "runs"]:
         table.add_column(column)
     for _, row in board.iterrows():
-        table.add_row(row["fusion"], *(str(row[k]) for k in grid_keys), mean_std(row, "macro_f1"),
-                      mean_std(row, "accuracy"), mean_std(row, "neutral_f1"),
+        table.add_row(row["fusion"], *(str(row[k]) for k in grid_keys), *(mean_std(row, m) for m, _ in columns),
                       f"{row['train_seconds_mean']:.1f}", str(row["runs"]))
     return table

@@ -11,23 +11,25 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from msa.cache.features import CacheError, FeatureSet, complete_feature_sets, find_feature_set
 from msa.cache.manifest import Manifest, read_manifest
-from msa.models.heads import HEADS, check_head, create_head
+from msa.models.heads import HEADS, ScaledScore, check_head, create_head
 from msa.models.image import build_image_encoder
 from msa.models.text import TextEncoder
 from msa.models.unfrozen import TopsAndHead, parameter_groups
 from msa.pipeline import rundir
 from msa.pipeline.config import TrainHeadConfig, to_json
-from msa.pipeline.metrics import SELECT, classification_metrics
+from msa.pipeline.metrics import SELECT, SELECT_BY_TASK, classification_metrics, regression_metrics
 from msa.pipeline.mvsa import LABELS
 from msa.pipeline.training import (
     FeatureBank,
     class_weights_from,
     classification_loss,
     evaluate,
+    regression_loss,
     train_one_epoch,
     warmup_cosine,
 )
@@ -42,7 +44,17 @@ class TrainData:
     manifest: Manifest
     feature_sets: dict[str, FeatureSet]  # modality -> set, in role order
     bank: FeatureBank
-    targets: torch.Tensor  # [N] class index, -1 for unlabelled rows
+    targets: torch.Tensor  # [N] class index, -1 for unlabelled rows; regression: float scores
+    task: str  # classification | regression
+
+    def restricted(self, modalities: tuple[str, ...]) -> TrainData:
+        """The same data with only some modalities, in that order (a sweep over --modalities)."""
+        unknown = [m for m in modalities if m not in self.feature_sets]
+        if unknown:
+            raise ValueError(f"--modalities {','.join(unknown)}: the data has {', '.join(self.feature_sets)}")
+        bank = FeatureBank(*({m: part[m] for m in modalities if m in part}
+                             for part in (self.bank.pooled, self.bank.tokens, self.bank.masks, self.bank.split)))
+        return dataclasses.replace(self, feature_sets={m: self.feature_sets[m] for m in modalities}, bank=bank)
 
 
 @dataclasses.dataclass
@@ -53,8 +65,16 @@ class TrainResult:
     seconds: float
 
 
-def select_feature_sets(cache: Path, manifest: Manifest, names: tuple[str, ...]) -> dict[str, FeatureSet]:
-    """The named feature sets, or the single complete set of each modality in the cache."""
+def select_feature_sets(cache: Path, manifest: Manifest, names: tuple[str, ...],
+                        modalities: tuple[str, ...] = ()) -> dict[str, FeatureSet]:
+    """The named feature sets, or the single complete set of each modality in the cache
+    (of the given modalities only, in their order, when there are some)."""
+    if modalities:
+        every = select_feature_sets(cache, manifest, names)
+        unknown = [m for m in modalities if m not in every]
+        if unknown:
+            raise ValueError(f"--modalities {','.join(unknown)}: {cache} has {', '.join(every)}")
+        return {m: every[m] for m in modalities}
     if names:
         chosen = [find_feature_set(cache, n.removesuffix(".h5")) for n in names]
         for feature_set in chosen:
@@ -75,13 +95,34 @@ def select_feature_sets(cache: Path, manifest: Manifest, names: tuple[str, ...])
 
 
 def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
-                    split_names: tuple[str, ...] = ()) -> TrainData:
+                    split_names: tuple[str, ...] = (), modalities: tuple[str, ...] = ()) -> TrainData:
     manifest = read_manifest(cache)
-    feature_sets = select_feature_sets(cache, manifest, features)
+    feature_sets = select_feature_sets(cache, manifest, features, modalities)
     bank = FeatureBank.load(feature_sets, with_tokens, split_names)
-    label_index = {name: i for i, name in enumerate(LABELS)}
-    targets = torch.tensor([label_index.get(lab, -1) if lab else -1 for lab in manifest.column("label")])
-    return TrainData(manifest, feature_sets, bank, targets)
+    task = manifest_task(manifest)
+    if task == "regression":
+        targets = torch.tensor(manifest.column("score"), dtype=torch.float32)
+    else:
+        label_index = {name: i for i, name in enumerate(LABELS)}
+        targets = torch.tensor([label_index.get(lab, -1) if lab else -1 for lab in manifest.column("label")])
+    return TrainData(manifest, feature_sets, bank, targets, task)
+
+
+def manifest_task(manifest: Manifest) -> str:
+    """Regression where the items carry float scores (imported MOSI-style data), else classification."""
+    return "regression" if "score" in manifest.table.column_names else "classification"
+
+
+# Validation metrics logged per epoch in history.csv (as val_<name>).
+HISTORY_METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("mae", "corr", "acc2", "acc7")}
+
+
+def val_metrics(task: str, targets: np.ndarray, val: dict) -> dict:
+    if task == "regression":
+        metrics = regression_metrics(targets, val["scores"])
+    else:
+        metrics = classification_metrics(targets, val["probabilities"].argmax(1), list(LABELS))
+    return {**metrics, "loss": val["loss"]}
 
 
 def unfrozen(cfg) -> dict[str, int]:
@@ -113,17 +154,30 @@ def build_tops(feature_info: dict[str, dict], counts: dict[str, int]) -> dict[st
 
 
 def build_model(fusion: str, dims: dict, hidden: int, dropout: float, feature_info: dict,
-                counts: dict[str, int]) -> torch.nn.Module:
-    """The head, behind encoder tops when any are unfrozen."""
-    head = create_head(fusion, dims, len(LABELS), hidden, dropout)
-    return TopsAndHead(head, build_tops(feature_info, counts)) if counts else head
+                counts: dict[str, int], task: str = "classification", sequence_encoder: str = "lstm",
+                output_scaling: str = "tanh") -> torch.nn.Module:
+    """The head, behind encoder tops when any are unfrozen; a bounded score for regression."""
+    outputs = 1 if task == "regression" else len(LABELS)
+    model = create_head(fusion, dims, outputs, hidden, dropout, sequence_encoder)
+    if counts:
+        model = TopsAndHead(model, build_tops(feature_info, counts))
+    return ScaledScore(model, output_scaling) if task == "regression" else model
+
+
+TASK_DEFAULTS = {"classification": {"loss": "ce", "select": "macro_f1"},
+                 "regression": {"loss": "l1", "select": "mae"}}
 
 
 def resolved(cfg: TrainHeadConfig) -> TrainHeadConfig:
-    """The config as it runs: a missing batch size becomes the head's own."""
-    if cfg.batch_size is None:
-        return dataclasses.replace(cfg, batch_size=HEADS[cfg.fusion].default_batch_size)
-    return cfg
+    """The config as it runs: the task read from the cache, and a missing batch size, loss and
+    selection metric filled in (the head's own batch size; ce / macro_f1 or l1 / mae)."""
+    task = manifest_task(read_manifest(cfg.cache)) if cfg.task == "auto" else cfg.task
+    if task not in TASK_DEFAULTS:
+        raise ValueError(f"--task must be auto, classification or regression, got {cfg.task!r}")
+    defaults = TASK_DEFAULTS[task]
+    return dataclasses.replace(
+        cfg, task=task, batch_size=cfg.batch_size or HEADS[cfg.fusion].default_batch_size,
+        loss=cfg.loss or defaults["loss"], select=cfg.select or defaults["select"])
 
 
 def recorded_options(cfg: TrainHeadConfig) -> dict:
@@ -138,12 +192,19 @@ def default_run_dir(cfg: TrainHeadConfig) -> Path:
 def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> TrainResult:
     """Train one head; `data` lets a sweep reuse features already in memory."""
     check_head(cfg.fusion)  # before loading features, which can take seconds
-    if cfg.select not in SELECT:
-        raise ValueError(f"--select must be one of {', '.join(SELECT)}")
+    cfg = resolved(cfg)
+    if cfg.select not in SELECT_BY_TASK[cfg.task]:
+        raise ValueError(f"--select must be one of {', '.join(SELECT_BY_TASK[cfg.task])} for {cfg.task}")
+    if cfg.task == "regression" and cfg.rdrop_alpha > 0:
+        raise ValueError("--rdrop-alpha compares class distributions; it does not apply to regression")
     counts = unfrozen(cfg)
     if data is None:
-        data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens, tuple(counts))
-    cfg = resolved(cfg)
+        data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens, tuple(counts),
+                               cfg.modalities)
+    elif cfg.modalities and tuple(data.feature_sets) != tuple(cfg.modalities):
+        data = data.restricted(cfg.modalities)
+    if data.task != cfg.task:
+        raise ValueError(f"--task {cfg.task}: {cfg.cache} holds {data.task} data")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (rundir.HISTORY, rundir.METRICS):  # metrics.json marks a finished run: never a stale one
@@ -161,12 +222,14 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
         raise ValueError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(cfg.fusion, data.bank.dims(), cfg.hidden, cfg.dropout, feature_info, counts)
+    model = build_model(cfg.fusion, data.bank.dims(), cfg.hidden, cfg.dropout, feature_info, counts, cfg.task,
+                        cfg.sequence_encoder, cfg.output_scaling)
     weights = None
     if cfg.loss in ("weighted-ce", "focal"):
         weights = (torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights
                    else class_weights_from(data.targets[train_rows].numpy(), len(LABELS)))
-    loss_fn = classification_loss(cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma)
+    loss_fn = (regression_loss(cfg.loss) if cfg.task == "regression"
+               else classification_loss(cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma))
     # fused: one kernel for all parameters; the default per-parameter loop was 24% of an epoch.
     groups = (parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head, cfg.weight_decay) if counts
               else model.parameters())
@@ -176,6 +239,7 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
     select_key, larger_is_better = SELECT[cfg.select]
 
     start = time.perf_counter()
+    tensorboard = rundir.tensorboard_writer(run_dir)
     best_score, best_epoch, best_state, best_val, best_metrics, stale = None, 0, None, None, None, 0
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
@@ -183,13 +247,16 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
                                 cfg.batch_size, generator, cfg.rdrop_alpha, cfg.modality_dropout, cfg.aux_weight,
                                 cfg.grad_accum)
         val = evaluate(model, data.bank, val_rows, data.targets)
-        metrics = classification_metrics(data.targets[val_rows].numpy(), val["probabilities"].argmax(1), list(LABELS))
-        metrics["loss"] = val["loss"]
-        rundir.append_history(run_dir, {
-            "epoch": epoch, "train_loss": round(train["loss"], 5), "aux_loss": round(train["aux_loss"], 5),
-            "val_loss": round(val["loss"], 5), "val_accuracy": round(metrics["accuracy"], 5),
-            "val_macro_f1": round(metrics["macro_f1"], 5), "lr": scheduler.get_last_lr()[0],
-            "seconds": round(time.perf_counter() - epoch_start, 3)})
+        metrics = val_metrics(cfg.task, data.targets[val_rows].numpy(), val)
+        row = {"epoch": epoch, "train_loss": round(train["loss"], 5), "aux_loss": round(train["aux_loss"], 5),
+               "val_loss": round(val["loss"], 5),
+               **{f"val_{k}": round(metrics[k], 5) for k in HISTORY_METRICS[cfg.task]},
+               "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - epoch_start, 3)}
+        rundir.append_history(run_dir, row)
+        if tensorboard:
+            for key, value in row.items():
+                if key != "epoch":
+                    tensorboard.add_scalar(key.replace("_", "/", 1), value, epoch)
         score = metrics[select_key] if larger_is_better else -metrics[select_key]
         if best_score is None or score > best_score:
             best_score, best_epoch, stale = score, epoch, 0
@@ -200,17 +267,23 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
                 log(f"early stop at epoch {epoch}: no better val {cfg.select} for {cfg.patience} epochs")
                 break
     seconds = time.perf_counter() - start
+    if tensorboard:
+        tensorboard.close()
 
     val, metrics = best_val, {**best_metrics, "best_epoch": best_epoch, "train_seconds": seconds}
     torch.save({"state_dict": best_state, "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
-                "unfrozen": counts,
+                "unfrozen": counts, "task": cfg.task, "sequence_encoder": cfg.sequence_encoder,
+                "output_scaling": cfg.output_scaling,
                 "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()},
                 "class_names": list(LABELS), "feature_sets": feature_info}, run_dir / rundir.CHECKPOINT)
     rundir.write_json(run_dir / rundir.METRICS, metrics)
-    guids = data.manifest.guids
-    labels = data.manifest.column("label")
-    rundir.write_predictions(run_dir / rundir.VAL_PREDICTIONS, rundir.predictions_table(
-        [guids[r] for r in val_rows], [labels[r] for r in val_rows], val["probabilities"], list(LABELS),
-        val.get("gate")))
+    guids = [data.manifest.guids[r] for r in val_rows]
+    if cfg.task == "regression":
+        table = rundir.score_table(guids, data.targets[val_rows].numpy(), val["scores"])
+    else:
+        labels = data.manifest.column("label")
+        table = rundir.predictions_table(guids, [labels[r] for r in val_rows], val["probabilities"], list(LABELS),
+                                         val.get("gate"))
+    rundir.write_predictions(run_dir / rundir.VAL_PREDICTIONS, table)
     rundir.plot_run(run_dir, metrics)
     return TrainResult(run_dir, metrics, best_epoch, seconds)

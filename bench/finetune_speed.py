@@ -1,0 +1,74 @@
+"""Per-epoch time of the same model trained two ways (the README's finetune figures come from here):
+cached (train-head on the split activations, tops unfrozen) and end to end (msa finetune),
+with the same encoders, unfrozen layers, head and batch size, on the first N items.
+
+    python bench/finetune_speed.py --data ../shared/datasets/mvsa-lab5 \
+        --text-model ~/.cache/msa/offline-models/all-MiniLM-L6-v2 --image-model timm:tf_efficientnet_lite0 \
+        --image-weights ~/.cache/msa/offline-models/tf_efficientnet_lite0.pth --out bench/results/finetune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from msa.pipeline import rundir
+from msa.pipeline.config import ExtractConfig, FinetuneConfig, TrainHeadConfig
+from msa.stages import extract, finetune, train_head
+
+
+def epoch_seconds(run_dir: Path) -> float:
+    return statistics.mean(float(row["seconds"]) for row in rundir.read_history(run_dir))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--text-model", required=True)
+    parser.add_argument("--image-model", required=True)
+    parser.add_argument("--image-weights")
+    parser.add_argument("--items", type=int, default=400, help="the first N labelled items (train + val)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--text-layers", type=int, default=2)
+    parser.add_argument("--image-stages", type=int, default=1)
+    parser.add_argument("--fusion", default="concat")
+    parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args()
+
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}", **{k: str(v) for k, v in vars(args).items() if k != "out"}}
+    common = dict(text_model=args.text_model, image_model=args.image_model, image_weights=args.image_weights,
+                  limit=args.items, device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        extract.run(ExtractConfig(data=args.data, cache=Path(tmp) / "cache", text_split_layer=args.text_layers,
+                                  image_split_stage=args.image_stages, **common), show_progress=False)
+        report["extract with split, once (s)"] = round(time.perf_counter() - start, 1)
+        cached = train_head.run(TrainHeadConfig(
+            cache=Path(tmp) / "cache", fusion=args.fusion, out=Path(tmp) / "cached", epochs=args.epochs,
+            batch_size=args.batch_size, unfreeze_text_layers=args.text_layers,
+            unfreeze_image_stages=args.image_stages, patience=args.epochs), log=lambda *_: None)
+        report["cached: s per epoch"] = round(epoch_seconds(cached.run_dir), 2)
+        print(json.dumps(report, indent=1), flush=True)
+        end_to_end = finetune.run(FinetuneConfig(
+            data=args.data, out=Path(tmp) / "e2e", fusion=args.fusion, epochs=args.epochs, batch_size=args.batch_size,
+            unfreeze_text_layers=args.text_layers, unfreeze_image_stages=args.image_stages, patience=args.epochs,
+            **common), show_progress=False, log=lambda *_: None)
+        report["end to end: s per epoch"] = round(epoch_seconds(end_to_end), 2)
+    report["speed-up per epoch"] = round(report["end to end: s per epoch"] / report["cached: s per epoch"], 2)
+    print(json.dumps(report, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
