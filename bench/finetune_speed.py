@@ -40,6 +40,10 @@ def main() -> None:
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--image-stages", type=int, default=1)
     parser.add_argument("--fusion", default="concat")
+    parser.add_argument("--seeds", default="0", help="comma-separated; each trains both paths")
+    parser.add_argument("--lr-encoder", type=float, default=1e-5)
+    parser.add_argument("--lr-fusion", type=float, default=5e-5)
+    parser.add_argument("--lr-head", type=float, default=1e-4)
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
 
@@ -47,22 +51,33 @@ def main() -> None:
                          f"torch {torch.__version__}", **{k: str(v) for k, v in vars(args).items() if k != "out"}}
     common = dict(text_model=args.text_model, image_model=args.image_model, image_weights=args.image_weights,
                   limit=args.items, device="cpu")
+    rates = dict(lr_encoder=args.lr_encoder, lr_fusion=args.lr_fusion, lr_head=args.lr_head)
+    runs = {"cached": [], "end to end": []}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         extract.run(ExtractConfig(data=args.data, cache=Path(tmp) / "cache", text_split_layer=args.text_layers,
                                   image_split_stage=args.image_stages, **common), show_progress=False)
         report["extract with split, once (s)"] = round(time.perf_counter() - start, 1)
-        cached = train_head.run(TrainHeadConfig(
-            cache=Path(tmp) / "cache", fusion=args.fusion, out=Path(tmp) / "cached", epochs=args.epochs,
-            batch_size=args.batch_size, unfreeze_text_layers=args.text_layers,
-            unfreeze_image_stages=args.image_stages, patience=args.epochs), log=lambda *_: None)
-        report["cached: s per epoch"] = round(epoch_seconds(cached.run_dir), 2)
-        print(json.dumps(report, indent=1), flush=True)
-        end_to_end = finetune.run(FinetuneConfig(
-            data=args.data, out=Path(tmp) / "e2e", fusion=args.fusion, epochs=args.epochs, batch_size=args.batch_size,
-            unfreeze_text_layers=args.text_layers, unfreeze_image_stages=args.image_stages, patience=args.epochs,
-            **common), show_progress=False, log=lambda *_: None)
-        report["end to end: s per epoch"] = round(epoch_seconds(end_to_end), 2)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            cached = train_head.run(TrainHeadConfig(
+                cache=Path(tmp) / "cache", fusion=args.fusion, out=Path(tmp) / f"cached-{seed}", epochs=args.epochs,
+                batch_size=args.batch_size, unfreeze_text_layers=args.text_layers, seed=seed,
+                unfreeze_image_stages=args.image_stages, patience=args.epochs, **rates), log=lambda *_: None).run_dir
+            end_to_end = finetune.run(FinetuneConfig(
+                data=args.data, out=Path(tmp) / f"e2e-{seed}", fusion=args.fusion, epochs=args.epochs, seed=seed,
+                batch_size=args.batch_size, unfreeze_text_layers=args.text_layers,
+                unfreeze_image_stages=args.image_stages, patience=args.epochs, **rates, **common),
+                show_progress=False, log=lambda *_: None)
+            for path, run_dir in (("cached", cached), ("end to end", end_to_end)):
+                metrics = rundir.read_json(run_dir / rundir.METRICS)
+                runs[path].append({"seed": seed, "s per epoch": round(epoch_seconds(run_dir), 2),
+                                   "val macro_f1": round(metrics["macro_f1"], 4),
+                                   "val accuracy": round(metrics["accuracy"], 4)})
+            print(json.dumps(runs, indent=1), flush=True)
+    report["runs"] = runs
+    for path, rows in runs.items():
+        report[f"{path}: s per epoch"] = round(statistics.mean(r["s per epoch"] for r in rows), 2)
+        report[f"{path}: val macro_f1"] = [r["val macro_f1"] for r in rows]
     report["speed-up per epoch"] = round(report["end to end: s per epoch"] / report["cached: s per epoch"], 2)
     print(json.dumps(report, indent=1))
     if args.out:

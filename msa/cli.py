@@ -161,6 +161,13 @@ def cache_ls(cache: Path = typer.Option(default(ExtractConfig, "cache"), help="C
         table.add_row(row["file"], status, row.get("rows", ""), str(row.get("pooled", "")),
                       str(row.get("tokens", "")), str(row.get("size_mb", "")), slug(str(fp.get("model", ""))))
     console.print(table)
+    from msa.cache.captions import CaptionSet, is_finished, list_caption_sets
+
+    for name in list_caption_sets(cache):
+        captions = CaptionSet.load(cache, name)
+        state = "complete" if is_finished(cache, name) else "interrupted (resume with `msa caption`)"
+        console.print(f"captions {name}: {len(captions.captions)} images, {state}, "
+                      f"model {captions.fingerprint.get('model')}")
 
 
 @cache_app.command("info")
@@ -252,7 +259,8 @@ TRAIN_OPTIONS = dict(
 @app.command("train-head")
 def train_head_command(
     fusion: str = typer.Option(_t("fusion"), help="Fusion head: text-only, image-only, concat, late, early, "
-                                                  "gmu, cross-attn, co-attn, aligned, hierarchical."),
+                                                  "gmu, cross-attn, co-attn, aligned, hierarchical; sequence "
+                                                  "heads (MOSI): sum-lstm, attention, seq-concat."),
     out: Path = typer.Option(None, help="Run directory (default runs/<fusion>-seed<seed>-<time>)."),
     seed: int = typer.Option(_t("seed")),
     cache: Path = TRAIN_OPTIONS["cache"], features: str = TRAIN_OPTIONS["features"],
