@@ -189,8 +189,9 @@ def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, wri
                  compute: Compute, batch_size: int, show_progress: bool, on_batch: BatchCallback | None,
                  captions: CaptionSet | None = None, text_source: str = "raw", split_layer: int | None = None) -> None:
     encoder.to(compute.device)
-    posts = [manifest.column("text")[r] for r in rows]
-    caption_texts = captions.texts([manifest.guids[r] for r in rows]) if captions else None
+    texts, guids = manifest.column("text"), manifest.guids
+    posts = [texts[r] for r in rows]
+    caption_texts = captions.texts([guids[r] for r in rows]) if captions else None
     if text_source == "caption":
         token_ids = encoder.tokenize(caption_texts)
     elif text_source == "raw+caption":  # a text pair: the tokenizer puts its own separator between them

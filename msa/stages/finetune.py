@@ -27,7 +27,7 @@ from msa.models.unfrozen import parameter_groups
 from msa.pipeline import rundir
 from msa.pipeline.compute import prefetch, resolve_compute
 from msa.pipeline.config import FinetuneConfig, to_json
-from msa.pipeline.metrics import SELECT, classification_metrics
+from msa.pipeline.metrics import SELECT, SELECT_BY_TASK, classification_metrics
 from msa.pipeline.mvsa import LABELS, read_mvsa
 from msa.pipeline.progress import ItemProgress
 from msa.pipeline.training import class_weights_from, classification_loss, shuffled_batches, warmup_cosine
@@ -167,8 +167,8 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
     follows each saved epoch. Returns the run directory."""
     compute = resolve_compute(cfg.device, cfg.precision)
     run_dir = Path(cfg.out or Path("runs") / f"finetune-{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if cfg.select not in SELECT:
-        raise ValueError(f"--select must be one of {', '.join(SELECT)}")
+    if cfg.select not in SELECT_BY_TASK["classification"]:
+        raise ValueError(f"--select must be one of {', '.join(SELECT_BY_TASK['classification'])}")
     if cfg.image_aug not in IMAGE_AUGS:
         raise ValueError(f"--image-aug must be one of {', '.join(IMAGE_AUGS)}, got {cfg.image_aug!r}")
     torch.manual_seed(cfg.seed)

@@ -277,7 +277,8 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
                 "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()},
                 "class_names": list(LABELS), "feature_sets": feature_info}, run_dir / rundir.CHECKPOINT)
     rundir.write_json(run_dir / rundir.METRICS, metrics)
-    guids = [data.manifest.guids[r] for r in val_rows]
+    all_guids = data.manifest.guids
+    guids = [all_guids[r] for r in val_rows]
     if cfg.task == "regression":
         table = rundir.score_table(guids, data.targets[val_rows].numpy(), val["scores"])
     else:
