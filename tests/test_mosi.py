@@ -131,3 +131,20 @@ def test_regression_metrics_match_hand_computed_values():
     assert m["acc7"] == pytest.approx(3 / 6)
     # Acc-5: clip to [-2, 2] first: true [-2 -0 0 0 1 2] vs predicted [-2 0 -0 0 2 2]
     assert m["acc5"] == pytest.approx(5 / 6)
+
+
+def test_training_curves_go_to_tensorboard_when_it_is_installed(mosi, tmp_path, monkeypatch):
+    logged = []
+
+    class FakeWriter:  # tensorboard is not a dependency; this stands in for its SummaryWriter
+        def add_scalar(self, tag, value, step):
+            logged.append((tag, step))
+
+        def close(self):
+            logged.append(("closed", None))
+
+    monkeypatch.setattr(train_head.rundir, "tensorboard_writer", lambda run_dir: FakeWriter())
+    pickle_path, _ = mosi
+    train_head.run(TrainHeadConfig(cache=pickle_path.parent / "cache", fusion="seq-concat", epochs=2, hidden=16,
+                                   out=tmp_path / "run"), log=lambda *_: None)
+    assert ("val/mae", 1) in logged and ("train/loss", 2) in logged and logged[-1] == ("closed", None)
