@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -219,69 +220,72 @@ def _t(field: str):
     return default(TrainHeadConfig, field)
 
 
-# Options shared by train-head and sweep (a sweep's base configuration).
+# Options shared by train-head and sweep (a sweep's base configuration), each declared once:
+# name -> (type, option). `with_train_options` adds them to both commands.
 TRAIN_OPTIONS = dict(
-    cache=typer.Option(_t("cache"), help="Cache written by `msa extract`."),
-    features=typer.Option(None, help="Feature set names, comma-separated (default: the one set per modality)."),
-    epochs=typer.Option(_t("epochs")),
-    batch_size=typer.Option(None, help="Default: the head's own (128 for pooled heads, 64 for token-level)."),
-    lr=typer.Option(_t("lr")),
-    weight_decay=typer.Option(_t("weight_decay")),
-    warmup_ratio=typer.Option(_t("warmup_ratio"), help="Share of steps warming up, then cosine decay."),
-    dropout=typer.Option(_t("dropout")),
-    hidden=typer.Option(_t("hidden"), help="Width of the head."),
-    loss=typer.Option(None, help="ce | weighted-ce | focal; regression: mse | l1 | huber (default ce / l1)."),
-    class_weights=typer.Option(None, help="Comma-separated, in class order negative,neutral,positive "
-                                          "(default for weighted losses: inverse train frequency)."),
-    label_smoothing=typer.Option(_t("label_smoothing")),
-    focal_gamma=typer.Option(_t("focal_gamma")),
-    rdrop_alpha=typer.Option(_t("rdrop_alpha"), help="R-Drop KL weight (0: off)."),
-    modality_dropout=typer.Option(_t("modality_dropout"), help="Per-sample chance of zeroing one modality."),
-    select=typer.Option(None, help="macro_f1 | accuracy | loss; regression: mae | corr | loss (default macro_f1 "
-                                   "/ mae), on the val split."),
-    patience=typer.Option(_t("patience"), help="Epochs without improvement before stopping."),
-    unfreeze_text_layers=typer.Option(_t("unfreeze_text_layers"), help="Train the top K text layers on the "
-                                      "hidden states cached by `extract --text-split-layer K`."),
-    unfreeze_image_stages=typer.Option(_t("unfreeze_image_stages"), help="Train the last K image stages on the "
-                                       "activations cached by `extract --image-split-stage K`."),
-    lr_encoder=typer.Option(_t("lr_encoder"), help="Learning rate of unfrozen encoder layers."),
-    lr_fusion=typer.Option(_t("lr_fusion"), help="Of the head's fusion layers, when something is unfrozen."),
-    lr_head=typer.Option(_t("lr_head"), help="Of the classifier, when something is unfrozen (else --lr)."),
-    grad_accum=typer.Option(_t("grad_accum"), help="Batches per optimizer step."),
-    task=typer.Option(_t("task"), help="auto | classification | regression (auto: regression for float scores)."),
-    modalities=typer.Option(None, help="Modalities to use, comma-separated (default: all in the cache)."),
-    sequence_encoder=typer.Option(_t("sequence_encoder"), help="lstm | transformer, for sum-lstm, attention, "
-                                                               "seq-concat."),
-    output_scaling=typer.Option(_t("output_scaling"), help="tanh | sigmoid: bounds regression scores to [-3, 3]."),
+    cache=(Path, typer.Option(_t("cache"), help="Cache written by `msa extract`.")),
+    features=(str, typer.Option(None, help="Feature set names, comma-separated (default: the one set per "
+                                           "modality).")),
+    modalities=(str, typer.Option(None, help="Modalities to use, comma-separated (default: all in the cache).")),
+    task=(str, typer.Option(_t("task"), help="auto | classification | regression (auto: regression for float "
+                                             "scores).")),
+    epochs=(int, typer.Option(_t("epochs"))),
+    batch_size=(int, typer.Option(None, help="Default: the head's own (128 pooled, 64 token-level, 32 sequence).")),
+    lr=(float, typer.Option(_t("lr"))),
+    weight_decay=(float, typer.Option(_t("weight_decay"))),
+    warmup_ratio=(float, typer.Option(_t("warmup_ratio"), help="Share of steps warming up, then cosine decay.")),
+    dropout=(float, typer.Option(_t("dropout"))),
+    hidden=(int, typer.Option(_t("hidden"), help="Width of the head.")),
+    loss=(str, typer.Option(None, help="ce | weighted-ce | focal; regression: mse | l1 | huber (default ce / l1).")),
+    class_weights=(str, typer.Option(None, help="Comma-separated, in class order negative,neutral,positive "
+                                                "(default for weighted losses: inverse train frequency).")),
+    label_smoothing=(float, typer.Option(_t("label_smoothing"))),
+    focal_gamma=(float, typer.Option(_t("focal_gamma"))),
+    rdrop_alpha=(float, typer.Option(_t("rdrop_alpha"), help="R-Drop KL weight (0: off).")),
+    modality_dropout=(float, typer.Option(_t("modality_dropout"), help="Per-sample chance of zeroing one modality.")),
+    select=(str, typer.Option(None, help="macro_f1 | accuracy | loss; regression: mae | corr | loss (default "
+                                         "macro_f1 / mae), on the val split.")),
+    patience=(int, typer.Option(_t("patience"), help="Epochs without improvement before stopping.")),
+    unfreeze_text_layers=(int, typer.Option(_t("unfreeze_text_layers"), help="Train the top K text layers on the "
+                                            "hidden states cached by `extract --text-split-layer K`.")),
+    unfreeze_image_stages=(int, typer.Option(_t("unfreeze_image_stages"), help="Train the last K image stages on "
+                                             "the activations cached by `extract --image-split-stage K`.")),
+    lr_encoder=(float, typer.Option(_t("lr_encoder"), help="Learning rate of unfrozen encoder layers.")),
+    lr_fusion=(float, typer.Option(_t("lr_fusion"), help="Of the head's fusion layers, when something is "
+                                                         "unfrozen.")),
+    lr_head=(float, typer.Option(_t("lr_head"), help="Of the classifier, when something is unfrozen (else --lr).")),
+    grad_accum=(int, typer.Option(_t("grad_accum"), help="Batches per optimizer step.")),
+    sequence_encoder=(str, typer.Option(_t("sequence_encoder"), help="lstm | transformer, for sum-lstm, "
+                                                                     "attention, seq-concat.")),
+    output_scaling=(str, typer.Option(_t("output_scaling"), help="tanh | sigmoid: bounds regression scores to "
+                                                                 "[-3, 3].")),
 )
 
 
+def with_train_options(command):
+    """Give a command (taking **options) the TRAIN_OPTIONS as parameters, after its own."""
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in TRAIN_OPTIONS.items()]
+    command.__signature__ = signature.replace(parameters=own + shared)
+    return command
+
+
 @app.command("train-head")
+@with_train_options
 def train_head_command(
     fusion: str = typer.Option(_t("fusion"), help="Fusion head: text-only, image-only, concat, late, early, "
                                                   "gmu, cross-attn, co-attn, aligned, hierarchical; sequence "
                                                   "heads (MOSI): sum-lstm, attention, seq-concat."),
     out: Path = typer.Option(None, help="Run directory (default runs/<fusion>-seed<seed>-<time>)."),
     seed: int = typer.Option(_t("seed")),
-    cache: Path = TRAIN_OPTIONS["cache"], features: str = TRAIN_OPTIONS["features"],
-    epochs: int = TRAIN_OPTIONS["epochs"], batch_size: int = TRAIN_OPTIONS["batch_size"],
-    lr: float = TRAIN_OPTIONS["lr"], weight_decay: float = TRAIN_OPTIONS["weight_decay"],
-    warmup_ratio: float = TRAIN_OPTIONS["warmup_ratio"], dropout: float = TRAIN_OPTIONS["dropout"],
-    hidden: int = TRAIN_OPTIONS["hidden"], loss: str = TRAIN_OPTIONS["loss"],
-    class_weights: str = TRAIN_OPTIONS["class_weights"], label_smoothing: float = TRAIN_OPTIONS["label_smoothing"],
-    focal_gamma: float = TRAIN_OPTIONS["focal_gamma"], rdrop_alpha: float = TRAIN_OPTIONS["rdrop_alpha"],
-    modality_dropout: float = TRAIN_OPTIONS["modality_dropout"], select: str = TRAIN_OPTIONS["select"],
-    patience: int = TRAIN_OPTIONS["patience"], unfreeze_text_layers: int = TRAIN_OPTIONS["unfreeze_text_layers"],
-    unfreeze_image_stages: int = TRAIN_OPTIONS["unfreeze_image_stages"],
-    lr_encoder: float = TRAIN_OPTIONS["lr_encoder"], lr_fusion: float = TRAIN_OPTIONS["lr_fusion"],
-    lr_head: float = TRAIN_OPTIONS["lr_head"], grad_accum: int = TRAIN_OPTIONS["grad_accum"],
-    task: str = TRAIN_OPTIONS["task"], modalities: str = TRAIN_OPTIONS["modalities"],
-    sequence_encoder: str = TRAIN_OPTIONS["sequence_encoder"], output_scaling: str = TRAIN_OPTIONS["output_scaling"],
+    **options,
 ) -> None:
     """Train one fusion head on cached features; writes a run directory."""
     from msa.stages import train_head
 
-    cfg = _train_head_config(locals())
+    cfg = _train_head_config({**options, "fusion": fusion, "out": out, "seed": seed})
     try:
         result = train_head.run(cfg, log=console.print)
     except _known_errors() as err:
@@ -298,6 +302,7 @@ def _metrics_line(m: dict) -> str:
 
 
 @app.command()
+@with_train_options
 def sweep(
     fusion: str = typer.Option(",".join(default(SweepConfig, "fusions")), help="Heads, comma-separated."),
     seeds: str = typer.Option(",".join(map(str, default(SweepConfig, "seeds"))), help="Seeds, comma-separated."),
@@ -306,26 +311,13 @@ def sweep(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     workers: int = typer.Option(default(SweepConfig, "workers"),
                                 help="Worker processes sharing the CPU threads (2 helps small heads on 2 cores)."),
-    cache: Path = TRAIN_OPTIONS["cache"], features: str = TRAIN_OPTIONS["features"],
-    epochs: int = TRAIN_OPTIONS["epochs"], batch_size: int = TRAIN_OPTIONS["batch_size"],
-    lr: float = TRAIN_OPTIONS["lr"], weight_decay: float = TRAIN_OPTIONS["weight_decay"],
-    warmup_ratio: float = TRAIN_OPTIONS["warmup_ratio"], dropout: float = TRAIN_OPTIONS["dropout"],
-    hidden: int = TRAIN_OPTIONS["hidden"], loss: str = TRAIN_OPTIONS["loss"],
-    class_weights: str = TRAIN_OPTIONS["class_weights"], label_smoothing: float = TRAIN_OPTIONS["label_smoothing"],
-    focal_gamma: float = TRAIN_OPTIONS["focal_gamma"], rdrop_alpha: float = TRAIN_OPTIONS["rdrop_alpha"],
-    modality_dropout: float = TRAIN_OPTIONS["modality_dropout"], select: str = TRAIN_OPTIONS["select"],
-    patience: int = TRAIN_OPTIONS["patience"], unfreeze_text_layers: int = TRAIN_OPTIONS["unfreeze_text_layers"],
-    unfreeze_image_stages: int = TRAIN_OPTIONS["unfreeze_image_stages"],
-    lr_encoder: float = TRAIN_OPTIONS["lr_encoder"], lr_fusion: float = TRAIN_OPTIONS["lr_fusion"],
-    lr_head: float = TRAIN_OPTIONS["lr_head"], grad_accum: int = TRAIN_OPTIONS["grad_accum"],
-    task: str = TRAIN_OPTIONS["task"], modalities: str = TRAIN_OPTIONS["modalities"],
-    sequence_encoder: str = TRAIN_OPTIONS["sequence_encoder"], output_scaling: str = TRAIN_OPTIONS["output_scaling"],
+    **options,
 ) -> None:
     """Train every head x seed x grid combination on shared in-memory features; resumable."""
     from msa.stages import sweep as stage
 
     # The sweep's own --fusion, --seeds and --out are not the base run's.
-    base = _train_head_config({**locals(), "fusion": default(TrainHeadConfig, "fusion"), "out": None})
+    base = _train_head_config(options)
     try:
         cfg = SweepConfig(base=base, out=out, fusions=_names(fusion), seeds=tuple(int(s) for s in _names(seeds)),
                           grid=stage.parse_grid(grid or []), workers=workers)
