@@ -28,7 +28,9 @@ def make_random_blip_base(path: Path, vocab: Path) -> Path:
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     torch.manual_seed(0)
-    tokenizer = BertTokenizer(vocab_file=str(vocab))
+    # transformers 5's BertTokenizer takes the vocabulary as a dict (vocab_file= leaves it empty)
+    words = {line.rstrip("\n"): i for i, line in enumerate(vocab.read_text(encoding="utf-8").splitlines(True))}
+    tokenizer = BertTokenizer(vocab=words)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder start token, id 30522
     BlipForConditionalGeneration(BlipConfig()).save_pretrained(path)  # the defaults are blip-...-base's shapes
     BlipProcessor(BlipImageProcessor(size={"height": 384, "width": 384}), tokenizer).save_pretrained(path)
