@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -19,6 +18,7 @@ from msa.pipeline.config import (
     SweepConfig,
     TrainHeadConfig,
     default,
+    from_record,
 )
 from msa.pipeline.progress import console
 
@@ -204,12 +204,9 @@ def cache_merge(
 
 def _train_head_config(options: dict) -> TrainHeadConfig:
     """A TrainHeadConfig from a command's options, by name (comma lists become tuples)."""
-    fields = {f.name for f in dataclasses.fields(TrainHeadConfig)}
-    values = {k: v for k, v in options.items() if k in fields}
-    values["features"] = _names(values.get("features"))
-    values["modalities"] = _names(values.get("modalities"))
-    values["class_weights"] = tuple(float(w) for w in _names(values.get("class_weights"))) or None
-    return TrainHeadConfig(**values)
+    return from_record(TrainHeadConfig, options, features=_names(options.get("features")),
+                       modalities=_names(options.get("modalities")),
+                       class_weights=tuple(float(w) for w in _names(options.get("class_weights"))) or None)
 
 
 def _names(csv: str | None) -> tuple[str, ...]:
@@ -366,10 +363,7 @@ def finetune(
 
     try:
         if resume:
-            recorded = rundir.read_json(resume / rundir.CONFIG)
-            fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-            cfg = FinetuneConfig(**{k: v for k, v in recorded.items() if k in fields})
-            cfg = dataclasses.replace(cfg, out=resume)
+            cfg = from_record(FinetuneConfig, rundir.read_json(resume / rundir.CONFIG), out=resume)
         elif data is None:
             raise ValueError("--data is needed (or --resume RUN)")
         else:

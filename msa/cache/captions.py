@@ -95,7 +95,7 @@ class CaptionSet:
         replaced since it was captioned counts as uncaptioned. The error names the first gap."""
         sizes = sizes if sizes is not None else [None] * len(guids)
         missing = [g for g, size in zip(guids, sizes)
-                   if g not in self.captions or (size is not None and self.captions[g].image_bytes != size)]
+                   if not (g in self.captions if size is None else self.covers(g, size))]
         if missing:
             raise CacheError(f"caption set {self.name} lacks current captions for {len(missing)} of {len(guids)} "
                              f"items (first: guid {missing[0]}); run `msa caption` on this data first")
@@ -134,19 +134,20 @@ class CaptionWriter:
         self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.file.flush()
 
-    def finish(self) -> Path:
+    def finish(self) -> CaptionSet:
         """Write every row (earlier runs' and this one's) to NAME.parquet, then drop the partial file."""
         self.file.close()
         stored = CaptionSet.load(self.cache, self.name)
+        captions = dict(sorted(stored.captions.items()))
         rows = [{"guid": g, "caption": c.text, "flag": c.flag, "image_bytes": c.image_bytes}
-                for g, c in sorted(stored.captions.items())]
+                for g, c in captions.items()]
         table = pa.Table.from_pylist(rows, schema=SCHEMA).replace_schema_metadata(
             {"msa": json.dumps({"fingerprint": self.fingerprint, "notes": self.notes})})
         tmp = self.parquet.with_suffix(".parquet.tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, self.parquet)
         self.partial.unlink()
-        return self.parquet
+        return CaptionSet(self.name, self.fingerprint, self.notes, captions)
 
     def close(self) -> None:
         if not self.file.closed:

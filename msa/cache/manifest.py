@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msa.cache.fingerprint import config_id
-from msa.pipeline.mvsa import Item
+from msa.pipeline.mvsa import Item, bad_image_flag
 
 MANIFEST_FILE = "manifest.parquet"
 SCHEMA = pa.schema(
@@ -46,6 +46,11 @@ class Manifest:
 
     def column(self, name: str) -> list:
         return self.table.column(name).to_pylist()
+
+    def image_sources(self) -> list[str | None]:
+        """Each row's image path, None where the image is missing or unreadable (fed as a blank one)."""
+        return [None if bad_image_flag(flags) else path
+                for path, flags in zip(self.column("image_path"), self.column("flags"))]
 
     def rows_of_split(self, split: str) -> np.ndarray:
         return np.flatnonzero(np.asarray(self.column("split")) == split)
@@ -114,6 +119,14 @@ def write_manifest(manifest: Manifest, cache_dir: Path) -> Path:
     pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path
+
+
+def manifest_columns(cache_dir: Path) -> list[str]:
+    """The manifest's column names, from the Parquet footer alone (no rows are read)."""
+    path = Path(cache_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; run `msa extract --data DIR --cache {cache_dir}` first")
+    return pq.read_schema(path).names
 
 
 def read_manifest(cache_dir: Path) -> Manifest:

@@ -364,6 +364,11 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     return table
 
 
+def last_step(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of each sequence's last real step (the files pad at the start or the end)."""
+    return (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)
+
+
 class SequenceEncoder(nn.Module):
     """One modality's sequence: LayerNorm + projection, then an LSTM or a transformer encoder
     (with positional encoding). Returns per-step outputs [B, T, H] and a state [B, H]."""
@@ -384,9 +389,7 @@ class SequenceEncoder(nn.Module):
         x = self.project(tokens)
         if self.kind == "lstm":
             steps, _ = self.encoder(x)
-            # The state at each sequence's last real step: the files pad at the start or the end.
-            last = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)
-            return steps, steps[torch.arange(len(steps)), last]
+            return steps, steps[torch.arange(len(steps)), last_step(mask)]
         x = x + sinusoidal_positions(x.shape[1], x.shape[2]).to(x.device)
         steps = self.encoder(x, src_key_padding_mask=~mask)
         return steps, masked_mean(steps, mask)
@@ -431,8 +434,7 @@ class SumLSTMHead(SequenceHead):
         masks = [inputs[m].mask for m in self.names]
         mask = torch.stack(masks).any(0)
         fused, _ = self.fuse(sum(steps.values()))
-        last = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)
-        return {"logits": self.classify(fused[torch.arange(len(fused)), last])}
+        return {"logits": self.classify(fused[torch.arange(len(fused)), last_step(mask)])}
 
 
 @register_head("attention")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,6 @@ class TextTop(nn.Module):
 
     def __init__(self, model: nn.Module, layers: int, pooling: str):
         super().__init__()
-        import copy
-
         self.model = copy.deepcopy(model)
         stack = transformer_layers(self.model)
         if not 1 <= layers <= len(stack):

@@ -15,14 +15,22 @@ from msa.models.heads import Modality
 from msa.models.text import TextTop
 
 
+def text_modality(tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor) -> Modality:
+    """A text encoder's output as a head reads it from the cache: zeros at pad positions."""
+    return Modality(pooled, tokens * mask.unsqueeze(-1).to(tokens.dtype), mask.bool())
+
+
+def image_modality(tokens: torch.Tensor, pooled: torch.Tensor) -> Modality:
+    """An image encoder's output as a head reads it from the cache: every token real."""
+    return Modality(pooled, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+
+
 def top_features(top: nn.Module, split: torch.Tensor, mask: torch.Tensor | None) -> Modality:
     """Run one encoder top on its input activation: a text top on hidden states and their mask,
     an image top on a feature map."""
     if isinstance(top, TextTop):
-        tokens, pooled = top(split, mask)
-        return Modality(pooled, tokens * mask.unsqueeze(-1).to(tokens.dtype), mask)  # zeros at pads, as cached
-    tokens, pooled = top(split)
-    return Modality(pooled, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+        return text_modality(*top(split, mask), mask)
+    return image_modality(*top(split))
 
 
 class TopsAndHead(nn.Module):

@@ -58,6 +58,14 @@ def to_json(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+def from_record(config_class: type, record: dict, **overrides) -> Any:
+    """A config from its JSON record (to_json's output) or a command's options: keys that are not
+    fields are ignored, fields missing from the record keep their defaults, lists become tuples."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in fields}
+    return config_class(**{**values, **overrides})
+
+
 def save_config(config: Any, path: Path) -> None:
     path.write_text(json.dumps(to_json(config), indent=2) + "\n")
 

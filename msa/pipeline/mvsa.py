@@ -47,6 +47,11 @@ class ReadReport:
     notes: list[str] = dataclasses.field(default_factory=list)  # e.g. duplicate lines
 
 
+def bad_image_flag(flags: list[str]) -> str | None:
+    """The flag marking an item's image as missing or unreadable, if it has one."""
+    return next((f for f in flags if f.endswith("_image")), None)
+
+
 def decode_text(raw: bytes) -> tuple[str, str]:
     """Decode post text, returning (text, encoding used)."""
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -128,7 +133,7 @@ def read_mvsa(data_dir: Path, on_bad_image: str = "blank") -> tuple[list[Item], 
                 continue
             first_seen[guid] = where
             item = _read_item(data_dir, guid, label, source)
-            bad_image = next((f for f in item.flags if f.endswith("_image")), None)
+            bad_image = bad_image_flag(item.flags)
             if bad_image and on_bad_image == "fail":
                 raise DataError(f"{item.image_path}: {bad_image.replace('_', ' ')} (listed at {where})")
             if bad_image and on_bad_image == "skip":

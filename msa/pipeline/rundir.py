@@ -34,6 +34,15 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save, atomic like write_json: a kill mid-save leaves the previous checkpoint."""
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

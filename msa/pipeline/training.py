@@ -15,6 +15,7 @@ from torch import nn
 
 from msa.cache.features import CacheError, FeatureSet
 from msa.models.heads import Modality, ModalityDims
+from msa.pipeline.mvsa import LABELS
 
 LOSSES = ("ce", "weighted-ce", "focal")
 REGRESSION_LOSSES = ("mse", "l1", "huber")
@@ -50,6 +51,13 @@ class FeatureBank:
                 split[name] = values[:, :length] if values.ndim == 3 else values  # text [N, L, D]: trimmed
         return cls(pooled, tokens, masks, split)
 
+    def subset(self, names: tuple[str, ...]) -> FeatureBank:
+        """The same tensors for some modalities only, in that order (no copies)."""
+        def pick(part: dict) -> dict:
+            return {name: part[name] for name in names if name in part}
+
+        return FeatureBank(pick(self.pooled), pick(self.tokens), pick(self.masks), pick(self.split))
+
     def dims(self) -> dict[str, ModalityDims]:
         return {name: ModalityDims(p.shape[1], self.tokens[name].shape[2] if name in self.tokens else p.shape[1])
                 for name, p in self.pooled.items()}
@@ -79,6 +87,12 @@ class FeatureBank:
         if not self.masks:
             return None
         return torch.stack([m.sum(1) for m in self.masks.values()]).sum(0)
+
+
+def class_targets(labels: list[str | None]) -> torch.Tensor:
+    """[N] class indices in LABELS order, -1 for unlabelled items."""
+    index = {name: i for i, name in enumerate(LABELS)}
+    return torch.tensor([index.get(label, -1) if label else -1 for label in labels])
 
 
 def used_length(mask: torch.Tensor) -> int:

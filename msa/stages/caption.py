@@ -25,7 +25,7 @@ from msa.cache.captions import (
 from msa.models.captioner import captioner_class, create_captioner, spread_captions
 from msa.pipeline.compute import prefetch, resolve_compute
 from msa.pipeline.config import CaptionConfig, to_json
-from msa.pipeline.mvsa import Item, read_mvsa
+from msa.pipeline.mvsa import Item, bad_image_flag, read_mvsa
 from msa.pipeline.progress import ItemProgress, rate_text
 
 FORMAT_VERSION = 1
@@ -74,23 +74,18 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
     writer = CaptionWriter(cfg.cache, name, fingerprint, notes)
     bad = 0
     try:
-        unreadable = [item for item in pending if _flagged(item)]
+        unreadable = [item for item in pending if bad_image_flag(item.flags)]
         writer.write([i.guid for i in unreadable], [""] * len(unreadable), [BAD_IMAGE] * len(unreadable),
                      [sizes[i.guid] for i in unreadable])
         bad += len(unreadable)
-        readable = [item for item in pending if not _flagged(item)]
+        readable = [item for item in pending if not bad_image_flag(item.flags)]
         if readable:
             bad += _caption(cfg, compute, readable, sizes, writer, show_progress, on_batch)
-        path = writer.finish()
+        caption_set = writer.finish()
     finally:
         writer.close()
-    caption_set = CaptionSet.load(cfg.cache, name)
-    return CaptionResult(name, path, len(items), len(items) - len(pending), len(pending), bad,
+    return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items) - len(pending), len(pending), bad,
                          time.perf_counter() - start, caption_set)
-
-
-def _flagged(item: Item) -> bool:
-    return any(flag.endswith("_image") for flag in item.flags)
 
 
 def _caption(cfg: CaptionConfig, compute, items: list[Item], sizes: dict[str, int], writer: CaptionWriter,

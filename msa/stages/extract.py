@@ -237,9 +237,9 @@ def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, w
             return (*top(split), split)
     else:
         forward = _compiled(encoder) if use_compile else encoder
-    paths, flags = manifest.column("image_path"), manifest.column("flags")
     # Flagged images (missing, corrupt) are encoded as a blank image: the row stays aligned.
-    sources = [None if any(f.endswith("_image") for f in flags[r]) else paths[r] for r in rows]
+    every_source = manifest.image_sources()
+    sources = [every_source[r] for r in rows]
     batches = [np.arange(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
 
     def load(batch: np.ndarray) -> torch.Tensor:

@@ -20,17 +20,23 @@ import torch
 from torch import nn
 
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
-from msa.models.heads import Modality, ModalityDims, create_head
+from msa.models.heads import ModalityDims, create_head
 from msa.models.image import ImageEncoder, build_image_encoder
 from msa.models.text import TextEncoder, transformer_layers
-from msa.models.unfrozen import parameter_groups
+from msa.models.unfrozen import image_modality, parameter_groups, text_modality
 from msa.pipeline import rundir
 from msa.pipeline.compute import prefetch, resolve_compute
-from msa.pipeline.config import FinetuneConfig, to_json
+from msa.pipeline.config import FinetuneConfig, from_record, to_json
 from msa.pipeline.metrics import SELECT, SELECT_BY_TASK, classification_metrics
 from msa.pipeline.mvsa import LABELS, read_mvsa
 from msa.pipeline.progress import ItemProgress
-from msa.pipeline.training import class_weights_from, classification_loss, shuffled_batches, warmup_cosine
+from msa.pipeline.training import (
+    class_targets,
+    class_weights_from,
+    classification_loss,
+    shuffled_batches,
+    warmup_cosine,
+)
 
 LAST = "last.pt"  # the state to resume from, rewritten after every epoch
 IMAGE_AUGS = ("none", "weak", "strong")
@@ -79,12 +85,8 @@ class EndToEndModel(nn.Module):
 
     def forward(self, inputs: dict) -> dict[str, torch.Tensor]:
         input_ids, mask = inputs["text"]
-        tokens, pooled = self.encoders["text"](input_ids, mask)
-        text = Modality(pooled, tokens * mask.unsqueeze(-1).to(tokens.dtype), mask.bool())
-        image_tokens, image_pooled = self.encoders["image"](inputs["image"])
-        image = Modality(image_pooled, image_tokens, torch.ones(image_tokens.shape[:2], dtype=torch.bool,
-                                                                 device=image_tokens.device))
-        return self.head({"text": text, "image": image})
+        text = text_modality(*self.encoders["text"](input_ids, mask), mask)
+        return self.head({"text": text, "image": image_modality(*self.encoders["image"](inputs["image"]))})
 
 
 def build_model(cfg: FinetuneConfig) -> EndToEndModel:
@@ -107,11 +109,7 @@ class RawData:
     @classmethod
     def read(cls, manifest: Manifest, encoder: TextEncoder, clean: bool) -> RawData:
         texts = [clean_text(t) if clean else t for t in manifest.column("text")]
-        flags, paths = manifest.column("flags"), manifest.column("image_path")
-        sources = [None if any(f.endswith("_image") for f in fl) else p for fl, p in zip(flags, paths)]
-        index = {name: i for i, name in enumerate(LABELS)}
-        targets = torch.tensor([index.get(label, -1) if label else -1 for label in manifest.column("label")])
-        return cls(manifest, encoder.tokenize(texts), sources, targets)
+        return cls(manifest, encoder.tokenize(texts), manifest.image_sources(), class_targets(manifest.column("label")))
 
 
 def batch_inputs(model: EndToEndModel, data: RawData, rows: torch.Tensor, pixels: torch.Tensor, augment,
@@ -267,7 +265,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
             state["stale"] += 1
             if state["stale"] >= cfg.patience:
                 log(f"early stop at epoch {epoch}: no better val {cfg.select} for {cfg.patience} epochs")
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        rundir.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                       "rng": rng_state(generator), "state": state}, run_dir / LAST)
         if on_epoch:
@@ -279,7 +277,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
 
 def _save_best(run_dir: Path, model: EndToEndModel, cfg: FinetuneConfig, manifest: Manifest, val_rows: np.ndarray,
                probabilities: np.ndarray, metrics: dict, epoch: int) -> None:
-    _atomic_save({"kind": "finetune", "state_dict": model.state_dict(), "config": to_json(cfg),
+    rundir.save_checkpoint({"kind": "finetune", "state_dict": model.state_dict(), "config": to_json(cfg),
                   "class_names": list(LABELS)}, run_dir / rundir.CHECKPOINT)
     rundir.write_json(run_dir / rundir.METRICS, {**metrics, "best_epoch": epoch})
     guids, labels = manifest.guids, manifest.column("label")
@@ -287,25 +285,19 @@ def _save_best(run_dir: Path, model: EndToEndModel, cfg: FinetuneConfig, manifes
         [guids[r] for r in val_rows], [labels[r] for r in val_rows], probabilities, list(LABELS)))
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def _truncate_history(run_dir: Path, epochs: int) -> None:
     """Drop history rows of epochs after the checkpoint (a kill between the two writes)."""
-    rows = [r for r in rundir.read_history(run_dir) if int(r["epoch"]) <= epochs] if (run_dir / rundir.HISTORY
-                                                                                        ).exists() else []
-    (run_dir / rundir.HISTORY).unlink(missing_ok=True)
+    if not (run_dir / rundir.HISTORY).exists():
+        return
+    rows = [r for r in rundir.read_history(run_dir) if int(r["epoch"]) <= epochs]
+    (run_dir / rundir.HISTORY).unlink()
     for row in rows:
         rundir.append_history(run_dir, row)
 
 
 def load_finetuned(run_dir: Path, device: str = "auto") -> tuple[EndToEndModel, FinetuneConfig, object]:
     checkpoint = torch.load(Path(run_dir) / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{k: v for k, v in checkpoint["config"].items() if k in fields})
+    cfg = from_record(FinetuneConfig, checkpoint["config"])
     compute = resolve_compute(device, cfg.precision)
     model = build_model(cfg)
     model.load_state_dict(checkpoint["state_dict"])

@@ -16,7 +16,7 @@ from msa.cache.features import CacheError, find_feature_set
 from msa.cache.manifest import Manifest, build_manifest, read_manifest
 from msa.models.heads import ModalityDims
 from msa.pipeline import rundir
-from msa.pipeline.config import SPLITS, CaptionConfig, ExtractConfig, PredictConfig
+from msa.pipeline.config import SPLITS, CaptionConfig, ExtractConfig, PredictConfig, from_record
 from msa.pipeline.mvsa import LABELS, read_mvsa
 from msa.pipeline.training import FeatureBank, evaluate
 from msa.stages import caption, extract, finetune
@@ -76,8 +76,8 @@ def ensure_features(run_dir: Path, data: Path | None, cache: Path | None, device
         recorded = info.get("extract_config") or _recorded_in_cache(run_cache, info["name"])
         extract_cfg = _extract_config(recorded, data, cache, modality, device)
         if info.get("caption_config"):  # text made from captions: caption the new images the same way
-            caption_cfg = _from_recorded(CaptionConfig, info["caption_config"], data=Path(data), cache=cache,
-                                         device=device, limit=None)
+            caption_cfg = from_record(CaptionConfig, info["caption_config"], data=Path(data), cache=cache,
+                                      device=device, limit=None)
             caption.run(caption_cfg, show_progress=show_progress)
         result = extract.run(extract_cfg, show_progress=show_progress).feature_sets[modality]
         produced = find_feature_set(cache, result.name).fingerprint
@@ -106,17 +106,8 @@ def _recorded_in_cache(run_cache: Path, name: str) -> dict:
 
 
 def _extract_config(recorded: dict, data: Path, cache: Path, modality: str, device: str) -> ExtractConfig:
-    return _from_recorded(ExtractConfig, recorded, data=Path(data), cache=cache, modalities=(modality,),
-                          device=device, shard=None, limit=None)
-
-
-def _from_recorded(config_class: type, recorded: dict, **overrides):
-    """A stage config from its JSON record (fields a newer msa added take their defaults)."""
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    values = {k: v for k, v in recorded.items() if k in fields}
-    if isinstance(values.get("modalities"), list):
-        values["modalities"] = tuple(values["modalities"])
-    return config_class(**{**values, **overrides})
+    return from_record(ExtractConfig, recorded, data=Path(data), cache=cache, modalities=(modality,),
+                       device=device, shard=None, limit=None)
 
 
 def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache: Path | None = None,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from msa.cache.features import CacheError, FeatureSet, complete_feature_sets, find_feature_set
-from msa.cache.manifest import Manifest, read_manifest
+from msa.cache.manifest import Manifest, manifest_columns, read_manifest
 from msa.models.heads import HEADS, ScaledScore, check_head, create_head
 from msa.models.image import build_image_encoder
 from msa.models.text import TextEncoder
@@ -26,6 +26,7 @@ from msa.pipeline.metrics import SELECT, SELECT_BY_TASK, classification_metrics,
 from msa.pipeline.mvsa import LABELS
 from msa.pipeline.training import (
     FeatureBank,
+    class_targets,
     class_weights_from,
     classification_loss,
     evaluate,
@@ -52,9 +53,8 @@ class TrainData:
         unknown = [m for m in modalities if m not in self.feature_sets]
         if unknown:
             raise ValueError(f"--modalities {','.join(unknown)}: the data has {', '.join(self.feature_sets)}")
-        bank = FeatureBank(*({m: part[m] for m in modalities if m in part}
-                             for part in (self.bank.pooled, self.bank.tokens, self.bank.masks, self.bank.split)))
-        return dataclasses.replace(self, feature_sets={m: self.feature_sets[m] for m in modalities}, bank=bank)
+        return dataclasses.replace(self, feature_sets={m: self.feature_sets[m] for m in modalities},
+                                   bank=self.bank.subset(modalities))
 
 
 @dataclasses.dataclass
@@ -99,18 +99,17 @@ def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
     manifest = read_manifest(cache)
     feature_sets = select_feature_sets(cache, manifest, features, modalities)
     bank = FeatureBank.load(feature_sets, with_tokens, split_names)
-    task = manifest_task(manifest)
+    task = task_of(manifest.table.column_names)
     if task == "regression":
         targets = torch.tensor(manifest.column("score"), dtype=torch.float32)
     else:
-        label_index = {name: i for i, name in enumerate(LABELS)}
-        targets = torch.tensor([label_index.get(lab, -1) if lab else -1 for lab in manifest.column("label")])
+        targets = class_targets(manifest.column("label"))
     return TrainData(manifest, feature_sets, bank, targets, task)
 
 
-def manifest_task(manifest: Manifest) -> str:
+def task_of(manifest_columns: list[str]) -> str:
     """Regression where the items carry float scores (imported MOSI-style data), else classification."""
-    return "regression" if "score" in manifest.table.column_names else "classification"
+    return "regression" if "score" in manifest_columns else "classification"
 
 
 # Validation metrics logged per epoch in history.csv (as val_<name>).
@@ -171,7 +170,8 @@ TASK_DEFAULTS = {"classification": {"loss": "ce", "select": "macro_f1"},
 def resolved(cfg: TrainHeadConfig) -> TrainHeadConfig:
     """The config as it runs: the task read from the cache, and a missing batch size, loss and
     selection metric filled in (the head's own batch size; ce / macro_f1 or l1 / mae)."""
-    task = manifest_task(read_manifest(cfg.cache)) if cfg.task == "auto" else cfg.task
+    # Only the manifest's footer is read: a sweep resolves every planned run's config.
+    task = task_of(manifest_columns(cfg.cache)) if cfg.task == "auto" else cfg.task
     if task not in TASK_DEFAULTS:
         raise ValueError(f"--task must be auto, classification or regression, got {cfg.task!r}")
     defaults = TASK_DEFAULTS[task]
@@ -209,8 +209,8 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (rundir.HISTORY, rundir.METRICS):  # metrics.json marks a finished run: never a stale one
         (run_dir / stale).unlink(missing_ok=True)
-    # With the extract options, the run directory alone can extract new data for prediction.
-    # (and the caption config, for text made from captions)
+    # With the extract options (and the caption config, for text made from captions), the run
+    # directory alone can extract new data for prediction.
     feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes}
                     for m, fs in data.feature_sets.items()}
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "out": str(run_dir),
@@ -271,11 +271,11 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
         tensorboard.close()
 
     val, metrics = best_val, {**best_metrics, "best_epoch": best_epoch, "train_seconds": seconds}
-    torch.save({"state_dict": best_state, "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
-                "unfrozen": counts, "task": cfg.task, "sequence_encoder": cfg.sequence_encoder,
-                "output_scaling": cfg.output_scaling,
-                "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()},
-                "class_names": list(LABELS), "feature_sets": feature_info}, run_dir / rundir.CHECKPOINT)
+    rundir.save_checkpoint({
+        "state_dict": best_state, "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
+        "unfrozen": counts, "task": cfg.task, "sequence_encoder": cfg.sequence_encoder,
+        "output_scaling": cfg.output_scaling, "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()},
+        "class_names": list(LABELS), "feature_sets": feature_info}, run_dir / rundir.CHECKPOINT)
     rundir.write_json(run_dir / rundir.METRICS, metrics)
     all_guids = data.manifest.guids
     guids = [all_guids[r] for r in val_rows]
