@@ -29,7 +29,8 @@ from msa.pipeline.mvsa import Item, bad_image_flag, read_mvsa
 from msa.pipeline.progress import ItemProgress, rate_text
 
 FORMAT_VERSION = 1
-# Compiling BLIP's ViT costs ~30 s here and saves ~0.5 s an image (0.78 -> 1.36 img/s).
+# Compiling BLIP's ViT costs ~30 s here and saves ~0.2 s an image (1.02 -> 1.34 img/s,
+# bench/caption_throughput.py part 2).
 COMPILE_MIN_IMAGES = 200
 
 
