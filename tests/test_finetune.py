@@ -30,7 +30,8 @@ def finetune_config(messy_data_source, tiny_models, tmp_path):
         cfg = FinetuneConfig(data=messy_data_source, out=tmp_path / "ft", text_model=tiny_models["text"], max_len=16,
                              image_model="timm:test_efficientnet", image_weights=tiny_models["image_weights"],
                              hidden=16, unfreeze_text_layers=1, unfreeze_image_stages=1, epochs=2, batch_size=8,
-                             lr_encoder=1e-3, lr_fusion=1e-3, lr_head=1e-3, device="cpu")
+                             lr_encoder=1e-3, lr_fusion=1e-3, lr_head=1e-3, device="cpu",
+                             precision="fp32")
         return dataclasses.replace(cfg, **overrides)
 
     return make
