@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from pathlib import Path
@@ -34,14 +35,36 @@ def _fail(err: Exception) -> None:
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
-    from msa.cache.features import CacheError
+    from msa.cache.errors import CacheError
     from msa.models.text import EncoderLoadError
     from msa.pipeline.mvsa import DataError
+    from msa.pipeline.rundir import RunDirError
 
-    return DataError, EncoderLoadError, CacheError, FileNotFoundError, ValueError
+    return DataError, EncoderLoadError, CacheError, RunDirError, FileNotFoundError, ValueError
+
+
+def one_line_errors(command):
+    """Turn the errors a user can fix into one line and exit code 2: our own error types, and a
+    full disk (named with the file and the free space) wherever it strikes."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from msa.cache.errors import NO_ROOM, write_error
+
+        try:
+            return command(*args, **kwargs)
+        except _known_errors() as err:
+            _fail(err)
+        except OSError as err:
+            if err.errno not in NO_ROOM:
+                raise
+            _fail(write_error(Path(err.filename or "."), err))
+
+    return wrapper
 
 
 @app.command()
+@one_line_errors
 def extract(
     data: Path = typer.Option(..., help="MVSA folder (train.txt, test_without_label.txt, data/)."),
     cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory for this data set."),
@@ -51,6 +74,9 @@ def extract(
     image_model: str = typer.Option(default(ExtractConfig, "image_model"), help="torchvision name or timm:NAME."),
     image_weights: str = typer.Option(None, help="Local state dict for the image model (no download)."),
     on_bad_image: str = typer.Option(default(ExtractConfig, "on_bad_image"), help="blank | skip | fail."),
+    on_duplicate: str = typer.Option(default(ExtractConfig, "on_duplicate"),
+                                     help="A guid listed twice: first-if-same (keep the first; conflicting labels "
+                                          "stop) | first | error."),
     val_ratio: float = typer.Option(default(ExtractConfig, "val_ratio"), help="Validation share of labelled items."),
     split_seed: int = typer.Option(default(ExtractConfig, "split_seed"), help="Seed of the stratified split."),
     device: str = typer.Option(default(ExtractConfig, "device"), help="auto | cpu | cuda."),
@@ -77,17 +103,20 @@ def extract(
 
     cfg = ExtractConfig(data=data, cache=cache, text_model=text_model, max_len=max_len, pooling=pooling,
                         image_model=image_model, image_weights=image_weights, on_bad_image=on_bad_image,
-                        val_ratio=val_ratio, split_seed=split_seed, device=device, precision=precision,
+                        on_duplicate=on_duplicate, val_ratio=val_ratio, split_seed=split_seed, device=device,
+                        precision=precision,
                         compile=compile, batch_size=batch_size, limit=limit, shard=shard,
                         modalities=_names(modalities), text_source=text_source, captions=captions,
                         text_split_layer=text_split_layer, image_split_stage=image_split_stage)
-    try:
-        result = stage.run(cfg, show_progress=progress)
-    except _known_errors() as err:
-        _fail(err)
+    result = stage.run(cfg, show_progress=progress)
     for table in stage.summary_tables(result):
         console.print(table)
     console.print(f"cache: {cache.resolve()}")
+    busy = [r.name for r in result.feature_sets.values() if r.status == "busy"]
+    if busy:  # exit 3: not everything asked for is in the cache yet
+        console.print(f"[yellow]not extracted, another process is writing: {', '.join(busy)}; rerun when it is "
+                      "done[/yellow]")
+        raise typer.Exit(code=3)
 
 
 def _c(field: str):
@@ -95,6 +124,7 @@ def _c(field: str):
 
 
 @app.command()
+@one_line_errors
 def caption(
     data: Path = typer.Option(..., help="MVSA folder (train.txt, test_without_label.txt, data/)."),
     cache: Path = typer.Option(_c("cache"), help="Cache directory; captions go to CACHE/captions/."),
@@ -117,15 +147,13 @@ def caption(
     from msa.stages import caption as stage
 
     cfg = CaptionConfig(**options)
-    try:
-        result = stage.run(cfg, show_progress=progress)
-    except _known_errors() as err:
-        _fail(err)
+    result = stage.run(cfg, show_progress=progress)
     console.print(stage.summary_table(result))
     console.print(f"captions: {result.path}")
 
 
 @app.command("import-features")
+@one_line_errors
 def import_features(
     file: Path = typer.Argument(..., help="MultiBench-style pickle: train/valid/test, modality arrays, labels, id."),
     cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory to create."),
@@ -133,45 +161,102 @@ def import_features(
     """Import pre-extracted sequence features (CMU-MOSI/MOSEI) as a cache for the stage 2 heads."""
     from msa.stages import import_features as stage
 
-    try:
-        result = stage.run(file, cache)
-    except _known_errors() as err:
-        _fail(err)
+    result = stage.run(file, cache)
     console.print(stage.summary_table(result))
     console.print(f"cache: {cache.resolve()} ({', '.join(p.name for p in result.feature_sets.values())})")
 
 
 @cache_app.command("ls")
+@one_line_errors
 def cache_ls(cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory.")) -> None:
     """List the manifest and every feature set in a cache, with sizes."""
+    from msa.cache.captions import CaptionSet, is_finished, list_caption_sets
+    from msa.cache.errors import CacheError
     from msa.cache.features import list_feature_files
     from msa.cache.fingerprint import slug
     from msa.cache.manifest import read_manifest
 
     try:
         manifest = read_manifest(cache)
-    except FileNotFoundError as err:
-        _fail(err)
-    console.print(f"manifest {manifest.manifest_id}: {len(manifest)} items from {manifest.info['data_dir']}")
+        console.print(f"manifest {manifest.manifest_id}: {len(manifest)} items from {manifest.info['data_dir']}")
+    except CacheError as err:  # the sets can still be listed, just not called current or stale
+        manifest = None
+        console.print(f"[red]manifest:[/red] {err}", soft_wrap=True)
     table = Table(caption="stale: extracted for an earlier manifest (other data or split)")
     for column in ("file", "status", "rows", "pooled", "tokens", "MB", "model"):
         table.add_column(column, overflow="fold")
     for row in list_feature_files(cache):
         fp = row.get("fingerprint", {})
-        status = row["status"] if fp.get("manifest_id") == manifest.manifest_id else f"{row['status']}, stale"
-        table.add_row(row["file"], status, row.get("rows", ""), str(row.get("pooled", "")),
-                      str(row.get("tokens", "")), str(row.get("size_mb", "")), slug(str(fp.get("model", ""))))
+        stale = manifest is not None and fp and fp.get("manifest_id") != manifest.manifest_id
+        table.add_row(row["file"], f"{row['status']}, stale" if stale else row["status"], row.get("rows", ""),
+                      str(row.get("pooled", "")), str(row.get("tokens", "")), str(row.get("size_mb", "")),
+                      slug(str(fp.get("model", ""))))
     console.print(table)
-    from msa.cache.captions import CaptionSet, is_finished, list_caption_sets
-
     for name in list_caption_sets(cache):
-        captions = CaptionSet.load(cache, name)
+        try:
+            captions = CaptionSet.load(cache, name)
+        except CacheError as err:
+            console.print(f"[red]captions {name}:[/red] {err}", soft_wrap=True)
+            continue
         state = "complete" if is_finished(cache, name) else "interrupted (resume with `msa caption`)"
         console.print(f"captions {name}: {len(captions.captions)} images, {state}, "
                       f"model {captions.fingerprint.get('model')}")
 
 
+@cache_app.command("rm")
+@one_line_errors
+def cache_rm(
+    names: list[str] = typer.Argument(..., help="Feature or caption set names (from `msa cache ls`)."),
+    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
+) -> None:
+    """Remove feature or caption sets, with their partial and set-aside files."""
+    from msa.cache.maintenance import remove
+
+    for name in names:
+        for path in remove(cache, name):
+            console.print(f"removed {path}")
+
+
+@cache_app.command("gc")
+@one_line_errors
+def cache_gc(
+    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+) -> None:
+    """Remove what no run can use: partial sets nobody is writing, damaged and stale sets, leftovers."""
+    from msa.cache.maintenance import collect
+
+    found = collect(cache, dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for finding in found:
+        console.print(f"{verb} {finding.path}: {finding.reason}", soft_wrap=True)
+    console.print(f"{len(found)} files {verb}" if found else "nothing to remove")
+
+
+@cache_app.command("verify")
+@one_line_errors
+def cache_verify(
+    names: list[str] = typer.Argument(None, help="Sets to check (default: every set)."),
+    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
+) -> None:
+    """Read every byte of the sets back against their checksums; exit 1 if any is damaged."""
+    from msa.cache.maintenance import verify
+
+    results = verify(cache, tuple(names or ()))
+    for finding in results:
+        ok = finding.reason == "ok"
+        console.print(f"{'[green]ok[/green]' if ok else '[red]DAMAGED[/red]'} {finding.path.name}"
+                      + ("" if ok else f": {finding.reason}"), soft_wrap=True)
+    damaged = [f for f in results if f.reason != "ok"]
+    if damaged:
+        console.print(f"{len(damaged)} of {len(results)} sets damaged: remove them with `msa cache rm NAME` and "
+                      "rerun `msa extract` (or `msa caption`) to make them again")
+        raise typer.Exit(code=1)
+    console.print(f"{len(results)} sets verified")
+
+
 @cache_app.command("info")
+@one_line_errors
 def cache_info(
     name: str = typer.Argument(..., help="Feature set name (from `msa cache ls`, without .h5)."),
     cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
@@ -179,15 +264,13 @@ def cache_info(
     """Show one feature set's fingerprint and shapes as JSON."""
     from msa.cache.features import find_feature_set
 
-    try:
-        feature_set = find_feature_set(cache, name.removesuffix(".h5"))
-    except _known_errors() as err:
-        _fail(err)
+    feature_set = find_feature_set(cache, name.removesuffix(".h5"))
     typer.echo(json.dumps({"name": feature_set.name, "rows": len(feature_set.guids),
                            "shapes": feature_set.shapes, "fingerprint": feature_set.fingerprint}, indent=2))
 
 
 @cache_app.command("merge")
+@one_line_errors
 def cache_merge(
     name: str = typer.Argument(..., help="Feature set name whose shards to join."),
     cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
@@ -195,10 +278,7 @@ def cache_merge(
     """Join the shard files written by `msa extract --shard i/n` into one feature set."""
     from msa.cache.features import merge_shards
 
-    try:
-        path = merge_shards(cache, name)
-    except _known_errors() as err:
-        _fail(err)
+    path = merge_shards(cache, name)
     console.print(f"merged: {path}")
 
 
@@ -271,11 +351,13 @@ def with_train_options(command):
 
 @app.command("train-head")
 @with_train_options
+@one_line_errors
 def train_head_command(
     fusion: str = typer.Option(_t("fusion"), help="Fusion head: text-only, image-only, concat, late, early, "
                                                   "gmu, cross-attn, co-attn, aligned, hierarchical; sequence "
                                                   "heads (MOSI): sum-lstm, attention, seq-concat."),
-    out: Path = typer.Option(None, help="Run directory (default runs/<fusion>-seed<seed>-<time>)."),
+    out: Path = typer.Option(None, help="Run directory (default runs/<fusion>-seed<seed>-<time>); must be new."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds (an msa run only)."),
     seed: int = typer.Option(_t("seed")),
     **options,
 ) -> None:
@@ -283,10 +365,7 @@ def train_head_command(
     from msa.stages import train_head
 
     cfg = _train_head_config({**options, "fusion": fusion, "out": out, "seed": seed})
-    try:
-        result = train_head.run(cfg, log=console.print)
-    except _known_errors() as err:
-        _fail(err)
+    result = train_head.run(cfg, log=console.print, overwrite=overwrite)
     console.print(f"{_metrics_line(result.metrics)}  (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
     console.print(f"run: {result.run_dir}")
 
@@ -300,11 +379,14 @@ def _metrics_line(m: dict) -> str:
 
 @app.command()
 @with_train_options
+@one_line_errors
 def sweep(
     fusion: str = typer.Option(",".join(default(SweepConfig, "fusions")), help="Heads, comma-separated."),
     seeds: str = typer.Option(",".join(map(str, default(SweepConfig, "seeds"))), help="Seeds, comma-separated."),
     grid: list[str] = typer.Option(None, help="FIELD=V1,V2 over any train-head option; repeat for more."),
-    out: Path = typer.Option(default(SweepConfig, "out"), help="Sweep directory (one run dir per run)."),
+    out: Path = typer.Option(default(SweepConfig, "out"), help="Sweep directory (one run dir per run); a sweep "
+                                                               "into an earlier sweep's resumes it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain finished runs whose options changed."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     workers: int = typer.Option(default(SweepConfig, "workers"),
                                 help="Worker processes sharing the CPU threads (2 helps small heads on 2 cores)."),
@@ -315,12 +397,9 @@ def sweep(
 
     # The sweep's own --fusion, --seeds and --out are not the base run's.
     base = _train_head_config(options)
-    try:
-        cfg = SweepConfig(base=base, out=out, fusions=_names(fusion), seeds=tuple(int(s) for s in _names(seeds)),
-                          grid=stage.parse_grid(grid or []), workers=workers)
-        table = stage.run(cfg, show_progress=progress)
-    except _known_errors() as err:
-        _fail(err)
+    cfg = SweepConfig(base=base, out=out, fusions=_names(fusion), seeds=tuple(int(s) for s in _names(seeds)),
+                      grid=stage.parse_grid(grid or []), workers=workers)
+    table = stage.run(cfg, show_progress=progress, overwrite=overwrite)
     console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))
     console.print(f"results: {out / 'results.csv'} ({len(table)} runs)")
 
@@ -330,9 +409,12 @@ def _f(field: str):
 
 
 @app.command()
+@one_line_errors
 def finetune(
     data: Path = typer.Option(None, help="MVSA folder (not needed with --resume)."),
-    out: Path = typer.Option(None, help="Run directory (default runs/finetune-<fusion>-seed<seed>-<time>)."),
+    out: Path = typer.Option(None, help="Run directory (default runs/finetune-<fusion>-seed<seed>-<time>); must "
+                                        "be new."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds (an msa run only)."),
     resume: Path = typer.Option(None, help="Continue this run exactly where it stopped (its options are kept)."),
     text_model: str = typer.Option(_f("text_model")), max_len: int = typer.Option(_f("max_len")),
     pooling: str = typer.Option(_f("pooling")), image_model: str = typer.Option(_f("image_model")),
@@ -352,26 +434,24 @@ def finetune(
     image_aug: str = typer.Option(_f("image_aug"), help="none | weak | strong (weak + RandAugment)."),
     clean_text: bool = typer.Option(_f("clean_text"), help="Drop URLs, @mentions; unwrap #tags."),
     val_ratio: float = typer.Option(_f("val_ratio")), split_seed: int = typer.Option(_f("split_seed")),
-    on_bad_image: str = typer.Option(_f("on_bad_image")), limit: int = typer.Option(None),
+    on_bad_image: str = typer.Option(_f("on_bad_image")), on_duplicate: str = typer.Option(_f("on_duplicate")),
+    limit: int = typer.Option(None),
     device: str = typer.Option(_f("device")), precision: str = typer.Option(_f("precision")),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Fine-tune the encoders' tops and a fusion head end to end on raw data (checkpointed every epoch)."""
-    options = {k: v for k, v in locals().items() if k not in ("resume", "progress")}
+    options = {k: v for k, v in locals().items() if k not in ("resume", "progress", "overwrite")}
     from msa.pipeline import rundir
     from msa.stages import finetune as stage
 
-    try:
-        if resume:
-            cfg = from_record(FinetuneConfig, rundir.read_json(resume / rundir.CONFIG), out=resume)
-        elif data is None:
-            raise ValueError("--data is needed (or --resume RUN)")
-        else:
-            options["class_weights"] = tuple(float(w) for w in _names(class_weights)) or None
-            cfg = FinetuneConfig(**options)
-        run_dir = stage.run(cfg, resume=bool(resume), show_progress=progress, log=console.print)
-    except _known_errors() as err:
-        _fail(err)
+    if resume:
+        cfg = from_record(FinetuneConfig, rundir.read_json(resume / rundir.CONFIG), out=resume)
+    elif data is None:
+        raise ValueError("--data is needed (or --resume RUN)")
+    else:
+        options["class_weights"] = tuple(float(w) for w in _names(class_weights)) or None
+        cfg = FinetuneConfig(**options)
+    run_dir = stage.run(cfg, resume=bool(resume), show_progress=progress, log=console.print, overwrite=overwrite)
     metrics = rundir.read_json(run_dir / rundir.METRICS)
     console.print(f"val accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
                   f"(best epoch {metrics['best_epoch']})")
@@ -379,11 +459,14 @@ def finetune(
 
 
 @app.command()
+@one_line_errors
 def predict(
     run: Path = typer.Option(..., help="Run directory."),
     data: Path = typer.Option(None, help="MVSA folder to predict (default: the run's own data)."),
     split: str = typer.Option(default(PredictConfig, "split"), help="test | val | train | all."),
-    out: Path = typer.Option(None, help="Output file (default RUN/predictions-<split>.txt)."),
+    out: Path = typer.Option(None, help="Output file (default RUN/predictions-<split>.txt; new data: "
+                                        "RUN/predictions-<data>-<id>-<split>.txt)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     cache: Path = typer.Option(None, help="Cache for new data (default RUN/predict-cache)."),
     device: str = typer.Option(default(PredictConfig, "device")),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -391,11 +474,8 @@ def predict(
     """Write guid,tag predictions of a run, extracting new data with the run's encoders."""
     from msa.stages import predict as stage
 
-    try:
-        path, predictions = stage.run(PredictConfig(run=run, data=data, split=split, out=out, cache=cache,
-                                                    device=device), show_progress=progress)
-    except _known_errors() as err:
-        _fail(err)
+    path, predictions = stage.run(PredictConfig(run=run, data=data, split=split, out=out, cache=cache,
+                                                device=device), show_progress=progress, overwrite=overwrite)
     if predictions.scores is not None:
         console.print(f"{len(predictions.guids)} predicted scores (mean {predictions.scores.mean():.3f}): {path}")
         return
@@ -404,6 +484,7 @@ def predict(
 
 
 @app.command()
+@one_line_errors
 def evaluate(
     run: Path = typer.Option(..., help="Run directory."),
     labels: Path = typer.Option(None, help="guid,tag file (default: the run's validation predictions)."),
@@ -414,14 +495,12 @@ def evaluate(
     """Metrics, bad cases, modality agreement and gate statistics of a run."""
     from msa.stages import evaluate as stage
 
-    try:
-        report = stage.run(EvaluateConfig(run=run, labels=labels, text_run=text_run, image_run=image_run, out=out))
-    except _known_errors() as err:
-        _fail(err)
+    report = stage.run(EvaluateConfig(run=run, labels=labels, text_run=text_run, image_run=image_run, out=out))
     console.print(stage.report_tables(report))
 
 
 @app.command()
+@one_line_errors
 def demo(
     out: Path = typer.Option(Path("demo"), help="Where the generated data, models, cache and runs go."),
     progress: bool = typer.Option(True, help="Show progress bars."),

@@ -12,6 +12,7 @@ import torch
 from msa.cache.features import CacheError, FeatureSet
 from msa.cache.manifest import read_manifest
 from msa.models.unfrozen import TopsAndHead, parameter_groups
+from msa.pipeline import rundir
 from msa.pipeline.config import EvaluateConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
 from msa.pipeline.training import FeatureBank
 from msa.stages import evaluate, extract, finetune, predict, train_head
@@ -71,17 +72,17 @@ def test_unfrozen_train_head_trains_the_tops_and_predicts(split_cache, tmp_path)
     run_cfg = TrainHeadConfig(cache=cfg.cache, fusion="concat", out=tmp_path / "run", epochs=2, hidden=16,
                               unfreeze_text_layers=1, unfreeze_image_stages=1, lr_encoder=1e-2)
     result = train_head.run(run_cfg, log=lambda *_: None)
-    checkpoint = torch.load(result.run_dir / "checkpoint.pt", weights_only=False)
-    assert checkpoint["unfrozen"] == {"text": 1, "image": 1}
-    fresh = train_head.build_tops(checkpoint["feature_sets"], {"text": 1})["text"].state_dict()
-    trained = {k.removeprefix("tops.text."): v for k, v in checkpoint["state_dict"].items()
+    state_dict, spec = rundir.load_model(result.run_dir)
+    assert spec["unfrozen"] == {"text": 1, "image": 1}
+    fresh = train_head.build_tops(spec["feature_sets"], {"text": 1})["text"].state_dict()
+    trained = {k.removeprefix("tops.text."): v for k, v in state_dict.items()
                if k.startswith("tops.text.")}
     assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)  # the top layer was trained
     _, own = predict.run(PredictConfig(run=result.run_dir, split="val"), show_progress=False)
     saved = pd.read_parquet(result.run_dir / "val_predictions.parquet")
     assert own.predicted == saved.prediction.tolist()
     with pytest.raises(CacheError, match="needs --text-split-layer 2"):
-        train_head.run(dataclasses.replace(run_cfg, unfreeze_text_layers=2), log=lambda *_: None)
+        train_head.run(dataclasses.replace(run_cfg, unfreeze_text_layers=2, out=tmp_path / "run2"), log=lambda *_: None)
 
 
 def test_layer_wise_learning_rates_land_on_the_right_groups(split_cache):
@@ -132,7 +133,7 @@ def test_finetune_trains_only_the_tops_and_augments_only_training(finetune_confi
     run_dir = finetune.run(cfg, show_progress=False, log=lambda *_: None)
     manifest = read_manifest(run_dir)
     assert len(seen) == len(manifest.rows_of_split("train"))  # not the val items evaluated after it
-    trained = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state_dict"]
+    trained = rundir.load_model(run_dir)[0]
     fresh = finetune.build_model(cfg).state_dict()
     layers = "encoders.text.model.encoder.layer."
     query = "attention.self.query.weight"

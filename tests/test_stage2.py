@@ -19,6 +19,7 @@ from msa.cli import app
 from msa.models.heads import HEADS, Modality, ModalityDims, create_head
 from msa.pipeline.config import EvaluateConfig, ExtractConfig, PredictConfig, SweepConfig, TrainHeadConfig
 from msa.pipeline.demo import make_demo_dataset
+from msa.pipeline.rundir import RunDirError
 from msa.stages import evaluate, extract, predict, sweep, train_head
 
 FAST = dict(epochs=12, batch_size=16, lr=3e-3, hidden=64, patience=12)
@@ -46,8 +47,8 @@ def test_every_head_trains_and_beats_the_majority_class(fusion, signal_cache, tm
                             log=lambda *_: None)
     assert result.metrics["accuracy"] > majority_share(signal_cache) + 0.1, result.metrics
     run_dir = result.run_dir
-    for name in ("config.json", "metrics.json", "history.csv", "checkpoint.pt", "val_predictions.parquet",
-                 "curves.png", "confusion.png"):
+    for name in ("config.json", "metrics.json", "history.csv", "model.safetensors", "model.json",
+                 "val_predictions.parquet", "curves.png", "confusion.png"):
         assert (run_dir / name).is_file(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["fusion"] == fusion and set(config["feature_sets"]) == {"text", "image"}
@@ -112,8 +113,10 @@ def test_sweep_table_and_restart_skips_finished_runs(signal_cache, tmp_path, mon
     again = sweep.run(cfg, show_progress=False)
     pd.testing.assert_frame_equal(again, table)
     monkeypatch.undo()
-    changed = sweep.run(dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, epochs=1), seeds=(0,)),
-                        show_progress=False)  # other options: the runs are trained again, not skipped
+    other_options = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, epochs=1), seeds=(0,))
+    with pytest.raises(RunDirError, match="holds a finished run with other options .epochs.; pass --overwrite"):
+        sweep.run(other_options, show_progress=False)  # never replaced silently
+    changed = sweep.run(other_options, show_progress=False, overwrite=True)  # trained again, not skipped
     assert (changed.best_epoch == 1).all()
     board = sweep.leaderboard(table, ["lr"])
     assert len(board) == 4 and (board.runs == 2).all()
@@ -125,7 +128,7 @@ def test_sweep_in_two_worker_processes(signal_cache, tmp_path):
                       fusions=("concat", "gmu"), seeds=(0, 1), workers=2)
     table = sweep.run(cfg, show_progress=False)
     assert sorted(table.run) == ["concat-seed0", "concat-seed1", "gmu-seed0", "gmu-seed1"]
-    assert all((tmp_path / "sweep" / name / "checkpoint.pt").is_file() for name in table.run)
+    assert all((tmp_path / "sweep" / name / "model.safetensors").is_file() for name in table.run)
 
 
 def test_sweep_grid_parsing():

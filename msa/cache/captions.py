@@ -19,8 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from msa.cache.features import CacheError
+from msa.cache.errors import CacheError, write_error
 from msa.cache.fingerprint import config_id, slug
+from msa.cache.locks import set_lock
 
 CAPTION_DIR = "captions"
 SCHEMA = pa.schema([("guid", pa.string()), ("caption", pa.string()), ("flag", pa.string()),
@@ -73,8 +74,12 @@ class CaptionSet:
             raise CacheError(f"no caption set {name} in {caption_dir(cache)} (known: {known}); run `msa caption`")
         fingerprint, notes, captions = {}, {}, {}
         if parquet.is_file():
-            table = pq.read_table(parquet)
-            meta = json.loads(table.schema.metadata[b"msa"])
+            try:
+                table = pq.read_table(parquet)
+                meta = json.loads(table.schema.metadata[b"msa"])
+            except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as err:
+                raise CacheError(f"{parquet}: caption set {name} is unreadable ({str(err).splitlines()[0]}); remove "
+                                 f"it with `msa cache rm {name} --cache {cache}` and run `msa caption` again") from None
             fingerprint, notes = meta["fingerprint"], meta["notes"]
             for row in table.to_pylist():
                 captions[row["guid"]] = Caption(row["caption"], row["flag"], row["image_bytes"])
@@ -114,25 +119,35 @@ class CaptionWriter:
     """Appends captioned batches to the partial file; `finish()` folds them into the Parquet set."""
 
     def __init__(self, cache: Path, name: str, fingerprint: dict, notes: dict):
+        """Holds the set's lock until close(): a second captioner of the same set gets BusyError."""
         self.cache, self.name, self.fingerprint, self.notes = Path(cache), name, fingerprint, notes
         self.parquet, self.partial = _paths(cache, name)
         self.parquet.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(self.partial)
-        new = not self.partial.is_file() or self.partial.stat().st_size == 0
-        self.file = open(self.partial, "a", encoding="utf-8")
-        if new:
-            self._append({"fingerprint": fingerprint, "notes": notes})
+        self.lock = set_lock(cache, name)
+        try:
+            _drop_torn_tail(self.partial)
+            new = not self.partial.is_file() or self.partial.stat().st_size == 0
+            self.file = open(self.partial, "a", encoding="utf-8")
+            if new:
+                self._append([{"fingerprint": fingerprint, "notes": notes}])
+        except BaseException as err:
+            self.lock.release()
+            raise write_error(self.partial, err) if isinstance(err, OSError) else err from None
 
     def write(self, guids: list[str], captions: list[str], flags: list[str], image_bytes: list[int]) -> None:
-        for guid, caption, flag, size in zip(guids, captions, flags, image_bytes):
-            self.file.write(json.dumps({"guid": guid, "caption": caption, "flag": flag, "image_bytes": size},
-                                       ensure_ascii=False) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        self._append([{"guid": guid, "caption": caption, "flag": flag, "image_bytes": size}
+                      for guid, caption, flag, size in zip(guids, captions, flags, image_bytes)])
 
-    def _append(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
+    def _append(self, records: list[dict]) -> None:
+        """Whole lines, flushed and fsynced; a failed write is cut back to the last whole line."""
+        try:
+            self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as err:
+            self.close()
+            _drop_torn_tail(self.partial)
+            raise write_error(self.partial, err) from None
 
     def finish(self) -> CaptionSet:
         """Write every row (earlier runs' and this one's) to NAME.parquet, then drop the partial file."""
@@ -144,14 +159,23 @@ class CaptionWriter:
         table = pa.Table.from_pylist(rows, schema=SCHEMA).replace_schema_metadata(
             {"msa": json.dumps({"fingerprint": self.fingerprint, "notes": self.notes})})
         tmp = self.parquet.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
+        try:
+            pq.write_table(table, tmp)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise write_error(self.parquet, err) from None
         os.replace(tmp, self.parquet)
         self.partial.unlink()
         return CaptionSet(self.name, self.fingerprint, self.notes, captions)
 
     def close(self) -> None:
         if not self.file.closed:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the data that failed to flush is cut off by _drop_torn_tail
+                pass
+        if self.lock.is_locked:
+            self.lock.release()
 
 
 def caption_path(cache: Path, name: str) -> Path:

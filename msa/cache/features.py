@@ -1,32 +1,44 @@
 """HDF5 feature sets: pooled `[N, D]` and token-level `[N, L, D]` features with a mask.
 
 Row i of every feature set is row i of the manifest. A set is written to
-`NAME.h5.partial`, one batch at a time, each batch flushed together with its `done`
-flags, and renamed to `NAME.h5` only when every row is in: a reader never sees a
-half-written set as complete, and an interrupted write resumes at the first missing row.
+`NAME.h5.partial` by one process at a time (its lock), one batch at a time, each batch
+flushed together with its `done` flags; an interrupted write resumes at the first
+missing row. A set is published (renamed to `NAME.h5`) only after it was read back in
+full: every `done` flag set, every chunk's fletcher32 checksum right, and a sha256 of its
+content recorded. Readers open published sets only, and `FeatureSet.open` refuses one
+whose flags or digest are missing; a bit flipped later fails its chunk's checksum on
+read, naming the set, and `msa cache verify` re-reads everything against the digest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-FORMAT_VERSION = 1
+from msa.cache.errors import CacheError, WriteError, write_error
+from msa.cache.locks import set_lock
+
+__all__ = ["CacheError", "FeatureSet", "FeatureWriter"]
+
+FORMAT_VERSION = 2  # 2: fletcher32 chunks and a content digest
 FEATURES_DIR = "features"
 # split: the activation entering the unfreezable top of the encoder (--text-split-layer,
 # --image-split-stage), kept float32 so that training the top on it matches end to end.
 PARTS = ("pooled", "tokens", "mask", "split")
 # ~1 MiB chunks of whole rows: a random batch reads few chunks, a chunk is one write.
 CHUNK_BYTES = 1 << 20
-
-
-class CacheError(RuntimeError):
-    pass
+DAMAGED_SUFFIX = ".damaged"
+# What h5py raises for a file it cannot read or write: OSError for most, RuntimeError for
+# write failures surfacing at flush/close, KeyError/ValueError for damaged internals.
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
 
 
 def feature_path(cache_dir: Path, name: str, shard: tuple[int, int] | None = None) -> Path:
@@ -36,6 +48,15 @@ def feature_path(cache_dir: Path, name: str, shard: tuple[int, int] | None = Non
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+def set_name(path: Path) -> str:
+    """The set's name from any of its files: NAME.h5, NAME.shard-i-of-n.h5, NAME.h5.partial."""
+    return Path(path).name.split(".h5")[0].split(".shard-")[0]
+
+
+def cache_of(path: Path) -> Path:
+    return Path(path).parent.parent
 
 
 def shard_rows(n_rows: int, shard: tuple[int, int] | None) -> np.ndarray:
@@ -58,29 +79,94 @@ def canonical(fingerprint: dict) -> dict:
     return json.loads(json.dumps(fingerprint, sort_keys=True))
 
 
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file out of the way (kept for a look; `msa cache gc` removes it)."""
+    target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, target)
+    return target
+
+
+def content_digest(f: h5py.File, block_bytes: int = 64 << 20) -> str:
+    """sha256 of the fingerprint, the guids and every part, read in row blocks (each chunk's
+    fletcher32 is checked on the way)."""
+    digest = hashlib.sha256(f.attrs["fingerprint"].encode())
+    digest.update("\n".join(f["guid"].asstr()[:]).encode())
+    for part in PARTS:
+        if part not in f:
+            continue
+        data = f[part]
+        rows = max(1, block_bytes // max(1, data.dtype.itemsize * int(np.prod(data.shape[1:]))))
+        for start in range(0, data.shape[0], rows):
+            digest.update(np.ascontiguousarray(data[start: start + rows]).tobytes())
+    return digest.hexdigest()
+
+
+def problem_of(path: Path, full: bool = False) -> str | None:
+    """Why a published set cannot be used, or None. Quick: it opens, its flags are all set and
+    it has a digest. full: every byte read back and checked against the digest too."""
+    try:
+        with h5py.File(path, "r") as f:
+            if int(f.attrs.get("format_version", 1)) < FORMAT_VERSION:
+                return "written by an older msa, without checksums"
+            if "digest" not in f.attrs:
+                return "has no content digest (never verified)"
+            start, stop = (int(v) for v in f.attrs["rows"])  # a shard's share, or every row
+            done = f["done"][start:stop]
+            if not done.all():
+                return f"only {int(done.sum())} of {len(done)} rows are done"
+            if full and content_digest(f) != f.attrs["digest"]:
+                return "content differs from its digest (damaged on disk)"
+    except H5_ERRORS as err:
+        return f"unreadable ({str(err).splitlines()[0]})"
+    return None
+
+
+def damaged_error(path: Path, problem: str) -> CacheError:
+    name = set_name(path)
+    return CacheError(f"{path}: feature set {name} is {problem}; remove it with `msa cache rm {name} --cache "
+                      f"{cache_of(path)}` and run `msa extract` again (it re-encodes the set)")
+
+
 def is_complete(path: Path, fingerprint: dict) -> bool:
-    """True when a finished set with exactly this fingerprint is at `path`."""
-    if not path.is_file():
+    """True when a finished, intact set with exactly this fingerprint is at `path`."""
+    if not path.is_file() or problem_of(path):
         return False
     with h5py.File(path, "r") as f:
         return _read_fingerprint(f) == canonical(fingerprint)
 
 
 class FeatureWriter:
-    """Writes the given rows of one feature set (or one shard of it), resuming if it can."""
+    """Writes the given rows of one feature set (or one shard of it), resuming if it can.
+
+    Holds the set's lock from construction to finish() or exit: a second writer of the same
+    set gets BusyError. Any write error discards the partial file (its content is undefined
+    once HDF5 failed to write) and raises WriteError naming the file and the free space."""
 
     def __init__(self, path: Path, fingerprint: dict, guids: list[str], rows: np.ndarray,
                  attrs: dict | None = None):
         """attrs: JSON-able notes kept with the set but not part of its identity (the
         extract options, with model paths, that `msa predict` re-runs on new data)."""
         self.path = Path(path)
+        self.partial = partial_path(self.path)
         self.rows = np.asarray(rows)
-        fingerprint = canonical(fingerprint)
-        partial = partial_path(self.path)
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self._open_existing(partial, fingerprint, guids) if partial.exists() else None
-        if self.file is None:
-            self.file = h5py.File(partial, "w")
+        self.set_aside: Path | None = None  # a damaged partial file moved out of the way
+        self.file: h5py.File | None = None
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = set_lock(cache_of(self.path), self.path.name.removesuffix(".h5"))
+        try:
+            fingerprint = canonical(fingerprint)
+            self.file = self._open_existing(fingerprint, guids) if self.partial.exists() else None
+            if self.file is None:
+                self._create(fingerprint, guids, attrs)
+            self.done = self.file["done"][:].astype(bool)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.resumed_rows = int(self.done[self.rows].sum())
+
+    def _create(self, fingerprint: dict, guids: list[str], attrs: dict | None) -> None:
+        try:
+            self.file = h5py.File(self.partial, "w")
             self.file.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
             self.file.attrs["format_version"] = FORMAT_VERSION
             self.file.attrs["notes"] = json.dumps(attrs or {}, default=str)
@@ -89,21 +175,29 @@ class FeatureWriter:
             self.file.create_dataset("guid", data=np.array(guids, dtype=object), dtype=h5py.string_dtype())
             self.file.create_dataset("done", data=np.zeros(len(guids), dtype=np.uint8))
             self.file.flush()
-        self.done = self.file["done"][:].astype(bool)
-        self.resumed_rows = int(self.done[self.rows].sum())
+        except H5_ERRORS as err:
+            self._discard()
+            raise write_error(self.partial, err) from None
 
-    @staticmethod
-    def _open_existing(partial: Path, fingerprint: dict, guids: list[str]) -> h5py.File | None:
+    def _open_existing(self, fingerprint: dict, guids: list[str]) -> h5py.File | None:
+        """The partial file of an interrupted run, if it is this set's and reads back whole;
+        a damaged one is set aside, one of another fingerprint removed."""
         try:
-            f = h5py.File(partial, "a")
-        except OSError:  # killed before its first flush: nothing worth keeping
-            partial.unlink()
+            f = h5py.File(self.partial, "a")
+            same = _read_fingerprint(f) == fingerprint and f["guid"].asstr()[:].tolist() == list(guids)
+            for part in PARTS:  # every chunk written so far must pass its checksum
+                if part in f:
+                    f[part][:]
+            f["done"][:]
+        except H5_ERRORS:
+            if "f" in locals() and f.id.valid:
+                _close_quietly(f)
+            self.set_aside = set_aside(self.partial)
             return None
-        same = _read_fingerprint(f) == fingerprint and f["guid"].asstr()[:].tolist() == list(guids)
         if same:
             return f
         f.close()
-        partial.unlink()
+        self.partial.unlink()
         return None
 
     def pending_rows(self) -> np.ndarray:
@@ -113,53 +207,114 @@ class FeatureWriter:
               split: np.ndarray | None = None) -> None:
         """Store a batch: pooled [B, D], tokens [B, L, D], mask [B, L], optionally split [B, ...];
         rows in any order."""
-        if "pooled" not in self.file:
-            self._create_datasets(pooled, tokens, split)
         order = np.argsort(rows)
         rows = np.asarray(rows)[order]  # h5py writes need increasing indices
-        self.file["pooled"][rows] = pooled[order].astype(np.float16)
-        self.file["tokens"][rows] = tokens[order].astype(np.float16)
-        self.file["mask"][rows] = mask[order].astype(bool)
-        if split is not None:
-            self.file["split"][rows] = split[order].astype(np.float32)
-        self.file["done"][rows] = 1
+        try:
+            if "pooled" not in self.file:
+                self._create_datasets(pooled, tokens, split)
+            self.file["pooled"][rows] = pooled[order].astype(np.float16)
+            self.file["tokens"][rows] = tokens[order].astype(np.float16)
+            self.file["mask"][rows] = mask[order].astype(bool)
+            if split is not None:
+                self.file["split"][rows] = split[order].astype(np.float32)
+            self.file["done"][rows] = 1
+            self.file.flush()
+        except H5_ERRORS as err:
+            self._discard()
+            raise write_error(self.partial, err) from None
         self.done[rows] = True
-        self.file.flush()
 
     def _create_datasets(self, pooled: np.ndarray, tokens: np.ndarray, split: np.ndarray | None) -> None:
         n = len(self.done)
+        _, token_len, token_dim = tokens.shape
+        row_bytes = 2 * (pooled.shape[1] + token_len * token_dim) + token_len + (split[0].size * 4 if split is not None
+                                                                                 else 0)
+        needed, free = row_bytes * len(self.rows), _free_bytes(self.partial)
+        if needed > free:  # fail now, not after an hour of encoding
+            raise WriteError(f"{self.partial}: the set needs ~{needed / 2**20:.0f} MB and only "
+                             f"{free / 2**20:.0f} MB are free there; free some space (`msa cache gc`) and rerun")
+        # fletcher32: every chunk carries a checksum that each read verifies.
         if split is not None:
             split_rows = max(1, min(n, CHUNK_BYTES // (split[0].size * 4)))
             self.file.create_dataset("split", shape=(n, *split.shape[1:]), dtype=np.float32,
-                                     chunks=(split_rows, *split.shape[1:]))
-        _, token_len, token_dim = tokens.shape
+                                     chunks=(split_rows, *split.shape[1:]), fletcher32=True)
         chunk_rows = max(1, min(n, CHUNK_BYTES // (token_len * token_dim * 2)))
         self.file.create_dataset("pooled", shape=(n, pooled.shape[1]), dtype=np.float16,
-                                 chunks=(min(n, 256), pooled.shape[1]))
+                                 chunks=(min(n, 256), pooled.shape[1]), fletcher32=True)
         self.file.create_dataset("tokens", shape=(n, token_len, token_dim), dtype=np.float16,
-                                 chunks=(chunk_rows, token_len, token_dim))
+                                 chunks=(chunk_rows, token_len, token_dim), fletcher32=True)
         self.file.create_dataset("mask", shape=(n, token_len), dtype=bool,
-                                 chunks=(min(n, 1024), token_len))
+                                 chunks=(min(n, 1024), token_len), fletcher32=True)
 
     def finish(self) -> bool:
-        """Close; publish as complete if every row is in. Returns whether it was published."""
+        """Close; if every row is in, read the file back, record its digest and publish it.
+        Returns whether it was published."""
         complete = bool(self.done[self.rows].all())
-        self.file.close()
-        if complete:
-            os.replace(partial_path(self.path), self.path)
+        try:
+            self.file.close()
+        except H5_ERRORS as err:
+            self._discard()
+            raise write_error(self.partial, err) from None
+        try:
+            if complete:
+                self._publish()
+        finally:
+            self.lock.release()
         return complete
+
+    def _publish(self) -> None:
+        try:
+            with h5py.File(self.partial, "r+") as f:
+                start, stop = (int(v) for v in f.attrs["rows"])
+                if not f["done"][start:stop].all():  # what reached the file, not what we meant to write
+                    raise CacheError(f"{self.partial}: rows are missing after writing; nothing was published")
+                f.attrs["digest"] = content_digest(f)
+            with open(self.partial, "rb+") as f:
+                os.fsync(f.fileno())  # on disk before the name says "complete"
+        except H5_ERRORS as err:
+            self.file = None
+            self._discard()
+            raise write_error(self.partial, err) from None
+        os.replace(self.partial, self.path)
+
+    def _discard(self) -> None:
+        """After a failed write: empty the partial file so that HDF5 can close it (it would
+        otherwise retry the write at exit and crash), then remove it."""
+        if self.partial.exists():
+            os.truncate(self.partial, 0)
+        if self.file is not None and self.file.id.valid:
+            _close_quietly(self.file)
+        self.partial.unlink(missing_ok=True)
 
     def __enter__(self) -> FeatureWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.file.id.valid:  # interrupted: keep the partial file for resuming
-            self.file.close()
+        try:
+            if self.file is not None and self.file.id.valid:  # interrupted: keep the partial file for resuming
+                try:
+                    self.file.close()
+                except H5_ERRORS:
+                    self._discard()
+        finally:
+            if self.lock.is_locked:
+                self.lock.release()
+
+
+def _close_quietly(f: h5py.File) -> None:
+    try:
+        f.close()
+    except H5_ERRORS:
+        pass
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(Path(path).parent).free
 
 
 @dataclasses.dataclass
 class FeatureSet:
-    """A finished feature set, opened for reading."""
+    """A finished feature set, opened for reading (after checking its flags and digest)."""
 
     path: Path
     fingerprint: dict
@@ -173,6 +328,9 @@ class FeatureSet:
 
     @classmethod
     def open(cls, path: Path) -> FeatureSet:
+        problem = problem_of(path)
+        if problem:
+            raise damaged_error(path, problem)
         with h5py.File(path, "r") as f:
             shapes = {part: f[part].shape for part in PARTS if part in f}
             notes = json.loads(f.attrs.get("notes", "{}"))
@@ -180,32 +338,49 @@ class FeatureSet:
 
     def load(self, part: str, rows: np.ndarray | None = None) -> np.ndarray:
         """Read one part (`pooled`, `tokens`, `mask` or `split`), all rows or the given ones."""
-        with h5py.File(self.path, "r") as f:
-            if rows is None:
-                return f[part][:]
-            order = np.argsort(rows)
-            out = np.empty((len(rows), *f[part].shape[1:]), dtype=f[part].dtype)
-            out[order] = f[part][np.asarray(rows)[order]]
-            return out
+        try:
+            with h5py.File(self.path, "r") as f:
+                if rows is None:
+                    return f[part][:]
+                order = np.argsort(rows)
+                out = np.empty((len(rows), *f[part].shape[1:]), dtype=f[part].dtype)
+                out[order] = f[part][np.asarray(rows)[order]]
+                return out
+        except H5_ERRORS as err:
+            raise damaged_error(self.path, f"damaged in '{part}' ({str(err).splitlines()[0]})") from None
 
 
 def find_feature_set(cache_dir: Path, name: str) -> FeatureSet:
     path = feature_path(cache_dir, name)
     if not path.is_file():
-        known = sorted(p.name.removesuffix(".h5") for p in (Path(cache_dir) / FEATURES_DIR).glob("*.h5")
-                       if ".shard-" not in p.name)
+        known = sorted(set_name(p) for p in published_files(cache_dir))
         raise CacheError(f"no feature set {name!r} in {cache_dir}; cached: {', '.join(known) or 'none'}")
     return FeatureSet.open(path)
 
 
-def complete_feature_sets(cache_dir: Path, manifest_id: str) -> list[FeatureSet]:
-    """Every finished (unsharded) feature set that follows the given manifest."""
+def published_files(cache_dir: Path) -> list[Path]:
+    """Every published (unsharded) set file, intact or not."""
+    return sorted(p for p in (Path(cache_dir) / FEATURES_DIR).glob("*.h5") if ".shard-" not in p.name)
+
+
+@dataclasses.dataclass
+class PublishedSet:
+    """A published set as a listing sees it: opened when intact, else why not."""
+
+    path: Path
+    feature_set: FeatureSet | None
+    problem: str | None
+
+    @property
+    def name(self) -> str:
+        return set_name(self.path)
+
+
+def scan_feature_sets(cache_dir: Path) -> list[PublishedSet]:
     found = []
-    for path in sorted((Path(cache_dir) / FEATURES_DIR).glob("*.h5")):
-        if ".shard-" not in path.name:
-            feature_set = FeatureSet.open(path)
-            if feature_set.fingerprint.get("manifest_id") == manifest_id:
-                found.append(feature_set)
+    for path in published_files(cache_dir):
+        problem = problem_of(path)
+        found.append(PublishedSet(path, None if problem else FeatureSet.open(path), problem))
     return found
 
 
@@ -221,42 +396,47 @@ def merge_shards(cache_dir: Path, name: str) -> Path:
     missing = sorted(set(range(expected)) - {int(p.name.split(".shard-")[1].split("-")[0]) for p in shard_files})
     if missing:
         raise CacheError(f"{name}: shards {missing} of {expected} are not finished yet")
-    first = FeatureSet.open(shard_files[0])
-    fingerprint, target = first.fingerprint, feature_path(cache_dir, name)
-    writer = FeatureWriter(target, fingerprint, first.guids, np.arange(len(first.guids)), first.notes)
-    for shard_file in shard_files:
-        with h5py.File(shard_file, "r") as f:
-            if _read_fingerprint(f) != fingerprint:
-                raise CacheError(f"{shard_file}: fingerprint differs from {shard_files[0].name}")
-            start, stop = (int(v) for v in f.attrs["rows"])
+    shards = [FeatureSet.open(p) for p in shard_files]
+    fingerprint, target = shards[0].fingerprint, feature_path(cache_dir, name)
+    with FeatureWriter(target, fingerprint, shards[0].guids, np.arange(len(shards[0].guids)), shards[0].notes) \
+            as writer:
+        for shard in shards:
+            if shard.fingerprint != fingerprint:
+                raise CacheError(f"{shard.path}: fingerprint differs from {shard_files[0].name}")
+            with h5py.File(shard.path, "r") as f:
+                start, stop = (int(v) for v in f.attrs["rows"])
             for lo in range(start, stop, 512):
-                hi = min(stop, lo + 512)
-                writer.write(np.arange(lo, hi), f["pooled"][lo:hi], f["tokens"][lo:hi], f["mask"][lo:hi],
-                             f["split"][lo:hi] if "split" in f else None)
-    if not writer.finish():
-        raise CacheError(f"{name}: the shards do not cover every row")
+                block = np.arange(lo, min(stop, lo + 512))
+                writer.write(block, *(shard.load(part, block) for part in ("pooled", "tokens", "mask")),
+                             shard.load("split", block) if "split" in shard.shapes else None)
+        if not writer.finish():
+            raise CacheError(f"{name}: the shards do not cover every row")
     for shard_file in shard_files:
         shard_file.unlink()
     return target
 
 
 def list_feature_files(cache_dir: Path) -> list[dict]:
-    """One dict per feature file (finished, shard, or partial) for `msa cache ls`."""
+    """One dict per feature file (finished, shard, partial or set aside) for `msa cache ls`."""
     rows = []
     for path in sorted((Path(cache_dir) / FEATURES_DIR).glob("*.h5*")):
+        if DAMAGED_SUFFIX in path.name:
+            rows.append({"file": path.name, "status": "damaged, set aside (`msa cache gc` removes it)"})
+            continue
+        partial = path.name.endswith(".partial")
+        problem = None if partial else problem_of(path)
         try:
             with h5py.File(path, "r") as f:
                 fingerprint = _read_fingerprint(f)
-                done = int(f["done"][:].sum())
-                total = len(f["done"])
+                done, total = int(f["done"][:].sum()), len(f["done"])
                 dims = {part: list(f[part].shape[1:]) for part in PARTS if part in f}
-        except OSError:
-            rows.append({"file": path.name, "status": "unreadable (interrupted before its first flush)"})
+        except H5_ERRORS:
+            rows.append({"file": path.name, "status": f"damaged: {problem or 'unreadable'}"})
             continue
-        status = "partial" if path.name.endswith(".partial") else ("shard" if ".shard-" in path.name else "complete")
+        status = "partial" if partial else ("shard" if ".shard-" in path.name else "complete")
         rows.append({
             "file": path.name,
-            "status": status,
+            "status": f"damaged: {problem}" if problem else status,
             "rows": f"{done}/{total}",
             "pooled": dims.get("pooled"),
             "tokens": dims.get("tokens"),

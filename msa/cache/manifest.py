@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from msa.cache.errors import CacheError, write_error
 from msa.cache.fingerprint import config_id
 from msa.pipeline.mvsa import Item, bad_image_flag
 
@@ -111,28 +112,46 @@ def _file_size(path: str) -> int:
 
 
 def write_manifest(manifest: Manifest, cache_dir: Path) -> Path:
-    """Write atomically: a crash never leaves a half-written manifest behind."""
+    """Write atomically: a crash or a full disk never leaves a half-written manifest behind."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / MANIFEST_FILE
     table = manifest.table.replace_schema_metadata({"msa": json.dumps(manifest.info)})
     tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
+    try:
+        pq.write_table(table, tmp)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from None
     os.replace(tmp, path)
     return path
 
 
-def manifest_columns(cache_dir: Path) -> list[str]:
-    """The manifest's column names, from the Parquet footer alone (no rows are read)."""
+def _manifest_path(cache_dir: Path) -> Path:
     path = Path(cache_dir) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; run `msa extract --data DIR --cache {cache_dir}` first")
-    return pq.read_schema(path).names
+    return path
+
+
+def _damaged(path: Path, err: Exception) -> CacheError:
+    return CacheError(f"{path}: the manifest is unreadable ({str(err).splitlines()[0]}); rerun `msa extract` "
+                      "(or `msa import-features`) to rebuild it: feature sets of the same data stay valid")
+
+
+def manifest_columns(cache_dir: Path) -> list[str]:
+    """The manifest's column names, from the Parquet footer alone (no rows are read)."""
+    path = _manifest_path(cache_dir)
+    try:
+        return pq.read_schema(path).names
+    except (OSError, pa.ArrowException) as err:
+        raise _damaged(path, err) from None
 
 
 def read_manifest(cache_dir: Path) -> Manifest:
-    path = Path(cache_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; run `msa extract --data DIR --cache {cache_dir}` first")
-    table = pq.read_table(path)
-    info = json.loads(table.schema.metadata[b"msa"])
+    path = _manifest_path(cache_dir)
+    try:
+        table = pq.read_table(path)
+        info = json.loads(table.schema.metadata[b"msa"])
+    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError) as err:
+        raise _damaged(path, err) from None
     return Manifest(table.replace_schema_metadata(None), info)

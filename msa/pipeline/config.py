@@ -18,6 +18,7 @@ class ExtractConfig:
     image_model: str = "resnet50"  # torchvision name or timm:NAME
     image_weights: str | None = None  # local state dict instead of downloaded weights
     on_bad_image: str = "blank"  # blank | skip | fail
+    on_duplicate: str = "first-if-same"  # first-if-same (conflicting labels stop) | first | error
     val_ratio: float = 0.2  # stratified share of labelled items held out for validation
     split_seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
@@ -149,6 +150,7 @@ class FinetuneConfig:
     val_ratio: float = 0.2  # the same split as `msa extract` with the same ratio and seed
     split_seed: int = 42
     on_bad_image: str = "blank"
+    on_duplicate: str = "first-if-same"
     limit: int | None = None
     device: str = "auto"
     precision: str = "auto"  # AMP: fp16/bf16 autocast on CUDA

@@ -9,7 +9,9 @@ and per-item problems become flags on the item and counts in the report.
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -20,6 +22,9 @@ LABEL_FILES = {"train": "train.txt", "test": "test_without_label.txt"}
 # cp1252 covers Windows-exported Western text; replacement is the last resort.
 TEXT_ENCODINGS = ("utf-8", "gb18030", "cp1252")
 ON_BAD_IMAGE = ("skip", "blank", "fail")
+# first-if-same: keep the first of duplicates that agree, stop where their labels conflict.
+ON_DUPLICATE = ("first-if-same", "first", "error")
+BAD_ITEMS_FILE = "bad_items.csv"
 
 
 class DataError(ValueError):
@@ -35,6 +40,7 @@ class Item:
     image_path: str
     flags: list[str]
     source: str  # "train" or "test": which label file listed the item
+    where: str = ""  # FILE:LINE of the listing
 
 
 @dataclasses.dataclass
@@ -45,6 +51,7 @@ class ReadReport:
     flags: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: list[str] = dataclasses.field(default_factory=list)  # "guid: reason"
     notes: list[str] = dataclasses.field(default_factory=list)  # e.g. duplicate lines
+    bad_items: list[dict] = dataclasses.field(default_factory=list)  # guid, where (FILE:LINE), problem
 
 
 def bad_image_flag(flags: list[str]) -> str | None:
@@ -95,6 +102,7 @@ def read_label_file(path: Path, labelled: bool) -> list[tuple[str, str | None, i
         if len(parts) != 2 or not parts[0]:
             raise DataError(f"{path}:{line_no}: expected 'guid,tag', got {line!r}")
         guid, tag = parts
+        check_guid(guid, f"{path}:{line_no}")
         label: str | None = None
         if labelled:
             label = tag.lower()
@@ -106,20 +114,31 @@ def read_label_file(path: Path, labelled: bool) -> list[tuple[str, str | None, i
     return rows
 
 
-def read_mvsa(data_dir: Path, on_bad_image: str = "blank") -> tuple[list[Item], ReadReport]:
+def check_guid(guid: str, where: str) -> None:
+    """A guid names files in data/: it must be a plain name, never a path out of the folder."""
+    if guid.startswith(".") or any(c in guid for c in "/\\\0") or ".." in guid or not guid.isprintable():
+        raise DataError(f"{where}: guid {guid!r} is not a plain file name (no '/', '\\', '..' or leading '.')")
+
+
+def read_mvsa(data_dir: Path, on_bad_image: str = "blank", on_duplicate: str = "first-if-same"
+              ) -> tuple[list[Item], ReadReport]:
     """Read every listed item of an MVSA folder.
 
     on_bad_image: `blank` keeps the item with a `bad_image` flag (encoders see a blank
     image), `skip` leaves it out, `fail` raises a DataError naming the file.
+    on_duplicate: what a guid listed twice does (ON_DUPLICATE); kept duplicates are named
+    in the report's bad items either way.
     """
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+    if on_duplicate not in ON_DUPLICATE:
+        raise ValueError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
     data_dir = Path(data_dir)
     if not (data_dir / LABEL_FILES["train"]).is_file():
         raise DataError(f"{data_dir}: no {LABEL_FILES['train']} here; is this an MVSA folder?")
     report = ReadReport()
     items: list[Item] = []
-    first_seen: dict[str, str] = {}
+    first_seen: dict[str, tuple[str, str | None]] = {}  # guid -> (where, label)
     for source, file_name in LABEL_FILES.items():
         label_path = data_dir / file_name
         if not label_path.is_file():
@@ -128,17 +147,18 @@ def read_mvsa(data_dir: Path, on_bad_image: str = "blank") -> tuple[list[Item], 
         for guid, label, line_no in read_label_file(label_path, labelled=source == "train"):
             where = f"{label_path}:{line_no}"
             if guid in first_seen:
-                report.notes.append(f"{where}: duplicate guid {guid} (first at {first_seen[guid]}), ignored")
-                report.flags["duplicate_guid"] = report.flags.get("duplicate_guid", 0) + 1
+                _duplicate(report, guid, label, where, *first_seen[guid], on_duplicate)
                 continue
-            first_seen[guid] = where
-            item = _read_item(data_dir, guid, label, source)
+            first_seen[guid] = (where, label)
+            item = _read_item(data_dir, guid, label, source, where)
             bad_image = bad_image_flag(item.flags)
             if bad_image and on_bad_image == "fail":
                 raise DataError(f"{item.image_path}: {bad_image.replace('_', ' ')} (listed at {where})")
             if bad_image and on_bad_image == "skip":
                 report.skipped.append(f"{guid}: {bad_image}")
+                report.bad_items.append({"guid": guid, "where": where, "problem": f"{bad_image}, skipped"})
                 continue
+            report.bad_items += [{"guid": guid, "where": where, "problem": flag} for flag in item.flags]
             items.append(item)
     report.items_read = len(items)
     report.class_counts = dict(collections.Counter(i.label or "unlabelled" for i in items))
@@ -149,7 +169,33 @@ def read_mvsa(data_dir: Path, on_bad_image: str = "blank") -> tuple[list[Item], 
     return items, report
 
 
-def _read_item(data_dir: Path, guid: str, label: str | None, source: str) -> Item:
+def _duplicate(report: ReadReport, guid: str, label: str | None, where: str, first_where: str,
+               first_label: str | None, on_duplicate: str) -> None:
+    """A guid listed again: stop (on_duplicate error, or conflicting labels unless `first`), or keep the first."""
+    conflict = label != first_label
+    if on_duplicate == "error" or (conflict and on_duplicate == "first-if-same"):
+        what = f"with label {label or 'none'} (first at {first_where} as {first_label or 'unlabelled'})"
+        raise DataError(f"{where}: guid {guid} is listed again {what}; remove one line, or keep the first "
+                        "listing with --on-duplicate first")
+    problem = f"duplicate guid (first at {first_where}){', conflicting label ' + str(label) if conflict else ''}"
+    report.notes.append(f"{where}: {problem.replace('guid', f'guid {guid}', 1)}, ignored")
+    report.bad_items.append({"guid": guid, "where": where, "problem": problem})
+    report.flags["duplicate_guid"] = report.flags.get("duplicate_guid", 0) + 1
+
+
+def write_bad_items(report: ReadReport, cache_dir: Path) -> Path:
+    """Every bad item with its FILE:LINE, as CACHE/bad_items.csv (the summary shows the first few)."""
+    path = Path(cache_dir) / BAD_ITEMS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["guid", "where", "problem"])
+        writer.writeheader()
+        writer.writerows(report.bad_items)
+    os.replace(tmp, path)
+    return path
+
+
+def _read_item(data_dir: Path, guid: str, label: str | None, source: str, where: str = "") -> Item:
     flags = []
     text_path = data_dir / "data" / f"{guid}.txt"
     if text_path.is_file():
@@ -166,4 +212,4 @@ def _read_item(data_dir: Path, guid: str, label: str | None, source: str) -> Ite
     image_problem = check_image(image_path)
     if image_problem:
         flags.append(image_problem)
-    return Item(guid, label, text, encoding, str(image_path.resolve()), flags, source)
+    return Item(guid, label, text, encoding, str(image_path.resolve()), flags, source, where)

@@ -2,8 +2,10 @@
 
     config.json             every option, and the feature sets (name + fingerprint) used
     history.csv             one row per epoch: losses, metrics, learning rate, seconds
-    metrics.json            final validation metrics of the best epoch
-    checkpoint.pt           the best head's weights, with what is needed to rebuild it
+    metrics.json            final validation metrics of the best epoch; written last, so it
+                            marks a finished run
+    model.safetensors       the best model's weights (safetensors: loading runs no code)
+    model.json              what rebuilds the model around those weights
     val_predictions.parquet guid, label, prediction, probabilities (and gate)
     curves.png, confusion.png (classification)
     tensorboard/            the history as TensorBoard events, when tensorboard is installed
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +26,14 @@ import pyarrow.parquet as pq
 CONFIG = "config.json"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
-CHECKPOINT = "checkpoint.pt"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_SPEC = "model.json"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # msa < 0.2: a pickle, never loaded
 VAL_PREDICTIONS = "val_predictions.parquet"
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be used or written as asked; the message says why and what to do."""
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -35,12 +44,55 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save, atomic like write_json: a kill mid-save leaves the previous checkpoint."""
+    """torch.save of a resume state (tensors, numbers, strings and containers only, so that
+    load_checkpoint reads it with weights_only=True), atomic like write_json."""
     import torch
 
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A resume state saved by save_checkpoint; weights_only: a planted object is refused, never run."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise RunDirError(f"{path}: not a checkpoint msa can load safely ({str(err).splitlines()[0]})") from None
+
+
+def save_model(run_dir: Path, state_dict: dict, spec: dict) -> None:
+    """The weights as safetensors and the spec that rebuilds the model as JSON, each atomic."""
+    from safetensors.torch import save_file
+
+    # Contiguous copies: safetensors refuses views and tensors sharing memory.
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    tmp = run_dir / (MODEL_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, run_dir / MODEL_WEIGHTS)
+    write_json(run_dir / MODEL_SPEC, spec)
+
+
+def load_model(run_dir: Path) -> tuple[dict, dict]:
+    """(state_dict, spec) of a run; neither file can run code when read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    weights = run_dir / MODEL_WEIGHTS
+    if not weights.is_file():
+        if (run_dir / LEGACY_CHECKPOINT).is_file():
+            raise RunDirError(f"{run_dir}: written by msa < 0.2 ({LEGACY_CHECKPOINT}, a pickle that could run code "
+                              "when loaded, so msa no longer reads it); train the run again")
+        raise RunDirError(f"{run_dir}: no {MODEL_WEIGHTS}; is this a finished msa run?")
+    try:
+        return load_file(str(weights)), read_json(run_dir / MODEL_SPEC)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RunDirError(f"{weights}: unreadable ({str(err).splitlines()[0]}); train the run again") from None
 
 
 def read_json(path: Path) -> dict:
@@ -140,3 +192,40 @@ def plot_run(run_dir: Path, metrics: dict) -> None:
     fig.tight_layout()
     fig.savefig(run_dir / "confusion.png", dpi=100)
     plt.close(fig)
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / METRICS).is_file()
+
+
+def lock_run(run_dir: Path):
+    """Hold the lock of a run (or sweep) directory, kept beside it; BusyError if another process has it."""
+    from msa.cache.locks import acquire
+
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return acquire(run_dir.parent / f".{run_dir.name}.lock", f"the run directory {run_dir}")
+
+
+def claim(run_dir: Path, kind: str, overwrite: bool = False):
+    """Take `run_dir` for a new run of `kind` and hold its lock (returned; release it when done).
+
+    Nothing is lost silently: an absent or empty directory is created; one holding an msa run
+    is replaced only with `overwrite`; anything else (a cache, other files) is refused."""
+    run_dir = Path(run_dir)
+    lock = lock_run(run_dir)
+    try:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            recorded = (read_json(run_dir / CONFIG).get("kind") if (run_dir / CONFIG).is_file() else None)
+            if recorded is None:
+                raise RunDirError(f"--out {run_dir}: not empty and not an msa run directory; choose another --out")
+            if not overwrite:
+                state = "finished" if is_finished(run_dir) else "unfinished"
+                raise RunDirError(f"--out {run_dir} holds a {state} {recorded} run; pass --overwrite to replace it "
+                                  "or choose another --out")
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock

@@ -16,17 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from rich.table import Table
 
 from msa.cache.captions import CaptionSet, image_bytes, list_caption_sets
-from msa.cache.features import CacheError, FeatureWriter, feature_path, is_complete, shard_rows
+from msa.cache.errors import BusyError, CacheError
+from msa.cache.features import FeatureWriter, feature_path, is_complete, shard_rows
 from msa.cache.fingerprint import config_id, slug
+from msa.cache.locks import lock_path
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess, weights_identity
 from msa.models.text import TextEncoder, model_identity
 from msa.pipeline.compute import Compute, prefetch, resolve_compute
 from msa.pipeline.config import TEXT_SOURCES, ExtractConfig, to_json
-from msa.pipeline.mvsa import ReadReport, read_mvsa
+from msa.pipeline.mvsa import ReadReport, read_mvsa, write_bad_items
 from msa.pipeline.progress import ItemProgress, console, rate_text
 
 FORMAT_VERSION = 1
@@ -43,10 +46,14 @@ class FeatureSetResult:
     modality: str
     name: str
     path: Path
-    cached: bool  # complete before this run: no encoder work was done
+    status: str  # cached (complete before this run) | encoded | resumed | busy (another process writes it)
     resumed_rows: int  # rows an interrupted run had already written
     encoded_rows: int  # rows encoded by this run
     seconds: float
+
+    @property
+    def cached(self) -> bool:
+        return self.status == "cached"
 
 
 @dataclasses.dataclass
@@ -126,26 +133,36 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         name = feature_set_name(modality, model, fingerprint)
         path = feature_path(cfg.cache, name, shard)
         if is_complete(path, fingerprint) or (shard and is_complete(feature_path(cfg.cache, name), fingerprint)):
-            results[modality] = FeatureSetResult(modality, name, path, True, 0, 0, 0.0)
+            results[modality] = FeatureSetResult(modality, name, path, "cached", 0, 0, 0.0)
             continue
-        start = time.perf_counter()
         notes = {"extract_config": to_json(cfg)}
         if captions and modality == "text":
             notes["caption_config"] = captions.notes["caption_config"]
-        with FeatureWriter(path, fingerprint, manifest.guids, shard_rows(len(manifest), shard), notes) as writer:
+        # The model loads before the set's file exists: a model that fails to load leaves nothing behind.
+        encoder = (TextEncoder(cfg.text_model, cfg.max_len, cfg.pooling) if modality == "text"
+                   else build_image_encoder(cfg.image_model, cfg.image_weights))
+        try:
+            writer = FeatureWriter(path, fingerprint, manifest.guids, shard_rows(len(manifest), shard), notes)
+        except BusyError as err:
+            console.print(f"[yellow]{err}; going on without it[/yellow]")
+            results[modality] = FeatureSetResult(modality, name, path, "busy", 0, 0, 0.0)
+            continue
+        if writer.set_aside:
+            console.print(f"[yellow]{writer.set_aside.name}: a damaged file of {name}, set aside; "
+                          "encoding those rows again[/yellow]")
+        start = time.perf_counter()
+        with writer:
             pending = writer.pending_rows()
             if modality == "text":
-                encode_texts(TextEncoder(cfg.text_model, cfg.max_len, cfg.pooling), manifest, pending,
-                             writer, compute, cfg.batch_size, show_progress, on_batch, captions, cfg.text_source,
-                             cfg.text_split_layer)
+                encode_texts(encoder, manifest, pending, writer, compute, cfg.batch_size, show_progress, on_batch,
+                             captions, cfg.text_source, cfg.text_split_layer)
             else:
-                encoder = build_image_encoder(cfg.image_model, cfg.image_weights)
                 use_compile = cfg.compile or (compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES)
                 encode_images(encoder, manifest, pending, writer, compute, cfg.batch_size,
                               show_progress, on_batch, use_compile, cfg.image_split_stage)
             writer.finish()
-        results[modality] = FeatureSetResult(modality, name, path, False, writer.resumed_rows,
-                                             len(pending), time.perf_counter() - start)
+        results[modality] = FeatureSetResult(modality, name, path, "resumed" if writer.resumed_rows else "encoded",
+                                             writer.resumed_rows, len(pending), time.perf_counter() - start)
     return ExtractResult(manifest, report, results)
 
 
@@ -156,21 +173,27 @@ def prepare_manifest(cfg: ExtractConfig) -> tuple[Manifest, ReadReport]:
     changed size or time since the cached manifest was built, that is skipped.
     """
     signature = source_signature(cfg)
-    try:
-        previous = read_manifest(cfg.cache)
-    except FileNotFoundError:
-        previous = None
-    if previous is not None and previous.info.get("source_signature") == signature:
-        return previous, ReadReport(**previous.info["report"])
-    items, report = read_mvsa(cfg.data, cfg.on_bad_image)
-    if cfg.limit:
-        items = items[: cfg.limit]
-    manifest = build_manifest(items, cfg.data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
-    manifest.info.update(report=dataclasses.asdict(report), source_signature=signature)
-    if previous is not None and previous.manifest_id != manifest.manifest_id:
-        console.print(f"[yellow]{cfg.cache}: the data or split changed; the manifest is rebuilt and "
-                      "feature sets of the old one no longer match[/yellow]")
-    write_manifest(manifest, Path(cfg.cache))
+    # One process at a time reads, compares and rewrites the manifest (a few seconds at most).
+    with FileLock(str(lock_path(cfg.cache, "manifest"))):
+        try:
+            previous = read_manifest(cfg.cache)
+        except FileNotFoundError:
+            previous = None
+        except CacheError as err:  # damaged: rebuilt from the data; the feature sets keep matching it
+            console.print(f"[yellow]{err}; rebuilding it[/yellow]")
+            previous = None
+        if previous is not None and previous.info.get("source_signature") == signature:
+            return previous, ReadReport(**previous.info["report"])
+        items, report = read_mvsa(cfg.data, cfg.on_bad_image, cfg.on_duplicate)
+        if cfg.limit:
+            items = items[: cfg.limit]
+        manifest = build_manifest(items, cfg.data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
+        manifest.info.update(report=dataclasses.asdict(report), source_signature=signature)
+        if previous is not None and previous.manifest_id != manifest.manifest_id:
+            console.print(f"[yellow]{cfg.cache}: the data or split changed; the manifest is rebuilt and "
+                          "feature sets of the old one no longer match[/yellow]")
+        write_manifest(manifest, Path(cfg.cache))
+        write_bad_items(report, Path(cfg.cache))
     return manifest, report
 
 
@@ -289,6 +312,6 @@ def summary_tables(result: ExtractResult) -> list[Table]:
     for column in ("modality", "name", "status", "rows encoded", "items/s"):
         features.add_column(column)
     for r in result.feature_sets.values():
-        status = "cached" if r.cached else ("resumed" if r.resumed_rows else "encoded")
-        features.add_row(r.modality, r.name, status, str(r.encoded_rows), rate_text(r.encoded_rows, r.seconds, "")[:-2])
+        rate = rate_text(r.encoded_rows, r.seconds, "")[:-2]
+        features.add_row(r.modality, r.name, r.status, str(r.encoded_rows), rate)
     return [data, features]

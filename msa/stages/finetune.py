@@ -38,7 +38,8 @@ from msa.pipeline.training import (
     warmup_cosine,
 )
 
-LAST = "last.pt"  # the state to resume from, rewritten after every epoch
+LAST = "last.pt"  # the state to resume from, rewritten after every epoch (read with weights_only)
+KIND = "finetune"  # config.json's "kind"
 IMAGE_AUGS = ("none", "weak", "strong")
 
 
@@ -145,14 +146,20 @@ def predict_rows(model: EndToEndModel, data: RawData, rows: np.ndarray, compute,
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every random state, as tensors and plain values (the checkpoint loads with weights_only)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
             "generator": generator.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].cpu().numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
     random.setstate(state["python"])
     generator.set_state(state["generator"])
     if state["cuda"] is not None and torch.cuda.is_available():
@@ -160,15 +167,25 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, log=print,
-        on_epoch=None) -> Path:
+        on_epoch=None, overwrite: bool = False) -> Path:
     """Train end to end into cfg.out; with resume, continue from cfg.out/last.pt. `on_epoch(epoch)`
-    follows each saved epoch. Returns the run directory."""
-    compute = resolve_compute(cfg.device, cfg.precision)
+    follows each saved epoch. Returns the run directory, whose metrics.json is written last."""
     run_dir = Path(cfg.out or Path("runs") / f"finetune-{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     if cfg.select not in SELECT_BY_TASK["classification"]:
         raise ValueError(f"--select must be one of {', '.join(SELECT_BY_TASK['classification'])}")
     if cfg.image_aug not in IMAGE_AUGS:
         raise ValueError(f"--image-aug must be one of {', '.join(IMAGE_AUGS)}, got {cfg.image_aug!r}")
+    if resume and not (run_dir / LAST).is_file():
+        raise rundir.RunDirError(f"--resume {run_dir}: no {LAST} there, so nothing to resume")
+    lock = rundir.lock_run(run_dir) if resume else rundir.claim(run_dir, KIND, overwrite)
+    try:
+        return _train(cfg, run_dir, resume, show_progress, log, on_epoch)
+    finally:
+        lock.release()
+
+
+def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool, log, on_epoch) -> Path:
+    compute = resolve_compute(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg).to(compute.device)
@@ -177,14 +194,11 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
     if resume:
         manifest = read_manifest(run_dir)
     else:
-        items, _ = read_mvsa(cfg.data, cfg.on_bad_image)
+        items, _ = read_mvsa(cfg.data, cfg.on_bad_image, cfg.on_duplicate)
         manifest = build_manifest(items[: cfg.limit] if cfg.limit else items, cfg.data, cfg.val_ratio,
                                   cfg.split_seed, cfg.on_bad_image)
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(manifest, run_dir)
-        for stale in (rundir.HISTORY, rundir.METRICS, LAST):
-            (run_dir / stale).unlink(missing_ok=True)
-    rundir.write_json(run_dir / rundir.CONFIG, {**to_json(cfg), "kind": "finetune", "out": str(run_dir),
+    rundir.write_json(run_dir / rundir.CONFIG, {**to_json(cfg), "kind": KIND, "out": str(run_dir),
                                                 "cache": str(run_dir)})
     data = RawData.read(manifest, model.encoders["text"], cfg.clean_text)
     train_rows, val_rows = manifest.rows_of_split("train"), manifest.rows_of_split("val")
@@ -204,9 +218,9 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
     scaler = torch.amp.GradScaler(compute.device.type, enabled=compute.device.type == "cuda"
                                   and compute.precision == "fp16")
     select_key, larger_is_better = SELECT[cfg.select]
-    state = {"epoch": 0, "best_score": None, "best_epoch": 0, "stale": 0}
+    state = {"epoch": 0, "best_score": None, "best_epoch": 0, "stale": 0, "best_metrics": None}
     if resume:
-        last = torch.load(run_dir / LAST, map_location=compute.device, weights_only=False)
+        last = rundir.load_checkpoint(run_dir / LAST, map_location=compute.device)
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
@@ -259,8 +273,8 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
         score = metrics[select_key] if larger_is_better else -metrics[select_key]
         state["epoch"] = epoch
         if state["best_score"] is None or score > state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch, stale=0)
-            _save_best(run_dir, model, cfg, manifest, val_rows, probabilities, metrics, epoch)
+            state.update(best_score=score, best_epoch=epoch, stale=0, best_metrics={**metrics, "best_epoch": epoch})
+            _save_best(run_dir, model, cfg, manifest, val_rows, probabilities)
         else:
             state["stale"] += 1
             if state["stale"] >= cfg.patience:
@@ -270,16 +284,14 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
                       "rng": rng_state(generator), "state": state}, run_dir / LAST)
         if on_epoch:
             on_epoch(epoch)
-    metrics = rundir.read_json(run_dir / rundir.METRICS)
-    rundir.plot_run(run_dir, metrics)
+    rundir.plot_run(run_dir, state["best_metrics"])
+    rundir.write_json(run_dir / rundir.METRICS, state["best_metrics"])  # last: the run is finished
     return run_dir
 
 
 def _save_best(run_dir: Path, model: EndToEndModel, cfg: FinetuneConfig, manifest: Manifest, val_rows: np.ndarray,
-               probabilities: np.ndarray, metrics: dict, epoch: int) -> None:
-    rundir.save_checkpoint({"kind": "finetune", "state_dict": model.state_dict(), "config": to_json(cfg),
-                  "class_names": list(LABELS)}, run_dir / rundir.CHECKPOINT)
-    rundir.write_json(run_dir / rundir.METRICS, {**metrics, "best_epoch": epoch})
+               probabilities: np.ndarray) -> None:
+    rundir.save_model(run_dir, model.state_dict(), {"kind": KIND, "config": to_json(cfg), "class_names": list(LABELS)})
     guids, labels = manifest.guids, manifest.column("label")
     rundir.write_predictions(run_dir / rundir.VAL_PREDICTIONS, rundir.predictions_table(
         [guids[r] for r in val_rows], [labels[r] for r in val_rows], probabilities, list(LABELS)))
@@ -296,9 +308,9 @@ def _truncate_history(run_dir: Path, epochs: int) -> None:
 
 
 def load_finetuned(run_dir: Path, device: str = "auto") -> tuple[EndToEndModel, FinetuneConfig, object]:
-    checkpoint = torch.load(Path(run_dir) / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
-    cfg = from_record(FinetuneConfig, checkpoint["config"])
+    state_dict, spec = rundir.load_model(run_dir)
+    cfg = from_record(FinetuneConfig, spec["config"])
     compute = resolve_compute(device, cfg.precision)
     model = build_model(cfg)
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(state_dict)
     return model.to(compute.device).eval(), cfg, compute

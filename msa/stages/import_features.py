@@ -1,7 +1,10 @@
 """Import pre-extracted sequence features (CMU-MOSI / MOSEI as MultiBench distributes them).
 
-The pickle holds {"train" | "valid" | "test": {MODALITY: [N, T, D], ..., "labels": [N, 1] or
-[N, 1, 1], "id": [N, ...]}}; modality names and sizes come from the file. The result is an
+The file holds {"train" | "valid" | "test": {MODALITY: [N, T, D], ..., "labels": [N, 1] or
+[N, 1, 1], "id": [N, ...]}}; modality names and sizes come from the file. A pickle is read by
+an unpickler that admits numpy arrays and plain containers only (a pickle can otherwise run
+any code when loaded); `.npz` (keys `train/text`, ...) and `.h5` (groups train, valid, test)
+exports need no pickle at all. The result is an
 ordinary cache: a manifest (splits, float scores) and one token-level feature set per
 modality, so every stage 2 head, sweep and report works on it.
 """
@@ -34,16 +37,71 @@ class ImportResult:
     nonfinite: dict[str, dict[str, int]]  # split -> modality -> values replaced by 0
 
 
+# What a feature pickle may hold: numpy arrays, numpy scalars and plain containers. Any
+# other global (os.system, a class with __reduce__) is refused before it is called.
+SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"), ("collections", "OrderedDict"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"), ("_codecs", "encode"),
+    ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"), ("__builtin__", "object"),
+    ("builtins", "object"),
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Admits only SAFE_GLOBALS: a planted __reduce__ is refused, never run."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, and msa loads only numpy arrays and "
+                                     "plain containers from a pickle (nothing that can run code)")
+
+
 def load_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             try:
-                return pickle.load(f)
+                return SafeUnpickler(f).load()
             except UnicodeDecodeError:  # written by Python 2, as some releases of these files are
                 f.seek(0)
-                return pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as err:
-        raise DataError(f"{path}: not a readable pickle ({err})") from err
+                return SafeUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: not a readable feature pickle: {err}") from err
+
+
+def load_arrays(path: Path) -> dict:
+    """The splits of an `.npz` (keys `SPLIT/NAME`) or `.h5` (groups SPLIT with datasets) export."""
+    data: dict[str, dict] = {}
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                split, _, name = key.partition("/")
+                if not name:
+                    raise DataError(f"{path}: key {key!r} is not SPLIT/NAME (e.g. train/text)")
+                data.setdefault(split, {})[name] = npz[key]
+        return data
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        for split, group in f.items():
+            if not isinstance(group, h5py.Group):
+                raise DataError(f"{path}: {split!r} is not a group of arrays (train/valid/test)")
+            data[split] = {name: (group[name].asstr()[:] if group[name].dtype.kind in "OS" else group[name][:])
+                           for name in group}
+    return data
+
+
+def load_features(path: Path) -> dict:
+    """A features file as {split: {name: array}}: `.npz` and `.h5` exports, or a pickle read safely."""
+    if path.suffix in (".npz", ".h5", ".hdf5"):
+        try:
+            return load_arrays(path)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: not a readable {path.suffix} export ({str(err).splitlines()[0]})") from None
+    return load_pickle(path)
 
 
 def check_split(path: Path, key: str, part) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
@@ -98,7 +156,7 @@ def run(path: Path, cache: Path) -> ImportResult:
     path, cache = Path(path), Path(cache)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    data = load_pickle(path)
+    data = load_features(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a dict with the splits {', '.join(SPLITS)}, got {type(data).__name__}")
     missing = [key for key in SPLITS if key not in data]

@@ -7,12 +7,14 @@ first, with exactly the encoder configuration recorded with the run's feature se
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from msa.cache.features import CacheError, find_feature_set
+from msa.cache.fingerprint import config_id, slug
 from msa.cache.manifest import Manifest, build_manifest, read_manifest
 from msa.models.heads import ModalityDims
 from msa.pipeline import rundir
@@ -47,14 +49,12 @@ class Predictions:
 
 
 def load_head(run_dir: Path) -> tuple[torch.nn.Module, dict]:
-    checkpoint = torch.load(Path(run_dir) / rundir.CHECKPOINT, map_location="cpu", weights_only=False)
-    dims = {m: ModalityDims(**d) for m, d in checkpoint["dims"].items()}
-    model = build_model(checkpoint["fusion"], dims, checkpoint["hidden"], checkpoint["dropout"],
-                        checkpoint["feature_sets"], checkpoint.get("unfrozen", {}),
-                        checkpoint.get("task", "classification"), checkpoint.get("sequence_encoder", "lstm"),
-                        checkpoint.get("output_scaling", "tanh"))
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), checkpoint
+    state_dict, spec = rundir.load_model(run_dir)
+    dims = {m: ModalityDims(**d) for m, d in spec["dims"].items()}
+    model = build_model(spec["fusion"], dims, spec["hidden"], spec["dropout"], spec["feature_sets"], spec["unfrozen"],
+                        spec["task"], spec["sequence_encoder"], spec["output_scaling"])
+    model.load_state_dict(state_dict)
+    return model.eval(), spec
 
 
 def ensure_features(run_dir: Path, data: Path | None, cache: Path | None, device: str = "auto",
@@ -135,7 +135,7 @@ def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str
     if data is None:
         manifest = read_manifest(run_dir)
     else:
-        items, _ = read_mvsa(data, cfg.on_bad_image)
+        items, _ = read_mvsa(data, cfg.on_bad_image, cfg.on_duplicate)
         manifest = build_manifest(items, data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
     raw = finetune.RawData.read(manifest, model.encoders["text"], cfg.clean_text)
     rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
@@ -146,15 +146,29 @@ def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str
 
 
 def write_predictions_file(predictions: Predictions, path: Path) -> Path:
-    """`guid,tag` with a header, as test_without_label.txt (`guid,score` for regression runs)."""
+    """`guid,tag` with a header, as test_without_label.txt (`guid,score` for regression runs); atomic."""
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "guid,score" if predictions.scores is not None else "guid,tag"
     lines = [header] + [f"{g},{p}" for g, p in zip(predictions.guids, predictions.predicted)]
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
     return path
 
 
-def run(cfg: PredictConfig, show_progress: bool = True) -> tuple[Path, Predictions]:
+def default_output(run_dir: Path, data: Path | None, split: str) -> Path:
+    """RUN/predictions-SPLIT.txt for the run's own data; new data's go beside it, named after it."""
+    if data is None:
+        return Path(run_dir) / f"predictions-{split}.txt"
+    data = Path(data).resolve()
+    return Path(run_dir) / f"predictions-{slug(data.name)}-{config_id({'data': str(data)}, 6)}-{split}.txt"
+
+
+def run(cfg: PredictConfig, show_progress: bool = True, overwrite: bool = False) -> tuple[Path, Predictions]:
+    """Predict and write the file. An existing --out is replaced only with `overwrite` (the
+    default output, which only predict writes, is always rewritten)."""
+    out = cfg.out or default_output(cfg.run, cfg.data, cfg.split)
+    if cfg.out and Path(cfg.out).exists() and not overwrite:
+        raise rundir.RunDirError(f"--out {cfg.out} exists; pass --overwrite to replace it or choose another file")
     predictions = predict(cfg.run, cfg.data, cfg.split, cfg.cache, cfg.device, show_progress)
-    out = cfg.out or Path(cfg.run) / f"predictions-{cfg.split}.txt"
     return write_predictions_file(predictions, out), predictions

@@ -12,7 +12,10 @@ import dataclasses
 import itertools
 import json
 import multiprocessing
+import os
 import queue
+import threading
+import time
 
 import pandas as pd
 import torch
@@ -20,7 +23,7 @@ from rich.table import Table
 
 from msa.models.heads import HEADS, check_head
 from msa.pipeline import rundir
-from msa.pipeline.config import SweepConfig, TrainHeadConfig
+from msa.pipeline.config import SweepConfig, TrainHeadConfig, to_json
 from msa.pipeline.progress import console, progress_bar
 from msa.stages import train_head
 
@@ -85,41 +88,67 @@ def plan(cfg: SweepConfig) -> list[TrainHeadConfig]:
     return configs
 
 
-def finished(run_cfg: TrainHeadConfig) -> bool:
-    """A run is done when its metrics exist and it ran with exactly these options."""
-    if not (run_cfg.out / rundir.METRICS).is_file():
+SWEEP_FILE = "sweep.json"  # marks a sweep directory: a later sweep into it resumes
+
+
+def finished(run_cfg: TrainHeadConfig, overwrite: bool = False) -> bool:
+    """A run is done when its metrics exist and it ran with exactly these options. A finished
+    run with other options is never replaced silently: that takes `overwrite`."""
+    if not rundir.is_finished(run_cfg.out):
         return False
     saved = rundir.read_json(run_cfg.out / rundir.CONFIG)
-    return all(saved.get(k) == v for k, v in train_head.recorded_options(run_cfg).items() if k != "out")
+    differing = sorted(k for k, v in train_head.recorded_options(run_cfg).items() if k != "out" and saved.get(k) != v)
+    if differing and not overwrite:
+        raise rundir.RunDirError(f"{run_cfg.out} holds a finished run with other options ({', '.join(differing)}); "
+                                 "pass --overwrite to train it again, or choose another --out")
+    return not differing
 
 
-def run(cfg: SweepConfig, show_progress: bool = True) -> pd.DataFrame:
+def claim_sweep(cfg: SweepConfig):
+    """Hold the sweep directory's lock (one sweep at a time in it); refuse a directory that is
+    neither empty nor a sweep's."""
+    lock = rundir.lock_run(cfg.out)
+    if cfg.out.exists() and any(cfg.out.iterdir()) and not (cfg.out / SWEEP_FILE).is_file():
+        lock.release()
+        raise rundir.RunDirError(f"--out {cfg.out}: not empty and not a sweep directory; choose another --out")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(cfg.out / SWEEP_FILE, {"kind": "sweep", "fusions": list(cfg.fusions), "seeds": list(cfg.seeds),
+                                             "grid": {k: list(v) for k, v in cfg.grid.items()},
+                                             "base": to_json(cfg.base)})
+    return lock
+
+
+def run(cfg: SweepConfig, show_progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
     for fusion in cfg.fusions:
         check_head(fusion)
-    runs = plan(cfg)
-    todo = [r for r in runs if not finished(r)]
-    if len(todo) < len(runs):
-        console.print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; skipping them")
-    if todo:
-        with progress_bar(show_progress) as bar:
-            task = bar.add_task("sweep", total=len(todo), rate="")
+    lock = claim_sweep(cfg)
+    try:
+        runs = plan(cfg)
+        todo = [r for r in runs if not finished(r, overwrite)]
+        if len(todo) < len(runs):
+            console.print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; skipping them")
+        if todo:
+            with progress_bar(show_progress) as bar:
+                task = bar.add_task("sweep", total=len(todo), rate="")
 
-            def advance(name: str) -> None:
-                bar.update(task, advance=1, rate=name)
+                def advance(name: str) -> None:
+                    bar.update(task, advance=1, rate=name)
 
-            if cfg.workers > 1 and len(todo) > 1:
-                run_in_workers(todo, cfg.workers, advance)
-            else:
-                train_share(todo, torch.get_num_threads(), advance)
-    table = results_table(runs, cfg.grid)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(cfg.out / "results.parquet", index=False)
-    table.to_csv(cfg.out / "results.csv", index=False)
+                if cfg.workers > 1 and len(todo) > 1:
+                    run_in_workers(todo, cfg.workers, advance)
+                else:
+                    train_share(todo, torch.get_num_threads(), advance)
+        table = results_table(runs, cfg.grid)
+        table.to_parquet(cfg.out / "results.parquet", index=False)
+        table.to_csv(cfg.out / "results.csv", index=False)
+    finally:
+        lock.release()
     return table
 
 
 def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
-    """Train runs one after another on features loaded once; finished(name) after each."""
+    """Train runs one after another on features loaded once; finished(name) after each. A run
+    directory left unfinished by a killed sweep belongs to this sweep, so it is started again."""
     torch.set_num_threads(threads)
     with_tokens = any(HEADS[r.fusion].uses_tokens for r in runs)
     split_names = tuple(sorted({m for r in runs for m in train_head.unfrozen(r)}))
@@ -127,8 +156,30 @@ def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
     modalities = runs[0].modalities if len({r.modalities for r in runs}) == 1 else ()
     data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names, modalities)
     for run_cfg in runs:
-        train_head.run(run_cfg, data=data, log=lambda *_: None)
+        train_head.run(run_cfg, data=data, log=lambda *_: None, overwrite=True)
         finished(run_cfg.out.name)
+
+
+def _worker_start(names) -> None:
+    """In each worker: report through `names`, and die with the sweep (a killed sweep leaves no
+    worker training on)."""
+    global _report
+    _report = names.put
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+_report = None
+
+
+def _train_share_in_worker(runs: list[TrainHeadConfig], threads: int) -> None:
+    train_share(runs, threads, _report)
 
 
 def run_in_workers(runs: list[TrainHeadConfig], workers: int, finished) -> None:
@@ -140,9 +191,10 @@ def run_in_workers(runs: list[TrainHeadConfig], workers: int, finished) -> None:
     workers = min(workers, len(runs))
     threads = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can hang
-    with context.Manager() as manager, concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        names = manager.Queue()
-        futures = [pool.submit(train_share, runs[i::workers], threads, names.put) for i in range(workers)]
+    names = context.Queue()
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start,
+                                                initargs=(names,)) as pool:
+        futures = [pool.submit(_train_share_in_worker, runs[i::workers], threads) for i in range(workers)]
         reported = 0
         while reported < len(runs):
             try:

@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msa.cache.features import CacheError, FeatureSet, complete_feature_sets, find_feature_set
+from msa.cache.features import (
+    CacheError,
+    FeatureSet,
+    PublishedSet,
+    damaged_error,
+    find_feature_set,
+    scan_feature_sets,
+)
 from msa.cache.manifest import Manifest, manifest_columns, read_manifest
 from msa.models.heads import HEADS, ScaledScore, check_head, create_head
 from msa.models.image import build_image_encoder
@@ -35,6 +42,7 @@ from msa.pipeline.training import (
     warmup_cosine,
 )
 
+KIND = "train-head"  # config.json's "kind": what wrote a run directory
 MODALITY_ORDER = ("text", "image")  # roles of two-modality heads: the first is the "text" role
 
 
@@ -67,31 +75,68 @@ class TrainResult:
 
 def select_feature_sets(cache: Path, manifest: Manifest, names: tuple[str, ...],
                         modalities: tuple[str, ...] = ()) -> dict[str, FeatureSet]:
-    """The named feature sets, or the single complete set of each modality in the cache
-    (of the given modalities only, in their order, when there are some)."""
-    if modalities:
-        every = select_feature_sets(cache, manifest, names)
-        unknown = [m for m in modalities if m not in every]
-        if unknown:
-            raise ValueError(f"--modalities {','.join(unknown)}: {cache} has {', '.join(every)}")
-        return {m: every[m] for m in modalities}
-    if names:
-        chosen = [find_feature_set(cache, n.removesuffix(".h5")) for n in names]
-        for feature_set in chosen:
-            if feature_set.fingerprint.get("manifest_id") != manifest.manifest_id:
-                raise CacheError(f"{feature_set.name} was extracted for another manifest than {cache}'s")
-        return {fs.fingerprint["modality"]: fs for fs in chosen}
-    by_modality: dict[str, list[FeatureSet]] = {}
-    for feature_set in complete_feature_sets(cache, manifest.manifest_id):
-        by_modality.setdefault(feature_set.fingerprint["modality"], []).append(feature_set)
-    if not by_modality:
+    """One current feature set per modality, in role order. The modalities are --modalities,
+    else every modality the cache holds a set of: a stale or damaged set fails the run, naming
+    it, rather than leaving its modality out. --features picks among several sets of one modality."""
+    published = scan_feature_sets(cache)
+    if not published:
         raise CacheError(f"{cache}: no complete feature sets; run `msa extract` first")
-    for modality, sets in by_modality.items():
-        if len(sets) > 1:
-            raise CacheError(f"{cache} holds {len(sets)} {modality} feature sets "
-                             f"({', '.join(s.name for s in sets)}); choose with --features")
-    order = sorted(by_modality, key=lambda m: (MODALITY_ORDER.index(m) if m in MODALITY_ORDER else 99, m))
-    return {m: by_modality[m][0] for m in order}
+    current: dict[str, list[FeatureSet]] = {}
+    for entry in published:
+        if entry.feature_set and entry.feature_set.fingerprint.get("manifest_id") == manifest.manifest_id:
+            current.setdefault(entry.feature_set.fingerprint["modality"], []).append(entry.feature_set)
+    named: dict[str, FeatureSet] = {}
+    for name in names:
+        feature_set = find_feature_set(cache, name.removesuffix(".h5"))
+        if feature_set.fingerprint.get("manifest_id") != manifest.manifest_id:
+            raise CacheError(stale_message(cache, feature_set.name))
+        modality = feature_set.fingerprint["modality"]
+        if modality in named:
+            raise ValueError(f"--features names two {modality} sets ({named[modality].name}, {feature_set.name})")
+        named[modality] = feature_set
+    held = {modality_of(entry) for entry in published} | set(current)
+    wanted = modalities or tuple(sorted(held, key=role_order))
+    chosen = {}
+    for modality in wanted:
+        if modality in named:
+            chosen[modality] = named[modality]
+        elif len(current.get(modality, [])) == 1:
+            chosen[modality] = current[modality][0]
+        elif current.get(modality):
+            raise CacheError(f"{cache} holds {len(current[modality])} {modality} feature sets "
+                             f"({', '.join(s.name for s in current[modality])}); choose with --features")
+        elif modality in held:
+            others = [m for m in wanted if m != modality]
+            raise CacheError(unusable_message(cache, published, modality, others))
+        else:
+            raise ValueError(f"--modalities {modality}: {cache} has {', '.join(sorted(held, key=role_order))}")
+    unused = [m for m in named if m not in chosen]
+    if unused:
+        raise ValueError(f"--features names a {unused[0]} set, but the run reads {', '.join(chosen)} "
+                         f"(--modalities)")
+    return chosen
+
+
+def modality_of(entry: PublishedSet) -> str:
+    """A set's modality; from its name (which starts with it) when the file is unreadable."""
+    return entry.feature_set.fingerprint["modality"] if entry.feature_set else entry.name.split("-")[0]
+
+
+def role_order(modality: str) -> tuple:
+    return MODALITY_ORDER.index(modality) if modality in MODALITY_ORDER else 99, modality
+
+
+def stale_message(cache: Path, name: str) -> str:
+    return (f"{cache}: feature set {name} was extracted for another manifest (the data, --val-ratio or "
+            f"--split-seed changed since); rerun `msa extract` with the current options to encode it again")
+
+
+def unusable_message(cache: Path, published: list[PublishedSet], modality: str, others: list[str]) -> str:
+    """Why no set of a modality can be read, and the two ways on."""
+    entry = next(e for e in published if modality_of(e) == modality)
+    reason = stale_message(cache, entry.name) if entry.feature_set else str(damaged_error(entry.path, entry.problem))
+    alternative = f", or train without {modality}: --modalities {','.join(others)}" if others else ""
+    return f"no usable {modality} features: {reason}{alternative}"
 
 
 def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
@@ -189,8 +234,10 @@ def default_run_dir(cfg: TrainHeadConfig) -> Path:
     return Path("runs") / f"{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> TrainResult:
-    """Train one head; `data` lets a sweep reuse features already in memory."""
+def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrite: bool = False) -> TrainResult:
+    """Train one head; `data` lets a sweep reuse features already in memory. The run directory
+    must be new or empty (or an msa run, replaced with `overwrite`); metrics.json, written
+    last, marks it finished."""
     check_head(cfg.fusion)  # before loading features, which can take seconds
     cfg = resolved(cfg)
     if cfg.select not in SELECT_BY_TASK[cfg.task]:
@@ -206,14 +253,21 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
     if data.task != cfg.task:
         raise ValueError(f"--task {cfg.task}: {cfg.cache} holds {data.task} data")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (rundir.HISTORY, rundir.METRICS):  # metrics.json marks a finished run: never a stale one
-        (run_dir / stale).unlink(missing_ok=True)
+    lock = rundir.claim(run_dir, KIND, overwrite)
+    try:
+        return train(cfg, data, run_dir, log)
+    finally:
+        lock.release()
+
+
+def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print) -> TrainResult:
+    counts = unfrozen(cfg)
     # With the extract options (and the caption config, for text made from captions), the run
     # directory alone can extract new data for prediction.
     feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes}
                     for m, fs in data.feature_sets.items()}
-    rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "out": str(run_dir),
+    rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": KIND, "out": str(run_dir),
+                                                "modalities_used": list(data.feature_sets),
                                                 "feature_sets": feature_info})
 
     train_rows = data.manifest.rows_of_split("train")
@@ -271,12 +325,11 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
         tensorboard.close()
 
     val, metrics = best_val, {**best_metrics, "best_epoch": best_epoch, "train_seconds": seconds}
-    rundir.save_checkpoint({
-        "state_dict": best_state, "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
-        "unfrozen": counts, "task": cfg.task, "sequence_encoder": cfg.sequence_encoder,
-        "output_scaling": cfg.output_scaling, "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()},
-        "class_names": list(LABELS), "feature_sets": feature_info}, run_dir / rundir.CHECKPOINT)
-    rundir.write_json(run_dir / rundir.METRICS, metrics)
+    rundir.save_model(run_dir, best_state, {
+        "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout, "unfrozen": counts, "task": cfg.task,
+        "sequence_encoder": cfg.sequence_encoder, "output_scaling": cfg.output_scaling,
+        "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()}, "class_names": list(LABELS),
+        "feature_sets": feature_info})
     all_guids = data.manifest.guids
     guids = [all_guids[r] for r in val_rows]
     if cfg.task == "regression":
@@ -287,4 +340,5 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print) -> Train
                                          val.get("gate"))
     rundir.write_predictions(run_dir / rundir.VAL_PREDICTIONS, table)
     rundir.plot_run(run_dir, metrics)
+    rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
     return TrainResult(run_dir, metrics, best_epoch, seconds)
