@@ -46,3 +46,16 @@ def extract_config(messy_data_source, tiny_models, tmp_path):
         return dataclasses.replace(cfg, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def signal_cache(tmp_path_factory, tiny_models) -> Path:
+    """Cached features of a clean generated data set with a planted signal."""
+    from msa.stages import extract
+
+    root = tmp_path_factory.mktemp("signal")
+    data = make_demo_dataset(root / "data", n_labelled=150, n_test=20, seed=1)
+    cfg = ExtractConfig(data=data, cache=root / "cache", text_model=tiny_models["text"], max_len=16,
+                        image_model=TINY_IMAGE_MODEL, image_weights=tiny_models["image_weights"])
+    extract.run(cfg, show_progress=False)
+    return cfg.cache

@@ -17,23 +17,12 @@ from typer.testing import CliRunner
 from msa.cache.features import FeatureSet
 from msa.cli import app
 from msa.models.heads import HEADS, Modality, ModalityDims, create_head
-from msa.pipeline.config import EvaluateConfig, ExtractConfig, PredictConfig, SweepConfig, TrainHeadConfig
+from msa.pipeline.config import EvaluateConfig, PredictConfig, SweepConfig, TrainHeadConfig
 from msa.pipeline.demo import make_demo_dataset
 from msa.pipeline.rundir import RunDirError
-from msa.stages import evaluate, extract, predict, sweep, train_head
+from msa.stages import evaluate, predict, sweep, train_head
 
 FAST = dict(epochs=12, batch_size=16, lr=3e-3, hidden=64, patience=12)
-
-
-@pytest.fixture(scope="session")
-def signal_cache(tmp_path_factory, tiny_models) -> Path:
-    """Cached features of a clean generated data set with a planted signal."""
-    root = tmp_path_factory.mktemp("signal")
-    data = make_demo_dataset(root / "data", n_labelled=150, n_test=20, seed=1)
-    cfg = ExtractConfig(data=data, cache=root / "cache", text_model=tiny_models["text"], max_len=16,
-                        image_model="timm:test_efficientnet", image_weights=tiny_models["image_weights"])
-    extract.run(cfg, show_progress=False)
-    return cfg.cache
 
 
 def majority_share(cache: Path) -> float:

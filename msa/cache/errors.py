@@ -36,6 +36,9 @@ def free_space(path: Path) -> str:
 def write_error(path: Path, err: BaseException) -> WriteError:
     """A one-line WriteError for a failed write to `path`, with the free space left there."""
     detail = str(err).split("\n")[0].strip() or type(err).__name__
-    if isinstance(err, OSError) and err.errno in NO_ROOM or "errno = 28" in str(err) or "errno = 27" in str(err):
+    code = err.errno if isinstance(err, OSError) else None
+    if code == errno.EFBIG or "errno = 27" in str(err):
+        detail = "the file reached the size limit (ulimit -f, or the file system's largest file)"
+    elif code in NO_ROOM or "errno = 28" in str(err) or "errno = 122" in str(err):
         detail = f"no room to write ({free_space(path)})"
     return WriteError(f"{path}: write failed: {detail}; nothing was published, rerun when there is room")

@@ -36,6 +36,9 @@ PARTS = ("pooled", "tokens", "mask", "split")
 # ~1 MiB chunks of whole rows: a random batch reads few chunks, a chunk is one write.
 CHUNK_BYTES = 1 << 20
 DAMAGED_SUFFIX = ".damaged"
+# No chunk cache in writers: a write error then surfaces at the write itself, and no dirty
+# chunk is left for HDF5 to retry (and crash on) when the process exits.
+WRITE_OPTIONS = {"rdcc_nbytes": 0}
 # What h5py raises for a file it cannot read or write: OSError for most, RuntimeError for
 # write failures surfacing at flush/close, KeyError/ValueError for damaged internals.
 H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
@@ -114,8 +117,13 @@ def problem_of(path: Path, full: bool = False) -> str | None:
             done = f["done"][start:stop]
             if not done.all():
                 return f"only {int(done.sum())} of {len(done)} rows are done"
-            if full and content_digest(f) != f.attrs["digest"]:
-                return "content differs from its digest (damaged on disk)"
+            if full:
+                try:
+                    digest = content_digest(f)
+                except H5_ERRORS as err:
+                    return f"damaged on disk: a chunk fails its checksum ({str(err).splitlines()[0]})"
+                if digest != f.attrs["digest"]:
+                    return "damaged on disk: its content differs from its digest"
     except H5_ERRORS as err:
         return f"unreadable ({str(err).splitlines()[0]})"
     return None
@@ -154,6 +162,8 @@ class FeatureWriter:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.lock = set_lock(cache_of(self.path), self.path.name.removesuffix(".h5"))
         try:
+            if self.path.is_file() and problem_of(self.path):  # a damaged published set: made again
+                self.set_aside = set_aside(self.path)
             fingerprint = canonical(fingerprint)
             self.file = self._open_existing(fingerprint, guids) if self.partial.exists() else None
             if self.file is None:
@@ -166,7 +176,7 @@ class FeatureWriter:
 
     def _create(self, fingerprint: dict, guids: list[str], attrs: dict | None) -> None:
         try:
-            self.file = h5py.File(self.partial, "w")
+            self.file = h5py.File(self.partial, "w", **WRITE_OPTIONS)
             self.file.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
             self.file.attrs["format_version"] = FORMAT_VERSION
             self.file.attrs["notes"] = json.dumps(attrs or {}, default=str)
@@ -183,7 +193,7 @@ class FeatureWriter:
         """The partial file of an interrupted run, if it is this set's and reads back whole;
         a damaged one is set aside, one of another fingerprint removed."""
         try:
-            f = h5py.File(self.partial, "a")
+            f = h5py.File(self.partial, "a", **WRITE_OPTIONS)
             same = _read_fingerprint(f) == fingerprint and f["guid"].asstr()[:].tolist() == list(guids)
             for part in PARTS:  # every chunk written so far must pass its checksum
                 if part in f:

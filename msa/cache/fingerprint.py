@@ -31,6 +31,20 @@ def files_digest(files: list[Path], length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
+def local_path(name: str | None) -> str | None:
+    """A model or weights reference as it is recorded: a local path resolved (so that a run
+    works from any directory), anything else (a hub id, a library name) as given."""
+    if name and Path(name).exists():
+        return str(Path(name).resolve())
+    return name
+
+
+def model_reference(name: str) -> str:
+    """The model's entry in a fingerprint: "local" for a local path, whose content digest is
+    recorded beside it (two spellings or copies of one folder are one model), else the hub id."""
+    return "local" if Path(name).exists() else name
+
+
 def slug(name: str) -> str:
     """A file-name-safe form of a model name: `timm:tf_efficientnet_lite0` -> `tf_efficientnet_lite0`."""
     tail = Path(str(name).rstrip("/")).name.split(":")[-1]

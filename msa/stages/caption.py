@@ -22,6 +22,7 @@ from msa.cache.captions import (
     is_finished,
     list_caption_sets,
 )
+from msa.cache.fingerprint import local_path, model_reference
 from msa.models.captioner import captioner_class, create_captioner, spread_captions
 from msa.pipeline.compute import prefetch, resolve_compute
 from msa.pipeline.config import CaptionConfig, to_json
@@ -49,7 +50,7 @@ class CaptionResult:
 def caption_fingerprint(cfg: CaptionConfig) -> dict:
     """What the caption text depends on. The precision is recorded in the notes instead, so that
     a run's captions made with fp16 on a GPU can be extended on a CPU (fp32) for new data."""
-    return {"format_version": FORMAT_VERSION, "backend": cfg.backend, "model": cfg.model,
+    return {"format_version": FORMAT_VERSION, "backend": cfg.backend, "model": model_reference(cfg.model),
             "weights": captioner_class(cfg.backend).identity(cfg), "num_beams": cfg.num_beams,
             "max_new_tokens": cfg.max_new_tokens, "prompt": cfg.prompt}
 
@@ -60,6 +61,7 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
         raise ValueError("--num-beams, --max-new-tokens and --batch-size must be at least 1")
     start = time.perf_counter()
     compute = resolve_compute(cfg.device, cfg.precision)
+    cfg = dataclasses.replace(cfg, model=local_path(cfg.model), data=Path(cfg.data).resolve())
     items, _ = read_mvsa(cfg.data, on_bad_image="blank")
     items = items[: cfg.limit] if cfg.limit else items
     fingerprint = caption_fingerprint(cfg)

@@ -22,14 +22,14 @@ from rich.table import Table
 from msa.cache.captions import CaptionSet, image_bytes, list_caption_sets
 from msa.cache.errors import BusyError, CacheError
 from msa.cache.features import FeatureWriter, feature_path, is_complete, shard_rows
-from msa.cache.fingerprint import config_id, slug
+from msa.cache.fingerprint import config_id, local_path, model_reference, slug
 from msa.cache.locks import lock_path
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess, weights_identity
 from msa.models.text import TextEncoder, model_identity
 from msa.pipeline.compute import Compute, prefetch, resolve_compute
 from msa.pipeline.config import TEXT_SOURCES, ExtractConfig, to_json
-from msa.pipeline.mvsa import ReadReport, read_mvsa, write_bad_items
+from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, read_mvsa, write_bad_items
 from msa.pipeline.progress import ItemProgress, console, rate_text
 
 FORMAT_VERSION = 1
@@ -37,6 +37,7 @@ MODALITIES = ("text", "image")
 # torch.compile costs ~50 s here and makes EfficientNet-Lite0 2.8x faster on this CPU
 # (22.8 -> 63 img/s): it pays off from about a thousand images.
 COMPILE_MIN_IMAGES = 1000
+SHOWN_BAD_ITEMS = 5  # in the summary; CACHE/bad_items.csv lists every one
 
 BatchCallback = Callable[[str, int], None]
 
@@ -61,6 +62,7 @@ class ExtractResult:
     manifest: Manifest
     report: ReadReport
     feature_sets: dict[str, FeatureSetResult]
+    manifest_dir: Path  # the cache
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -81,7 +83,7 @@ def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, com
     common = {"format_version": FORMAT_VERSION, "modality": modality, "manifest_id": manifest_id,
               "dtype": "float16", "precision": compute.precision}
     if modality == "text":
-        text = {**common, "model": cfg.text_model, "weights": model_identity(cfg.text_model),
+        text = {**common, "model": model_reference(cfg.text_model), "weights": model_identity(cfg.text_model),
                 "max_len": cfg.max_len, "pooling": cfg.pooling, "text_source": cfg.text_source,
                 "split_layer": cfg.text_split_layer}
         return {**text, "captions": captions.fingerprint} if captions else text
@@ -120,6 +122,9 @@ def resolve_captions(cfg: ExtractConfig, manifest: Manifest) -> CaptionSet | Non
 def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback | None = None) -> ExtractResult:
     """Extract every configured modality; `on_batch(modality, rows_done)` follows each batch."""
     compute = resolve_compute(cfg.device, cfg.precision)
+    # Recorded resolved: `msa predict` re-runs these options from any working directory.
+    cfg = dataclasses.replace(cfg, data=Path(cfg.data).resolve(), text_model=local_path(cfg.text_model),
+                              image_weights=local_path(cfg.image_weights))
     shard = parse_shard(cfg.shard)
     manifest, report = prepare_manifest(cfg)
     captions = resolve_captions(cfg, manifest)
@@ -148,8 +153,8 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
             results[modality] = FeatureSetResult(modality, name, path, "busy", 0, 0, 0.0)
             continue
         if writer.set_aside:
-            console.print(f"[yellow]{writer.set_aside.name}: a damaged file of {name}, set aside; "
-                          "encoding those rows again[/yellow]")
+            console.print(f"[yellow]{name} was damaged: set aside as {writer.set_aside.name} and encoded "
+                          "again[/yellow]")
         start = time.perf_counter()
         with writer:
             pending = writer.pending_rows()
@@ -163,7 +168,7 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
             writer.finish()
         results[modality] = FeatureSetResult(modality, name, path, "resumed" if writer.resumed_rows else "encoded",
                                              writer.resumed_rows, len(pending), time.perf_counter() - start)
-    return ExtractResult(manifest, report, results)
+    return ExtractResult(manifest, report, results, Path(cfg.cache))
 
 
 def prepare_manifest(cfg: ExtractConfig) -> tuple[Manifest, ReadReport]:
@@ -308,6 +313,10 @@ def summary_tables(result: ExtractResult) -> list[Table]:
     data.add_row("text encodings", ", ".join(f"{k} {v}" for k, v in sorted(report.encodings.items())))
     problems = {**report.flags, **({"skipped": len(report.skipped)} if report.skipped else {})}
     data.add_row("bad items", ", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "none")
+    for bad in report.bad_items[:SHOWN_BAD_ITEMS]:
+        data.add_row("", f"{bad['where']}: guid {bad['guid']}: {bad['problem']}")
+    if report.bad_items:
+        data.add_row("", f"all {len(report.bad_items)}: {Path(result.manifest_dir) / BAD_ITEMS_FILE}")
     features = Table(title="Feature sets", caption="cached: complete before this run, no encoder work")
     for column in ("modality", "name", "status", "rows encoded", "items/s"):
         features.add_column(column)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from msa.cache.fingerprint import local_path
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from msa.models.heads import ModalityDims, create_head
 from msa.models.image import ImageEncoder, build_image_encoder
@@ -175,6 +176,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
         raise ValueError(f"--select must be one of {', '.join(SELECT_BY_TASK['classification'])}")
     if cfg.image_aug not in IMAGE_AUGS:
         raise ValueError(f"--image-aug must be one of {', '.join(IMAGE_AUGS)}, got {cfg.image_aug!r}")
+    cfg = dataclasses.replace(cfg, text_model=local_path(cfg.text_model), image_weights=local_path(cfg.image_weights))
     if resume and not (run_dir / LAST).is_file():
         raise rundir.RunDirError(f"--resume {run_dir}: no {LAST} there, so nothing to resume")
     lock = rundir.lock_run(run_dir) if resume else rundir.claim(run_dir, KIND, overwrite)
