@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from msa.cache import maintenance
+from msa.cache.captions import CaptionSet
 from msa.cache.errors import BusyError, CacheError, WriteError
 from msa.cache.features import FeatureSet, feature_path, partial_path
 from msa.cache.locks import set_lock
@@ -202,6 +203,24 @@ def test_second_captioner_of_a_set_is_refused(messy_data_source, tiny_models, tm
         lock.release()
     assert caption.run(dataclasses_replace(cfg, limit=None), show_progress=False).captioned > 0
     outcome("second caption run on one caption set", "clean error")
+
+
+def test_full_disk_mid_caption_keeps_whole_lines_and_resumes_identical(messy_data_source, tiny_models, tmp_path,
+                                                                        outcome):
+    cfg = CaptionConfig(data=messy_data_source, cache=tmp_path / "cache", model=tiny_models["captioner"],
+                        batch_size=4, device="cpu")
+    expected = caption.run(dataclasses_replace(cfg, cache=tmp_path / "reference"), show_progress=False)
+    args = ["caption", "--data", cfg.data, "--cache", cfg.cache, "--model", cfg.model, "--batch-size", "4",
+            "--device", "cpu", "--no-progress"]
+    failed = cli(*args, file_size_limit=1500)
+    assert failed.returncode == 2 and "write failed: the file reached the size limit" in failed.stdout, failed.stdout
+    assert "Traceback" not in failed.stdout
+    again = cli(*args)
+    assert again.returncode == 0, again.stdout
+    resumed = CaptionSet.load(cfg.cache, expected.name)
+    assert {g: c.text for g, c in resumed.captions.items()} == {g: c.text for g, c in
+                                                                 expected.caption_set.captions.items()}
+    outcome("full disk (write limit) during caption", "clean error")
 
 
 def dataclasses_replace(cfg, **changes):
