@@ -1,3 +1,3 @@
 """msa: a feature-caching, two-stage pipeline for multimodal sentiment analysis."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
