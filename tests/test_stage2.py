@@ -93,6 +93,7 @@ def test_sweep_table_and_restart_skips_finished_runs(signal_cache, tmp_path, mon
     table = sweep.run(cfg, show_progress=False)
     assert len(table) == 8 and table.run.is_unique
     assert set(table.columns) >= {"fusion", "seed", "lr", "accuracy", "macro_f1", "train_seconds"}
+    assert (table.modalities_used == "text+image").all()
     assert (tmp_path / "sweep" / "results.csv").is_file() and (tmp_path / "sweep" / "results.parquet").is_file()
 
     def must_not_train(*args, **kwargs):

@@ -47,7 +47,7 @@ def run(out: Path, show_progress: bool = True) -> dict:
 
     head_cfg = TrainHeadConfig(cache=extract_cfg.cache, fusion="gmu", out=out / "runs" / "gmu", epochs=15,
                                batch_size=16, lr=3e-3, hidden=64)
-    trained = train_head.run(head_cfg, log=console.print)
+    trained = train_head.run(head_cfg, log=console.print, overwrite=True)  # the demo owns its directory
     m = trained.metrics
     console.print(f"gmu head: val accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} "
                   f"({trained.seconds:.1f} s, best epoch {trained.best_epoch})")

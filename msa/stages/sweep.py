@@ -213,8 +213,11 @@ def results_table(runs: list[TrainHeadConfig], grid: dict) -> pd.DataFrame:
         task = "regression" if "mae" in metrics else "classification"
         if task == "classification":
             metrics["neutral_f1"] = metrics["per_class"].get("neutral", {}).get("f1")
+        # What the run read, so that a leaderboard never shows a unimodal run as a multimodal one.
+        used = rundir.read_json(run_cfg.out / rundir.CONFIG)["modalities_used"]
         rows.append({"run": run_cfg.out.name, "fusion": run_cfg.fusion, "seed": run_cfg.seed,
-                     **{k: getattr(run_cfg, k) for k in grid}, **{k: metrics[k] for k in RESULT_COLUMNS[task]}})
+                     **{k: getattr(run_cfg, k) for k in grid}, "modalities_used": "+".join(used),
+                     **{k: metrics[k] for k in RESULT_COLUMNS[task]}})
     return pd.DataFrame(rows)
 
 
