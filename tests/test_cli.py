@@ -129,3 +129,35 @@ def test_extract_killed_hard_resumes(messy_data_source, tiny_models, tmp_path):
     assert "resumed" in result.output
     finished = FeatureSet.open(next((cache / "features").glob("*.h5")))
     assert finished.shapes["pooled"][0] == 37
+
+
+def test_cache_verify_rm_and_gc(messy_data_source, tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    assert runner.invoke(app, extract_args(messy_data_source, cache, tiny_models)).exit_code == 0
+    verified = runner.invoke(app, ["cache", "verify", "--cache", str(cache)])
+    assert verified.exit_code == 0 and "2 sets verified" in verified.output
+    text_set = next((cache / "features").glob("text-*.h5"))
+    with h5py.File(text_set, "r") as f:
+        chunk = f["tokens"].id.get_chunk_info(0)
+    with open(text_set, "r+b") as f:
+        f.seek(chunk.byte_offset + chunk.size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 1]))
+    damaged = runner.invoke(app, ["cache", "verify", "--cache", str(cache)])
+    assert damaged.exit_code == 1 and f"DAMAGED {text_set.name}" in damaged.output
+    name = text_set.name.removesuffix(".h5")
+    removed = runner.invoke(app, ["cache", "rm", name, "--cache", str(cache)])
+    assert removed.exit_code == 0 and not text_set.exists()
+    assert runner.invoke(app, ["cache", "rm", name, "--cache", str(cache)]).exit_code == 2  # nothing left to remove
+
+    # Another split: the image set of the old manifest is stale, and gc removes it (a dry run first).
+    other = runner.invoke(app, extract_args(messy_data_source, cache, tiny_models, "--val-ratio", "0.3",
+                                            "--modalities", "text"))
+    assert other.exit_code == 0, other.output
+    (image_set,) = (cache / "features").glob("image-*.h5")
+    dry = runner.invoke(app, ["cache", "gc", "--dry-run", "--cache", str(cache)])
+    assert f"would remove {image_set}: stale" in dry.output and image_set.exists()
+    collected = runner.invoke(app, ["cache", "gc", "--cache", str(cache)])
+    assert f"removed {image_set}: stale" in collected.output and not image_set.exists()
+    assert len(list((cache / "features").glob("text-*.h5"))) == 1  # the current set stays

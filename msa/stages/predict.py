@@ -120,6 +120,10 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
     model, checkpoint = load_head(run_dir)
     manifest = read_manifest(cache)
     feature_sets = {m: find_feature_set(cache, n) for m, n in names.items()}
+    for feature_set in feature_sets.values():  # rows line up only with the manifest they were extracted for
+        if feature_set.fingerprint.get("manifest_id") != manifest.manifest_id:
+            raise CacheError(f"{cache}: its manifest changed since {feature_set.name} was extracted (another "
+                             "extract or predict on other data into the same cache?); run predict again")
     bank = FeatureBank.load(feature_sets, model.uses_tokens, tuple(checkpoint.get("unfrozen", {})))
     rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
     out = evaluate(model, bank, rows, None)
