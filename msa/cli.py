@@ -366,15 +366,11 @@ def train_head_command(
 
     cfg = _train_head_config({**options, "fusion": fusion, "out": out, "seed": seed})
     result = train_head.run(cfg, log=console.print, overwrite=overwrite)
-    console.print(f"{_metrics_line(result.metrics)}  (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
+    from msa.pipeline.tasks import task_of_metrics
+
+    summary = task_of_metrics(result.metrics).summary(result.metrics)
+    console.print(f"{summary}  (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
     console.print(f"run: {result.run_dir}")
-
-
-def _metrics_line(m: dict) -> str:
-    if "mae" in m:
-        return (f"val MAE {m['mae']:.4f}  corr {m['corr']:.4f}  Acc-2 {m['acc2']:.4f}  "
-                f"Non0-Acc-2 {m['non0_acc2']:.4f}  Acc-7 {m['acc7']:.4f}")
-    return f"val accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
 
 
 @app.command()

@@ -11,8 +11,9 @@ import torch
 
 from msa.cache.features import CacheError, FeatureSet
 from msa.cache.manifest import read_manifest
+from msa.models.build import build_model, build_tops
 from msa.models.unfrozen import TopsAndHead, parameter_groups
-from msa.pipeline import rundir
+from msa.pipeline import raw, rundir
 from msa.pipeline.config import EvaluateConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
 from msa.pipeline.training import FeatureBank
 from msa.stages import evaluate, extract, finetune, predict, train_head
@@ -50,20 +51,31 @@ def test_split_activations_are_cached_with_their_own_fingerprint(split_cache, ex
         np.testing.assert_array_equal(FeatureSet.open(plain[modality].path).load("pooled"), feature_set.load("pooled"))
 
 
+def head_spec(sets: dict, bank: FeatureBank, fusion: str, unfrozen: dict) -> dict:
+    """The model spec train-head writes, for a head on these cached sets."""
+    return {"kind": "head", "fusion": fusion, "hidden": 16, "dropout": 0.1, "task": "classification", "outputs": 3,
+            "sequence_encoder": "lstm", "output_scaling": "tanh", "unfrozen": unfrozen,
+            "dims": {m: dataclasses.asdict(d) for m, d in bank.dims().items()},
+            "feature_sets": {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes} for m, fs in sets.items()}}
+
+
+def end_to_end_model(cfg: FinetuneConfig):
+    return build_model(finetune.model_spec(finetune.resolved(cfg)))
+
+
 def test_cached_tops_give_the_same_logits_as_end_to_end(split_cache, finetune_config):
     cfg, sets = split_cache
-    feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes} for m, fs in sets.items()}
     bank = FeatureBank.load(sets, with_tokens=True, split_names=("text", "image"))
-    cached = train_head.build_model("co-attn", bank.dims(), 16, 0.1, feature_info, {"text": 1, "image": 1}).eval()
-    end_to_end = finetune.build_model(finetune_config(fusion="co-attn")).eval()
+    cached = build_model(head_spec(sets, bank, "co-attn", {"text": 1, "image": 1})).eval()
+    end_to_end = end_to_end_model(finetune_config(fusion="co-attn")).eval()
     end_to_end.head.load_state_dict(cached.head.state_dict())
     manifest = read_manifest(cfg.cache)
-    raw = finetune.RawData.read(manifest, end_to_end.encoders["text"], clean=False)
+    data = raw.RawData.read(manifest, end_to_end.encoders["text"], clean=False)
     rows = torch.arange(len(manifest))
     with torch.no_grad():
         from_cache = cached(bank.batch(rows, with_tokens=True))["logits"]
-        pixels = finetune.load_pixels(end_to_end, raw, rows)
-        direct = end_to_end(finetune.batch_inputs(end_to_end, raw, rows, pixels, None, torch.device("cpu")))["logits"]
+        pixels = raw.load_pixels(end_to_end, data, rows)
+        direct = end_to_end(raw.batch_inputs(end_to_end, data, rows, pixels, None, torch.device("cpu")))["logits"]
     torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-4)
 
 
@@ -74,7 +86,7 @@ def test_unfrozen_train_head_trains_the_tops_and_predicts(split_cache, tmp_path)
     result = train_head.run(run_cfg, log=lambda *_: None)
     state_dict, spec = rundir.load_model(result.run_dir)
     assert spec["unfrozen"] == {"text": 1, "image": 1}
-    fresh = train_head.build_tops(spec["feature_sets"], {"text": 1})["text"].state_dict()
+    fresh = build_tops(spec["feature_sets"], {"text": 1})["text"].state_dict()
     trained = {k.removeprefix("tops.text."): v for k, v in state_dict.items()
                if k.startswith("tops.text.")}
     assert any(not torch.equal(fresh[k], trained[k]) for k in fresh)  # the top layer was trained
@@ -87,9 +99,8 @@ def test_unfrozen_train_head_trains_the_tops_and_predicts(split_cache, tmp_path)
 
 def test_layer_wise_learning_rates_land_on_the_right_groups(split_cache):
     cfg, sets = split_cache
-    feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes} for m, fs in sets.items()}
     bank = FeatureBank.load(sets, False, ("text",))
-    model = train_head.build_model("concat", bank.dims(), 16, 0.1, feature_info, {"text": 1})
+    model = build_model(head_spec(sets, bank, "concat", {"text": 1}))
     assert isinstance(model, TopsAndHead)
     groups = {g["name"]: g for g in parameter_groups(model, 1e-5, 5e-5, 1e-4, 0.01)}
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
@@ -111,8 +122,8 @@ def test_finetune_resume_gives_the_same_final_weights(finetune_config, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         finetune.run(cfg, show_progress=False, log=lambda *_: None, on_epoch=kill_after_first_epoch)
     finetune.run(cfg, resume=True, show_progress=False, log=lambda *_: None)
-    a = torch.load(whole / finetune.LAST, weights_only=False)
-    b = torch.load(tmp_path / "resumed" / finetune.LAST, weights_only=False)
+    a = rundir.load_checkpoint(whole / finetune.LAST)
+    b = rundir.load_checkpoint(tmp_path / "resumed" / finetune.LAST)
     assert a["state"] == b["state"] and a["state"]["epoch"] == 2
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -134,7 +145,7 @@ def test_finetune_trains_only_the_tops_and_augments_only_training(finetune_confi
     manifest = read_manifest(run_dir)
     assert len(seen) == len(manifest.rows_of_split("train"))  # not the val items evaluated after it
     trained = rundir.load_model(run_dir)[0]
-    fresh = finetune.build_model(cfg).state_dict()
+    fresh = end_to_end_model(cfg).state_dict()
     layers = "encoders.text.model.encoder.layer."
     query = "attention.self.query.weight"
     assert torch.equal(trained[layers + "0." + query], fresh[layers + "0." + query])
@@ -149,4 +160,4 @@ def test_finetune_trains_only_the_tops_and_augments_only_training(finetune_confi
 
 
 def test_clean_text():
-    assert finetune.clean_text("so #happy  @bob see http://t.co/x1 www.a.com now") == "so happy see now"
+    assert raw.clean_text("so #happy  @bob see http://t.co/x1 www.a.com now") == "so happy see now"

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from msa.models.heads import Modality
-from msa.models.text import TextTop
+from msa.models.image import ImageEncoder
+from msa.models.text import TextEncoder, TextTop, transformer_layers
 
 
 def text_modality(tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor) -> Modality:
@@ -67,3 +68,32 @@ def parameter_groups(model: nn.Module, lr_encoder: float, lr_fusion: float, lr_h
             groups["fusion"].append(parameter)
     rates = {"encoder": lr_encoder, "fusion": lr_fusion, "head": lr_head}
     return [{"name": k, "params": v, "lr": rates[k], "weight_decay": weight_decay} for k, v in groups.items() if v]
+
+
+class EndToEndModel(nn.Module):
+    """Text and image encoders with trainable tops, and a fusion head; reads token ids and pixels
+    (`msa finetune`). The head sees what it would see on cached features."""
+
+    def __init__(self, text: TextEncoder, image: ImageEncoder, head: nn.Module, text_layers: int, image_stages: int):
+        super().__init__()
+        self.encoders = nn.ModuleDict({"text": text, "image": image})
+        self.head = head
+        self.uses_tokens = head.uses_tokens
+        self.encoders.requires_grad_(False)
+        layers = transformer_layers(text.model)
+        self.trainable = nn.ModuleList(list(layers[len(layers) - text_layers:]) if text_layers else [])
+        if image_stages:  # the stages only: a timm pool holds the whole model
+            self.trainable.append(image.split(image_stages)[1].trunk)
+        self.trainable.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> EndToEndModel:
+        """Frozen parts stay in eval mode (no dropout, fixed BatchNorm statistics), as when cached."""
+        super().train(mode)
+        self.encoders.eval()
+        self.trainable.train(mode)
+        return self
+
+    def forward(self, inputs: dict) -> dict[str, torch.Tensor]:
+        input_ids, mask = inputs["text"]
+        text = text_modality(*self.encoders["text"](input_ids, mask), mask)
+        return self.head({"text": text, "image": image_modality(*self.encoders["image"](inputs["image"]))})

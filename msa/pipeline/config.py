@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """An option value that cannot work (a bad choice, a missing split); the message names the option."""
+
+
 @dataclasses.dataclass
 class ExtractConfig:
     data: Path  # MVSA folder: train.txt, test_without_label.txt, data/{guid}.txt|jpg
@@ -67,10 +71,6 @@ def from_record(config_class: type, record: dict, **overrides) -> Any:
     return config_class(**{**values, **overrides})
 
 
-def save_config(config: Any, path: Path) -> None:
-    path.write_text(json.dumps(to_json(config), indent=2) + "\n")
-
-
 def default(config_class: type, field: str) -> Any:
     """The default of one field, for CLI options that must not repeat it."""
     value = config_class.__dataclass_fields__[field].default
@@ -113,47 +113,54 @@ class TrainHeadConfig:
     lr_fusion: float = 5e-5
     lr_head: float = 1e-4
     grad_accum: int = 1  # batches per optimizer step
+    grad_clip: float = 0.0  # max gradient norm (0: off)
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def _shared(config_class: type, field: str) -> Any:
+    """A default FinetuneConfig shares with another stage's config (stated once, there)."""
+    return dataclasses.field(default=default(config_class, field))
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
     data: Path  # MVSA folder
     out: Path | None = None  # run directory; default runs/finetune-<fusion>-seed<seed>-<time>
-    text_model: str = "roberta-base"
-    max_len: int = 128
-    pooling: str = "mean"
-    image_model: str = "resnet50"
+    text_model: str = _shared(ExtractConfig, "text_model")
+    max_len: int = _shared(ExtractConfig, "max_len")
+    pooling: str = _shared(ExtractConfig, "pooling")
+    image_model: str = _shared(ExtractConfig, "image_model")
     image_weights: str | None = None
-    fusion: str = "concat"
-    hidden: int = 256
-    dropout: float = 0.1
+    fusion: str = _shared(TrainHeadConfig, "fusion")
+    hidden: int = _shared(TrainHeadConfig, "hidden")
+    dropout: float = _shared(TrainHeadConfig, "dropout")
     unfreeze_text_layers: int = 2  # top transformer layers trained (the rest stays frozen)
     unfreeze_image_stages: int = 1  # last stages trained (ResNet: layer4)
-    lr_encoder: float = 1e-5
-    lr_fusion: float = 5e-5
-    lr_head: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    epochs: int = 5
+    lr_encoder: float = _shared(TrainHeadConfig, "lr_encoder")
+    lr_fusion: float = _shared(TrainHeadConfig, "lr_fusion")
+    lr_head: float = _shared(TrainHeadConfig, "lr_head")
+    weight_decay: float = _shared(TrainHeadConfig, "weight_decay")
+    warmup_ratio: float = _shared(TrainHeadConfig, "warmup_ratio")
+    epochs: int = 5  # an epoch end to end costs what a whole cached run does
     batch_size: int = 16
-    grad_accum: int = 1
+    grad_accum: int = _shared(TrainHeadConfig, "grad_accum")
     grad_clip: float = 1.0  # max gradient norm (0: off)
-    loss: str = "ce"
+    loss: str | None = None  # ce | weighted-ce | focal (None: ce)
     class_weights: tuple[float, ...] | None = None
-    label_smoothing: float = 0.0
-    focal_gamma: float = 2.0
-    select: str = "macro_f1"
+    label_smoothing: float = _shared(TrainHeadConfig, "label_smoothing")
+    focal_gamma: float = _shared(TrainHeadConfig, "focal_gamma")
+    select: str | None = None  # macro_f1 | accuracy | loss (None: macro_f1)
     patience: int = 3
-    seed: int = 0
+    seed: int = _shared(TrainHeadConfig, "seed")
     image_aug: str = "none"  # none | weak (crop, flip, colour jitter) | strong (weak + RandAugment)
     clean_text: bool = False  # drop URLs and @mentions, unwrap #tags, collapse whitespace
-    val_ratio: float = 0.2  # the same split as `msa extract` with the same ratio and seed
-    split_seed: int = 42
-    on_bad_image: str = "blank"
-    on_duplicate: str = "first-if-same"
+    val_ratio: float = _shared(ExtractConfig, "val_ratio")  # the split `msa extract` makes with this ratio and seed
+    split_seed: int = _shared(ExtractConfig, "split_seed")
+    on_bad_image: str = _shared(ExtractConfig, "on_bad_image")
+    on_duplicate: str = _shared(ExtractConfig, "on_duplicate")
     limit: int | None = None
-    device: str = "auto"
-    precision: str = "auto"  # AMP: fp16/bf16 autocast on CUDA
+    device: str = _shared(ExtractConfig, "device")
+    precision: str = _shared(ExtractConfig, "precision")  # AMP: fp16/bf16 autocast on CUDA, bf16 on bf16 CPUs
 
 
 @dataclasses.dataclass

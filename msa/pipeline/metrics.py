@@ -46,9 +46,3 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         "acc7": float(np.mean(np.round(np.clip(y_true, -3, 3)) == np.round(np.clip(y_pred, -3, 3)))),
         "n": int(len(y_true)),
     }
-
-
-# Selection metrics: name -> (key in the metrics dict, True if larger is better).
-SELECT = {"macro_f1": ("macro_f1", True), "accuracy": ("accuracy", True), "loss": ("loss", False),
-          "mae": ("mae", False), "corr": ("corr", True)}
-SELECT_BY_TASK = {"classification": ("macro_f1", "accuracy", "loss"), "regression": ("mae", "corr", "loss")}

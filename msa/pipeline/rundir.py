@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from msa.pipeline.mvsa import LABELS
+
 CONFIG = "config.json"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
@@ -99,7 +101,8 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def append_history(run_dir: Path, row: dict) -> None:
+def append_history(run_dir: Path, row: dict, tensorboard=None) -> None:
+    """One epoch's row in history.csv (and its scalars in TensorBoard, given a writer)."""
     path = run_dir / HISTORY
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -107,6 +110,20 @@ def append_history(run_dir: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
+    if tensorboard:
+        for key, value in row.items():
+            if key != "epoch":
+                tensorboard.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
+
+
+def truncate_history(run_dir: Path, epochs: int) -> None:
+    """Drop history rows of epochs after `epochs` (a kill between a row and its resume state)."""
+    if not (run_dir / HISTORY).exists():
+        return
+    rows = [r for r in read_history(run_dir) if int(r["epoch"]) <= epochs]
+    (run_dir / HISTORY).unlink()
+    for row in rows:
+        append_history(run_dir, row)
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -132,6 +149,18 @@ def score_table(guids: list[str], scores: np.ndarray, predicted: np.ndarray) -> 
     """Regression runs: guid, true score, predicted score."""
     return pa.table({"guid": guids, "score": np.asarray(scores, dtype=float),
                      "prediction": np.asarray(predicted, dtype=float)})
+
+
+def write_val_predictions(run_dir: Path, task, manifest, rows: np.ndarray, out: dict) -> None:
+    """val_predictions.parquet: guid, label (or score), prediction, probabilities (and gate)."""
+    guids = [manifest.guids[r] for r in rows] if len(rows) else []
+    if task.name == "regression":
+        scores = manifest.column("score")
+        table = score_table(guids, np.array([scores[r] for r in rows]), out["scores"])
+    else:
+        labels = manifest.column("label")
+        table = predictions_table(guids, [labels[r] for r in rows], out["probabilities"], list(LABELS), out.get("gate"))
+    write_predictions(run_dir / VAL_PREDICTIONS, table)
 
 
 def tensorboard_writer(run_dir: Path):

@@ -1,13 +1,20 @@
-"""The training loop shared by train-head (cached features) and, later, finetune.
+"""The one training loop, shared by train-head (cached features) and finetune (raw data).
 
-Features live in memory as tensors and batches are indexed directly: no per-sample
-Python loop and no DataLoader workers for cached features.
+`fit` runs the epochs: `train_one_epoch`, `evaluate` on the val split, a history row,
+the best state kept, early stopping, and (for finetune) a resume state after each epoch.
+Both stages hand it batches as (rows, inputs) pairs: cached features are indexed from
+tensors in memory (no per-sample Python loop, no DataLoader workers), raw items are
+tokenised once and their images decoded in a background thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,10 +22,12 @@ from torch import nn
 
 from msa.cache.features import CacheError, FeatureSet
 from msa.models.heads import Modality, ModalityDims
+from msa.pipeline import rundir
+from msa.pipeline.compute import Compute
 from msa.pipeline.mvsa import LABELS
+from msa.pipeline.tasks import LARGER_IS_BETTER, Task
 
-LOSSES = ("ce", "weighted-ce", "focal")
-REGRESSION_LOSSES = ("mse", "l1", "huber")
+Batches = Iterable[tuple[torch.Tensor, object]]  # (rows [B], the model's inputs for them)
 
 
 @dataclasses.dataclass
@@ -102,49 +111,10 @@ def used_length(mask: torch.Tensor) -> int:
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
+    """Linear warm-up over warmup_ratio of the steps, then cosine decay to 0 (transformers')."""
+    from transformers import get_cosine_schedule_with_warmup
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def class_weights_from(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, normalised so the average weight per item is 1."""
-    counts = np.bincount(labels, minlength=num_classes).astype(float)
-    weights = len(labels) / (num_classes * np.maximum(counts, 1))
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def classification_loss(name: str, class_weights: torch.Tensor | None, label_smoothing: float,
-                        focal_gamma: float = 2.0):
-    """loss(logits [B, C], targets [B]) -> per-sample losses [B]."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
-    weights = class_weights if name in ("weighted-ce", "focal") else None
-
-    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ce = nn.functional.cross_entropy(logits, targets, weight=weights, reduction="none",
-                                         label_smoothing=label_smoothing)
-        if name != "focal":
-            return ce
-        # Focal: down-weight easy samples by (1 - p_true)^gamma.
-        p_true = torch.softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
-        return (1 - p_true).pow(focal_gamma) * ce
-
-    return loss
-
-
-def regression_loss(name: str):
-    """loss(scores [B, 1], targets [B]) -> per-sample losses [B]."""
-    if name not in REGRESSION_LOSSES:
-        raise ValueError(f"loss {name!r} is not for regression; use one of {', '.join(REGRESSION_LOSSES)}")
-    function = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss, "huber": nn.functional.huber_loss}[name]
-    return lambda scores, targets: function(scores[:, 0], targets, reduction="none")
+    return get_cosine_schedule_with_warmup(optimizer, max(1, int(total_steps * warmup_ratio)), total_steps)
 
 
 def drop_modalities(inputs: dict[str, Modality], p: float, generator: torch.Generator) -> dict[str, Modality]:
@@ -155,7 +125,7 @@ def drop_modalities(inputs: dict[str, Modality], p: float, generator: torch.Gene
     which = torch.randint(len(names), (batch,), generator=generator)
     out = {}
     for i, name in enumerate(names):
-        keep = ~(drop & (which == i))  # [B]
+        keep = (~(drop & (which == i))).to(inputs[name].pooled.device)  # [B]
         m = inputs[name]
         # The mask stays: attention over all-zero keys is fine, over no keys is NaN.
         out[name] = dataclasses.replace(
@@ -179,77 +149,225 @@ def shuffled_batches(rows: np.ndarray, batch_size: int, generator: torch.Generat
     return [batches[i] for i in torch.randperm(len(batches), generator=generator)]
 
 
-def train_one_epoch(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targets: torch.Tensor,
-                    optimizer: torch.optim.Optimizer, scheduler, loss_fn, batch_size: int,
-                    generator: torch.Generator, rdrop_alpha: float = 0.0, modality_dropout: float = 0.0,
-                    aux_weight: float = 0.1, grad_accum: int = 1) -> dict[str, float]:
+def cached_batches(bank: FeatureBank, batches: Iterable[torch.Tensor], with_tokens: bool,
+                   device: torch.device) -> Iterator[tuple[torch.Tensor, dict[str, Modality]]]:
+    """(rows, features) of cached batches, on the device."""
+    for rows in batches:
+        features = bank.batch(rows, with_tokens)
+        yield rows, {name: Modality(*(None if t is None else t.to(device) for t in dataclasses.astuple(m)))
+                     for name, m in features.items()}
+
+
+@dataclasses.dataclass
+class Optimisation:
+    """How a training step updates the model."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    compute: Compute
+    grad_accum: int = 1  # batches per optimizer step
+    grad_clip: float = 0.0  # max gradient norm (0: off)
+    scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA
+
+    def state_dicts(self) -> dict:
+        states = {"optimizer": self.optimizer, "scheduler": self.scheduler}
+        return {**states, "scaler": self.scaler} if self.scaler is not None else states
+
+
+@dataclasses.dataclass
+class Regularisers:
+    rdrop_alpha: float = 0.0  # R-Drop: weight of the KL between two dropout passes
+    modality_dropout: float = 0.0  # per-sample chance of zeroing one modality (cached features only)
+    aux_weight: float = 0.1  # weight of a head's auxiliary loss
+
+
+def train_one_epoch(model: nn.Module, batches: list[torch.Tensor], load: Callable[[list[torch.Tensor]], Batches],
+                    targets: torch.Tensor, loss_fn, step: Optimisation, task: Task, generator: torch.Generator,
+                    regularisers: Regularisers = Regularisers()) -> dict:
+    """One pass over the batches of rows (`load` turns them into inputs); returns the mean loss,
+    the auxiliary loss, the train metrics (of this epoch's outputs, dropout on) and the
+    learning rate at the end."""
     model.train()
-    totals = {"loss": 0.0, "aux_loss": 0.0}
-    # A run's batches depend on its model alone, not on whether a sweep loaded tokens for others.
-    with_tokens = model.uses_tokens
-    with_tops = bool(getattr(model, "tops", None))  # a text top runs transformer layers: bucket by length
-    lengths = bank.lengths() if with_tokens or with_tops else None
-    batches = shuffled_batches(rows, batch_size, generator, lengths)
-    optimizer.zero_grad(set_to_none=True)
-    for index, batch_rows in enumerate(batches):
-        inputs = bank.batch(batch_rows, with_tokens)
-        if modality_dropout > 0:
-            inputs = drop_modalities(inputs, modality_dropout, generator)
-        y = targets[batch_rows]
-        out = model(inputs)
-        loss = loss_fn(out["logits"], y).mean()
-        if rdrop_alpha > 0:  # R-Drop: a second pass with other dropout masks; penalise disagreement
-            second = model(inputs)
-            loss = 0.5 * (loss + loss_fn(second["logits"], y).mean())
-            p, q = out["logits"].log_softmax(-1), second["logits"].log_softmax(-1)
+    totals, rows_seen, outputs = {"loss": 0.0, "aux_loss": 0.0}, [], []
+    step.optimizer.zero_grad(set_to_none=True)
+    for index, (rows, inputs) in enumerate(load(batches)):
+        if regularisers.modality_dropout > 0:
+            inputs = drop_modalities(inputs, regularisers.modality_dropout, generator)
+        y = targets[rows].to(step.compute.device)
+        with step.compute.autocast():
+            out = model(inputs)
+            second = model(inputs) if regularisers.rdrop_alpha > 0 else None
+        logits = out["logits"].float()
+        loss = loss_fn(logits, y).mean()
+        if second is not None:  # R-Drop: a second pass with other dropout masks; penalise disagreement
+            other = second["logits"].float()
+            loss = 0.5 * (loss + loss_fn(other, y).mean())
+            p, q = logits.log_softmax(-1), other.log_softmax(-1)
             kl = 0.5 * (nn.functional.kl_div(p, q, log_target=True, reduction="batchmean")
                         + nn.functional.kl_div(q, p, log_target=True, reduction="batchmean"))
-            loss = loss + rdrop_alpha * kl
-        aux = out.get("aux_loss")
-        if aux is not None:
-            loss = loss + aux_weight * aux
-            totals["aux_loss"] += aux.item() * len(batch_rows)
+            loss = loss + regularisers.rdrop_alpha * kl
+        if out.get("aux_loss") is not None:
+            loss = loss + regularisers.aux_weight * out["aux_loss"]
+            totals["aux_loss"] += out["aux_loss"].item() * len(rows)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss ({loss.item()}); lower --lr")
-        (loss / grad_accum).backward()
-        if (index + 1) % grad_accum == 0 or index + 1 == len(batches):
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        totals["loss"] += loss.item() * len(batch_rows)
-    return {k: v / len(rows) for k, v in totals.items()}
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}); lower the learning rate(s)")
+        backward_and_step(loss, step, last=(index + 1) % step.grad_accum == 0 or index + 1 == len(batches))
+        totals["loss"] += loss.item() * len(rows)
+        rows_seen.append(rows)
+        outputs.append(logits.detach().cpu())
+    seen = torch.cat(rows_seen)
+    train = task.metrics(targets[seen].numpy(), outputs_of(torch.cat(outputs)))
+    return {**{k: v / len(seen) for k, v in totals.items()}, **{k: train[k] for k in task.history},
+            "lr": step.scheduler.get_last_lr()[-1]}
+
+
+def backward_and_step(loss: torch.Tensor, step: Optimisation, last: bool) -> None:
+    """Accumulate the gradient; every grad_accum batches (and at the end): clip, step, schedule."""
+    (step.scaler.scale(loss / step.grad_accum) if step.scaler else loss / step.grad_accum).backward()
+    if not last:
+        return
+    if step.scaler:
+        step.scaler.unscale_(step.optimizer)
+    if step.grad_clip:
+        nn.utils.clip_grad_norm_([p for g in step.optimizer.param_groups for p in g["params"]], step.grad_clip)
+    if step.scaler:
+        step.scaler.step(step.optimizer)
+        step.scaler.update()
+    else:
+        step.optimizer.step()
+    step.scheduler.step()
+    step.optimizer.zero_grad(set_to_none=True)
+
+
+def outputs_of(logits: torch.Tensor) -> dict:
+    """Model outputs [N, C] as a task reads them: probabilities, or scores [N] for one output."""
+    if logits.shape[-1] == 1:
+        return {"scores": logits[:, 0].numpy()}
+    return {"probabilities": logits.softmax(-1).numpy()}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, bank: FeatureBank, rows: np.ndarray, targets: torch.Tensor | None,
-             batch_size: int = 256) -> dict:
-    """Probabilities [N, C] (and gate [N] where the head has one) for rows; for a regression
-    model (one output) scores [N] instead, and the loss is the mean squared error."""
+def evaluate(model: nn.Module, rows: np.ndarray, batches: Batches, targets: torch.Tensor | None,
+             compute: Compute | None = None) -> dict:
+    """Outputs for `rows`, in their order, from batches of them in any order: probabilities [N, C]
+    (scores [N] for a one-output model), the gate [N] where the head has one, and with targets
+    the loss (cross-entropy; mean squared error for scores)."""
     model.eval()
-    probabilities, scores, gates, loss = [], [], [], 0.0
-    lengths = bank.lengths() if model.uses_tokens else None
-    # Length-sorted batches (little padding); outputs are put back in the order of rows.
-    order = np.argsort(lengths[rows].numpy(), kind="stable") if lengths is not None else np.arange(len(rows))
-    for start in range(0, len(rows), batch_size):
-        batch_rows = torch.from_numpy(rows[order[start: start + batch_size]])
-        out = model(bank.batch(batch_rows, model.uses_tokens))
-        logits = out["logits"]
-        if logits.shape[-1] == 1:
-            scores.append(logits[:, 0])
-            if targets is not None:
-                loss += nn.functional.mse_loss(logits[:, 0], targets[batch_rows], reduction="sum").item()
-        else:
-            probabilities.append(logits.softmax(-1))
-            if targets is not None:
-                loss += nn.functional.cross_entropy(logits, targets[batch_rows], reduction="sum").item()
+    logits, gates, seen = [], [], []
+    for batch_rows, inputs in batches:
+        with compute.autocast() if compute else contextlib.nullcontext():
+            out = model(inputs)
+        logits.append(out["logits"].float().cpu())
+        seen += batch_rows.tolist()
         if "gate" in out:
-            gates.append(out["gate"])
-    restore = np.argsort(order)
-    result = {"probabilities": torch.cat(probabilities).numpy()[restore] if probabilities else np.zeros((0, 0))}
-    if scores:
-        result["scores"] = torch.cat(scores).numpy()[restore]
+            gates.append(out["gate"].float().cpu())
+    where = {row: i for i, row in enumerate(seen)}
+    wanted = torch.tensor([where[row] for row in np.asarray(rows).tolist()], dtype=torch.long)
+    every = torch.cat(logits)[wanted] if logits else torch.zeros((0, len(LABELS)))
+    result = {"probabilities": np.zeros((0, 0)), **outputs_of(every)}
     if gates:
-        result["gate"] = torch.cat(gates).numpy()[restore]
+        result["gate"] = torch.cat(gates)[wanted].numpy()
     if targets is not None:
-        result["loss"] = loss / max(1, len(rows))
+        y = targets[torch.from_numpy(np.asarray(rows))]
+        loss = (nn.functional.mse_loss(every[:, 0], y) if every.shape[-1] == 1
+                else nn.functional.cross_entropy(every, y))
+        result["loss"] = float(loss) if len(rows) else 0.0
     return result
+
+
+def evaluation_order(rows: np.ndarray, lengths: torch.Tensor | None, batch_size: int) -> list[torch.Tensor]:
+    """Batches of rows for evaluation, length-sorted where lengths are known (little padding)."""
+    order = rows[np.argsort(lengths[rows].numpy(), kind="stable")] if lengths is not None else rows
+    return list(torch.from_numpy(np.asarray(order)).split(batch_size))
+
+
+@dataclasses.dataclass
+class FitState:
+    """Where a training run stands: what early stopping and resuming need."""
+
+    epoch: int = 0
+    best_score: float | None = None
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the best
+    best_metrics: dict | None = None
+
+
+def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, dict]], task: Task, select: str,
+        epochs: int, patience: int, run_dir: Path, on_best: Callable[[FitState, dict], None],
+        resume_state: Path | None = None, stateful: dict | None = None, log=print,
+        after_epoch: Callable[[FitState], None] | None = None) -> FitState:
+    """The epoch loop. train_epoch(epoch) -> train figures; validate() -> (val metrics, outputs);
+    on_best(state, outputs) keeps the best model. With resume_state, every epoch ends by saving
+    `stateful` (objects with state_dict, and the "generator"), the RNG states and the FitState
+    there, and a run that finds the file resumes from it exactly. after_epoch(state) follows."""
+    state, generator = FitState(), (stateful or {}).get("generator")
+    if resume_state and resume_state.is_file():
+        state = load_resume_state(resume_state, stateful)
+        rundir.truncate_history(run_dir, state.epoch)  # rows written after the saved state
+        log(f"resuming {run_dir} after epoch {state.epoch}")
+    larger = LARGER_IS_BETTER[select]
+    tensorboard = rundir.tensorboard_writer(run_dir)
+    for epoch in range(state.epoch + 1, epochs + 1):
+        if state.stale >= patience:
+            break
+        start = time.perf_counter()
+        train = train_epoch(epoch)
+        metrics, outputs = validate()
+        row = {"epoch": epoch, **{f"train_{k}": round(v, 5) for k, v in train.items() if k != "lr"},
+               **{f"val_{k}": round(metrics[k], 5) for k in ("loss", *task.history)}, "lr": train["lr"],
+               "seconds": round(time.perf_counter() - start, 3)}
+        rundir.append_history(run_dir, row, tensorboard)
+        score = metrics[select] if larger else -metrics[select]
+        state.epoch = epoch
+        if state.best_score is None or score > state.best_score:
+            state.best_score, state.best_epoch, state.stale, state.best_metrics = score, epoch, 0, metrics
+            on_best(state, outputs)
+        else:
+            state.stale += 1
+        log(f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f}  val {select} {metrics[select]:.4f}  "
+            f"(best {state.best_metrics[select]:.4f} at {state.best_epoch})  {row['seconds']:.1f} s")
+        if state.stale >= patience:
+            log(f"early stop at epoch {epoch}: no better val {select} for {patience} epochs")
+        if resume_state:
+            save_resume_state(resume_state, state, stateful, generator)
+        if after_epoch:
+            after_epoch(state)
+    if tensorboard:
+        tensorboard.close()
+    return state
+
+
+def save_resume_state(path: Path, state: FitState, stateful: dict, generator: torch.Generator | None) -> None:
+    rundir.save_checkpoint({**{k: v.state_dict() for k, v in stateful.items() if k != "generator"},
+                            "rng": rng_state(generator), "state": dataclasses.asdict(state)}, path)
+
+
+def load_resume_state(path: Path, stateful: dict) -> FitState:
+    saved = rundir.load_checkpoint(path)
+    for name, thing in stateful.items():
+        if name != "generator":
+            thing.load_state_dict(saved[name])
+    set_rng_state(saved["rng"], stateful.get("generator"))
+    return FitState(**saved["state"])
+
+
+def rng_state(generator: torch.Generator | None) -> dict:
+    """Every random state, as tensors and plain values (the checkpoint loads with weights_only)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate(),
+            "generator": generator.get_state() if generator is not None else None,
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].cpu().numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    random.setstate(state["python"])
+    if generator is not None:
+        generator.set_state(state["generator"].cpu())
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

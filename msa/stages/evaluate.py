@@ -18,6 +18,7 @@ from msa.pipeline import rundir
 from msa.pipeline.config import EvaluateConfig
 from msa.pipeline.metrics import classification_metrics, regression_metrics
 from msa.pipeline.mvsa import read_label_file
+from msa.pipeline.tasks import task_of_metrics
 from msa.stages.predict import predict
 
 
@@ -83,7 +84,7 @@ def gate_statistics(table: pd.DataFrame) -> dict:
 
 
 def run(cfg: EvaluateConfig) -> dict:
-    if cfg.labels is None and "score" in pd.read_parquet(Path(cfg.run) / rundir.VAL_PREDICTIONS).columns:
+    if cfg.labels is None and task_of_metrics(rundir.read_json(Path(cfg.run) / rundir.METRICS)).name == "regression":
         return regression_report(cfg)
     table = run_predictions(cfg.run, cfg.labels)
     class_names = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]

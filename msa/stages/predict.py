@@ -15,14 +15,25 @@ import torch
 
 from msa.cache.features import CacheError, find_feature_set
 from msa.cache.fingerprint import config_id, slug
-from msa.cache.manifest import Manifest, build_manifest, read_manifest
-from msa.models.heads import ModalityDims
+from msa.cache.manifest import build_manifest, read_manifest
+from msa.models.build import build_model
 from msa.pipeline import rundir
-from msa.pipeline.config import SPLITS, CaptionConfig, ExtractConfig, PredictConfig, from_record
-from msa.pipeline.mvsa import LABELS, read_mvsa
-from msa.pipeline.training import FeatureBank, evaluate
-from msa.stages import caption, extract, finetune
-from msa.stages.train_head import build_model
+from msa.pipeline.compute import resolve_compute
+from msa.pipeline.config import (
+    SPLITS,
+    CaptionConfig,
+    ConfigError,
+    ExtractConfig,
+    FinetuneConfig,
+    PredictConfig,
+    from_record,
+)
+from msa.pipeline.mvsa import read_mvsa
+from msa.pipeline.progress import ItemProgress
+from msa.pipeline.raw import RawData, raw_batches
+from msa.pipeline.tasks import TASKS
+from msa.pipeline.training import FeatureBank, cached_batches, evaluate, evaluation_order
+from msa.stages import caption, extract
 
 # Fingerprint entries that may differ between the run's features and new data's: the
 # manifest, and the precision `auto` picked on another machine (bf16 or fp16 features
@@ -37,8 +48,6 @@ class Predictions:
     probabilities: np.ndarray  # [N, C]
     gate: np.ndarray | None
     class_names: list[str]
-    manifest: Manifest
-    rows: np.ndarray
     scores: np.ndarray | None = None  # regression runs: the predicted score [N]
 
     @property
@@ -48,13 +57,12 @@ class Predictions:
         return [self.class_names[i] for i in self.probabilities.argmax(1)]
 
 
-def load_head(run_dir: Path) -> tuple[torch.nn.Module, dict]:
+def load_run_model(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A run's model, rebuilt from its spec with its weights, in eval mode on the device."""
     state_dict, spec = rundir.load_model(run_dir)
-    dims = {m: ModalityDims(**d) for m, d in spec["dims"].items()}
-    model = build_model(spec["fusion"], dims, spec["hidden"], spec["dropout"], spec["feature_sets"], spec["unfrozen"],
-                        spec["task"], spec["sequence_encoder"], spec["output_scaling"])
+    model = build_model(spec)
     model.load_state_dict(state_dict)
-    return model.eval(), spec
+    return model.to(device).eval(), spec
 
 
 def ensure_features(run_dir: Path, data: Path | None, cache: Path | None, device: str = "auto",
@@ -113,46 +121,52 @@ def _extract_config(recorded: dict, data: Path, cache: Path, modality: str, devi
 def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache: Path | None = None,
             device: str = "auto", show_progress: bool = True) -> Predictions:
     if split not in SPLITS:
-        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if rundir.read_json(Path(run_dir) / rundir.CONFIG).get("kind") == "finetune":
         return _predict_finetuned(run_dir, data, split, device, show_progress)
     cache, names = ensure_features(run_dir, data, cache, device, show_progress)
-    model, checkpoint = load_head(run_dir)
+    compute = resolve_compute(device, "fp32")
+    model, spec = load_run_model(run_dir, compute.device)
     manifest = read_manifest(cache)
     feature_sets = {m: find_feature_set(cache, n) for m, n in names.items()}
     for feature_set in feature_sets.values():  # rows line up only with the manifest they were extracted for
         if feature_set.fingerprint.get("manifest_id") != manifest.manifest_id:
             raise CacheError(f"{cache}: its manifest changed since {feature_set.name} was extracted (another "
                              "extract or predict on other data into the same cache?); run predict again")
-    bank = FeatureBank.load(feature_sets, model.uses_tokens, tuple(checkpoint.get("unfrozen", {})))
+    bank = FeatureBank.load(feature_sets, model.uses_tokens, tuple(spec["unfrozen"]))
     rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
-    out = evaluate(model, bank, rows, None)
+    batches = evaluation_order(rows, bank.lengths() if model.uses_tokens else None, 256)
+    out = evaluate(model, rows, cached_batches(bank, batches, model.uses_tokens, compute.device), None)
     guids, labels = manifest.guids, manifest.column("label")
     return Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"],
-                       out.get("gate"), checkpoint["class_names"], manifest, rows, out.get("scores"))
+                       out.get("gate"), spec["class_names"], out.get("scores"))
 
 
 def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str,
                        show_progress: bool) -> Predictions:
     """An end-to-end run reads raw data: its own (the manifest kept in the run) or new data."""
-    model, cfg, compute = finetune.load_finetuned(run_dir, device)
+    cfg = from_record(FinetuneConfig, rundir.read_json(Path(run_dir) / rundir.CONFIG))
+    compute = resolve_compute(device, cfg.precision)
+    model, spec = load_run_model(run_dir, compute.device)
     if data is None:
         manifest = read_manifest(run_dir)
     else:
         items, _ = read_mvsa(data, cfg.on_bad_image, cfg.on_duplicate)
         manifest = build_manifest(items, data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
-    raw = finetune.RawData.read(manifest, model.encoders["text"], cfg.clean_text)
+    raw = RawData.read(manifest, model.encoders["text"], cfg.clean_text)
     rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
-    probabilities = finetune.predict_rows(model, raw, rows, compute, cfg.batch_size * 2, show_progress)
+    batches = list(torch.from_numpy(rows).split(cfg.batch_size * 2))
+    with ItemProgress("predict", len(rows), show_progress) as advance:
+        out = evaluate(model, rows, raw_batches(model, raw, batches, compute.device, advance=advance), None, compute)
     guids, labels = manifest.guids, manifest.column("label")
-    return Predictions([guids[r] for r in rows], [labels[r] for r in rows], probabilities, None, list(LABELS),
-                       manifest, rows)
+    return Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"], None,
+                       spec["class_names"])
 
 
 def write_predictions_file(predictions: Predictions, path: Path) -> Path:
     """`guid,tag` with a header, as test_without_label.txt (`guid,score` for regression runs); atomic."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = "guid,score" if predictions.scores is not None else "guid,tag"
+    header = TASKS["regression" if predictions.scores is not None else "classification"].prediction_header
     lines = [header] + [f"{g},{p}" for g, p in zip(predictions.guids, predictions.predicted)]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")

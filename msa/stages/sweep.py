@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
-import json
 import multiprocessing
 import os
 import queue
@@ -25,19 +24,8 @@ from msa.models.heads import HEADS, check_head
 from msa.pipeline import rundir
 from msa.pipeline.config import SweepConfig, TrainHeadConfig, to_json
 from msa.pipeline.progress import console, progress_bar
+from msa.pipeline.tasks import LARGER_IS_BETTER, TASKS, task_of_metrics
 from msa.stages import train_head
-
-# Per task: metrics in results.csv, and the leaderboard's (column, title) pairs, its sort key first.
-RESULT_COLUMNS = {
-    "classification": ("accuracy", "macro_f1", "weighted_f1", "neutral_f1", "loss", "best_epoch", "train_seconds"),
-    "regression": ("mae", "corr", "acc2", "f1", "non0_acc2", "non0_f1", "acc5", "acc7", "loss", "best_epoch",
-                   "train_seconds"),
-}
-LEADERBOARD = {
-    "classification": (("macro_f1", "macro-F1"), ("accuracy", "accuracy"), ("neutral_f1", "neutral F1")),
-    "regression": (("mae", "MAE"), ("corr", "corr"), ("acc2", "Acc-2"), ("non0_acc2", "Non0-Acc-2"),
-                   ("acc7", "Acc-7")),
-}
 
 
 def parse_grid(specs: list[str]) -> dict[str, tuple]:
@@ -209,32 +197,27 @@ def run_in_workers(runs: list[TrainHeadConfig], workers: int, finished) -> None:
 def results_table(runs: list[TrainHeadConfig], grid: dict) -> pd.DataFrame:
     rows = []
     for run_cfg in runs:
-        metrics = json.loads((run_cfg.out / rundir.METRICS).read_text())
-        task = "regression" if "mae" in metrics else "classification"
-        if task == "classification":
-            metrics["neutral_f1"] = metrics["per_class"].get("neutral", {}).get("f1")
+        metrics = rundir.read_json(run_cfg.out / rundir.METRICS)
+        task = task_of_metrics(metrics)
         # What the run read, so that a leaderboard never shows a unimodal run as a multimodal one.
         used = rundir.read_json(run_cfg.out / rundir.CONFIG)["modalities_used"]
-        rows.append({"run": run_cfg.out.name, "fusion": run_cfg.fusion, "seed": run_cfg.seed,
+        rows.append({"run": run_cfg.out.name, "task": task.name, "fusion": run_cfg.fusion, "seed": run_cfg.seed,
                      **{k: getattr(run_cfg, k) for k in grid}, "modalities_used": "+".join(used),
-                     **{k: metrics[k] for k in RESULT_COLUMNS[task]}})
+                     **{k: metrics.get(k) for k in task.results}})
     return pd.DataFrame(rows)
 
 
-def table_task(table: pd.DataFrame) -> str:
-    return "regression" if "mae" in table.columns else "classification"
-
-
 def leaderboard(table: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
-    """Mean and std over seeds per configuration, best first (macro-F1; regression: MAE)."""
+    """Mean and std over seeds per configuration, best first (by the task's first leaderboard metric)."""
     keys = ["fusion", *grid_keys]
-    task = table_task(table)
-    metrics = [m for m, _ in LEADERBOARD[task]] + ["train_seconds"]
+    task = TASKS[table["task"].iloc[0]]
+    metrics = [m for m, _ in task.leaderboard] + ["train_seconds"]
     grouped = table.groupby(keys, dropna=False)[metrics].agg(["mean", "std"])
     grouped.columns = [f"{m}_{s}" for m, s in grouped.columns]
     grouped["runs"] = table.groupby(keys, dropna=False).size()
+    grouped["task"] = task.name
     sort_by = metrics[0]
-    return grouped.sort_values(f"{sort_by}_mean", ascending=task == "regression").reset_index()
+    return grouped.sort_values(f"{sort_by}_mean", ascending=not LARGER_IS_BETTER[sort_by]).reset_index()
 
 
 def mean_std(row: pd.Series, metric: str) -> str:
@@ -244,7 +227,7 @@ def mean_std(row: pd.Series, metric: str) -> str:
 
 def leaderboard_table(board: pd.DataFrame, grid_keys: list[str]) -> Table:
     table = Table(title="Leaderboard (val, mean ± std over seeds)")
-    columns = LEADERBOARD["regression" if "mae_mean" in board.columns else "classification"]
+    columns = TASKS[board["task"].iloc[0]].leaderboard
     for column in ["fusion", *grid_keys, *(title for _, title in columns), "s/run", "runs"]:
         table.add_column(column)
     for _, row in board.iterrows():

@@ -11,7 +11,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from msa.cache.features import (
@@ -23,21 +22,24 @@ from msa.cache.features import (
     scan_feature_sets,
 )
 from msa.cache.manifest import Manifest, manifest_columns, read_manifest
-from msa.models.heads import HEADS, ScaledScore, check_head, create_head
-from msa.models.image import build_image_encoder
-from msa.models.text import TextEncoder
-from msa.models.unfrozen import TopsAndHead, parameter_groups
+from msa.models.build import build_model
+from msa.models.heads import HEADS, check_head
+from msa.models.unfrozen import parameter_groups
 from msa.pipeline import rundir
-from msa.pipeline.config import TrainHeadConfig, to_json
-from msa.pipeline.metrics import SELECT, SELECT_BY_TASK, classification_metrics, regression_metrics
+from msa.pipeline.compute import resolve_compute
+from msa.pipeline.config import ConfigError, TrainHeadConfig, to_json
 from msa.pipeline.mvsa import LABELS
+from msa.pipeline.tasks import TASKS, Task, task_named, training_loss
 from msa.pipeline.training import (
     FeatureBank,
+    Optimisation,
+    Regularisers,
+    cached_batches,
     class_targets,
-    class_weights_from,
-    classification_loss,
     evaluate,
-    regression_loss,
+    evaluation_order,
+    fit,
+    shuffled_batches,
     train_one_epoch,
     warmup_cosine,
 )
@@ -54,13 +56,13 @@ class TrainData:
     feature_sets: dict[str, FeatureSet]  # modality -> set, in role order
     bank: FeatureBank
     targets: torch.Tensor  # [N] class index, -1 for unlabelled rows; regression: float scores
-    task: str  # classification | regression
+    task: Task
 
     def restricted(self, modalities: tuple[str, ...]) -> TrainData:
         """The same data with only some modalities, in that order (a sweep over --modalities)."""
         unknown = [m for m in modalities if m not in self.feature_sets]
         if unknown:
-            raise ValueError(f"--modalities {','.join(unknown)}: the data has {', '.join(self.feature_sets)}")
+            raise ConfigError(f"--modalities {','.join(unknown)}: the data has {', '.join(self.feature_sets)}")
         return dataclasses.replace(self, feature_sets={m: self.feature_sets[m] for m in modalities},
                                    bank=self.bank.subset(modalities))
 
@@ -144,8 +146,8 @@ def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
     manifest = read_manifest(cache)
     feature_sets = select_feature_sets(cache, manifest, features, modalities)
     bank = FeatureBank.load(feature_sets, with_tokens, split_names)
-    task = task_of(manifest.table.column_names)
-    if task == "regression":
+    task = TASKS[task_of(manifest.table.column_names)]
+    if task.name == "regression":
         targets = torch.tensor(manifest.column("score"), dtype=torch.float32)
     else:
         targets = class_targets(manifest.column("label"))
@@ -157,72 +159,25 @@ def task_of(manifest_columns: list[str]) -> str:
     return "regression" if "score" in manifest_columns else "classification"
 
 
-# Validation metrics logged per epoch in history.csv (as val_<name>).
-HISTORY_METRICS = {"classification": ("accuracy", "macro_f1"), "regression": ("mae", "corr", "acc2", "acc7")}
-
-
-def val_metrics(task: str, targets: np.ndarray, val: dict) -> dict:
-    if task == "regression":
-        metrics = regression_metrics(targets, val["scores"])
-    else:
-        metrics = classification_metrics(targets, val["probabilities"].argmax(1), list(LABELS))
-    return {**metrics, "loss": val["loss"]}
-
-
 def unfrozen(cfg) -> dict[str, int]:
     """Modality -> how many top layers (text) or stages (image) are trained."""
     return {m: k for m, k in (("text", cfg.unfreeze_text_layers), ("image", cfg.unfreeze_image_stages)) if k}
 
 
-def build_tops(feature_info: dict[str, dict], counts: dict[str, int]) -> dict[str, torch.nn.Module]:
-    """Encoder tops with the pretrained weights of the encoders that extracted the features."""
-    tops = {}
-    for modality, count in counts.items():
-        if modality not in feature_info:
-            raise ValueError(f"cannot unfreeze the {modality} encoder: the run reads no {modality} features")
-        fingerprint, recorded = feature_info[modality]["fingerprint"], feature_info[modality]["extract_config"]
-        key, option = ("split_layer", "--text-split-layer") if modality == "text" else ("split_stage",
-                                                                                         "--image-split-stage")
-        if fingerprint.get(key) != count:
-            raise CacheError(f"{feature_info[modality]['name']} was extracted with {option} "
-                             f"{fingerprint.get(key)}; unfreezing {count} needs {option} {count}")
-        if modality == "text":
-            tops[modality] = TextEncoder(recorded["text_model"], recorded["max_len"], recorded["pooling"]).top(count)
-            tops[modality].requires_grad_(True)
-        else:
-            top = build_image_encoder(recorded["image_model"], recorded["image_weights"]).split(count)[1]
-            top.requires_grad_(False)
-            top.trunk.requires_grad_(True)  # the stages only: a timm pool holds the whole model
-            tops[modality] = top
-    return tops
-
-
-def build_model(fusion: str, dims: dict, hidden: int, dropout: float, feature_info: dict,
-                counts: dict[str, int], task: str = "classification", sequence_encoder: str = "lstm",
-                output_scaling: str = "tanh") -> torch.nn.Module:
-    """The head, behind encoder tops when any are unfrozen; a bounded score for regression."""
-    outputs = 1 if task == "regression" else len(LABELS)
-    model = create_head(fusion, dims, outputs, hidden, dropout, sequence_encoder)
-    if counts:
-        model = TopsAndHead(model, build_tops(feature_info, counts))
-    return ScaledScore(model, output_scaling) if task == "regression" else model
-
-
-TASK_DEFAULTS = {"classification": {"loss": "ce", "select": "macro_f1"},
-                 "regression": {"loss": "l1", "select": "mae"}}
-
-
 def resolved(cfg: TrainHeadConfig) -> TrainHeadConfig:
     """The config as it runs: the task read from the cache, and a missing batch size, loss and
-    selection metric filled in (the head's own batch size; ce / macro_f1 or l1 / mae)."""
+    selection metric filled in (the head's own batch size; the task's default loss and metric)."""
     # Only the manifest's footer is read: a sweep resolves every planned run's config.
-    task = task_of(manifest_columns(cfg.cache)) if cfg.task == "auto" else cfg.task
-    if task not in TASK_DEFAULTS:
-        raise ValueError(f"--task must be auto, classification or regression, got {cfg.task!r}")
-    defaults = TASK_DEFAULTS[task]
-    return dataclasses.replace(
-        cfg, task=task, batch_size=cfg.batch_size or HEADS[cfg.fusion].default_batch_size,
-        loss=cfg.loss or defaults["loss"], select=cfg.select or defaults["select"])
+    task = task_named(task_of(manifest_columns(cfg.cache)) if cfg.task == "auto" else cfg.task)
+    cfg = dataclasses.replace(cfg, task=task.name, batch_size=cfg.batch_size or HEADS[cfg.fusion].default_batch_size,
+                              loss=cfg.loss or task.default_loss, select=cfg.select or task.default_select)
+    if cfg.select not in task.selects:
+        raise ConfigError(f"--select must be one of {', '.join(task.selects)} for {task.name}")
+    if cfg.loss not in task.losses:
+        raise ConfigError(f"--loss {cfg.loss} is not a {task.name} loss; use one of {', '.join(task.losses)}")
+    if task.name == "regression" and cfg.rdrop_alpha > 0:
+        raise ConfigError("--rdrop-alpha compares class distributions; it does not apply to regression")
+    return cfg
 
 
 def recorded_options(cfg: TrainHeadConfig) -> dict:
@@ -234,24 +189,27 @@ def default_run_dir(cfg: TrainHeadConfig) -> Path:
     return Path("runs") / f"{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def model_spec(cfg: TrainHeadConfig, data: TrainData, feature_info: dict) -> dict:
+    """What rebuilds this run's model (msa.models.build)."""
+    return {"kind": "head", "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
+            "task": cfg.task, "outputs": data.task.outputs, "sequence_encoder": cfg.sequence_encoder,
+            "output_scaling": cfg.output_scaling, "unfrozen": unfrozen(cfg), "class_names": list(LABELS),
+            "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()}, "feature_sets": feature_info}
+
+
 def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrite: bool = False) -> TrainResult:
     """Train one head; `data` lets a sweep reuse features already in memory. The run directory
     must be new or empty (or an msa run, replaced with `overwrite`); metrics.json, written
     last, marks it finished."""
     check_head(cfg.fusion)  # before loading features, which can take seconds
     cfg = resolved(cfg)
-    if cfg.select not in SELECT_BY_TASK[cfg.task]:
-        raise ValueError(f"--select must be one of {', '.join(SELECT_BY_TASK[cfg.task])} for {cfg.task}")
-    if cfg.task == "regression" and cfg.rdrop_alpha > 0:
-        raise ValueError("--rdrop-alpha compares class distributions; it does not apply to regression")
-    counts = unfrozen(cfg)
     if data is None:
-        data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens, tuple(counts),
+        data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens, tuple(unfrozen(cfg)),
                                cfg.modalities)
     elif cfg.modalities and tuple(data.feature_sets) != tuple(cfg.modalities):
         data = data.restricted(cfg.modalities)
-    if data.task != cfg.task:
-        raise ValueError(f"--task {cfg.task}: {cfg.cache} holds {data.task} data")
+    if data.task.name != cfg.task:
+        raise ConfigError(f"--task {cfg.task}: {cfg.cache} holds {data.task.name} data")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     lock = rundir.claim(run_dir, KIND, overwrite)
     try:
@@ -261,7 +219,6 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
 
 
 def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print) -> TrainResult:
-    counts = unfrozen(cfg)
     # With the extract options (and the caption config, for text made from captions), the run
     # directory alone can extract new data for prediction.
     feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes}
@@ -269,76 +226,50 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print) -> Tr
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": KIND, "out": str(run_dir),
                                                 "modalities_used": list(data.feature_sets),
                                                 "feature_sets": feature_info})
-
-    train_rows = data.manifest.rows_of_split("train")
-    val_rows = data.manifest.rows_of_split("val")
+    train_rows, val_rows = data.manifest.rows_of_split("train"), data.manifest.rows_of_split("val")
     if len(train_rows) == 0 or len(val_rows) == 0:
-        raise ValueError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
+        raise ConfigError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(cfg.fusion, data.bank.dims(), cfg.hidden, cfg.dropout, feature_info, counts, cfg.task,
-                        cfg.sequence_encoder, cfg.output_scaling)
-    weights = None
-    if cfg.loss in ("weighted-ce", "focal"):
-        weights = (torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights
-                   else class_weights_from(data.targets[train_rows].numpy(), len(LABELS)))
-    loss_fn = (regression_loss(cfg.loss) if cfg.task == "regression"
-               else classification_loss(cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma))
+    compute = resolve_compute(cfg.device, "fp32")
+    spec = model_spec(cfg, data, feature_info)
+    model = build_model(spec).to(compute.device)
+    counts = unfrozen(cfg)
     # fused: one kernel for all parameters; the default per-parameter loop was 24% of an epoch.
     groups = (parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head, cfg.weight_decay) if counts
               else model.parameters())
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = -(-len(train_rows) // (cfg.batch_size * cfg.grad_accum))
-    scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
-    select_key, larger_is_better = SELECT[cfg.select]
+    step = Optimisation(optimizer, warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio), compute,
+                        cfg.grad_accum, cfg.grad_clip)
+    loss_fn = training_loss(data.task, cfg, data.targets[train_rows].numpy(), compute.device)
+    regularisers = Regularisers(cfg.rdrop_alpha, cfg.modality_dropout, cfg.aux_weight)
+    # Batches depend on the model alone, not on whether a sweep loaded tokens for other runs;
+    # a text top runs transformer layers, so it gets length buckets too.
+    lengths = data.bank.lengths() if model.uses_tokens or counts else None
+
+    def load(batches):
+        return cached_batches(data.bank, batches, model.uses_tokens, compute.device)
+
+    def train_epoch(epoch: int) -> dict:
+        batches = shuffled_batches(train_rows, cfg.batch_size, generator, lengths)
+        return train_one_epoch(model, batches, load, data.targets, loss_fn, step, data.task, generator, regularisers)
+
+    def validate() -> tuple[dict, dict]:
+        out = evaluate(model, val_rows, load(evaluation_order(val_rows, lengths, 256)), data.targets)
+        return {**data.task.metrics(data.targets[val_rows].numpy(), out), "loss": out["loss"]}, out
+
+    best = {}
+
+    def keep_best(state, out: dict) -> None:
+        best.update(state_dict=copy.deepcopy(model.state_dict()), out=out)
 
     start = time.perf_counter()
-    tensorboard = rundir.tensorboard_writer(run_dir)
-    best_score, best_epoch, best_state, best_val, best_metrics, stale = None, 0, None, None, None, 0
-    for epoch in range(1, cfg.epochs + 1):
-        epoch_start = time.perf_counter()
-        train = train_one_epoch(model, data.bank, train_rows, data.targets, optimizer, scheduler, loss_fn,
-                                cfg.batch_size, generator, cfg.rdrop_alpha, cfg.modality_dropout, cfg.aux_weight,
-                                cfg.grad_accum)
-        val = evaluate(model, data.bank, val_rows, data.targets)
-        metrics = val_metrics(cfg.task, data.targets[val_rows].numpy(), val)
-        row = {"epoch": epoch, "train_loss": round(train["loss"], 5), "aux_loss": round(train["aux_loss"], 5),
-               "val_loss": round(val["loss"], 5),
-               **{f"val_{k}": round(metrics[k], 5) for k in HISTORY_METRICS[cfg.task]},
-               "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - epoch_start, 3)}
-        rundir.append_history(run_dir, row)
-        if tensorboard:
-            for key, value in row.items():
-                if key != "epoch":
-                    tensorboard.add_scalar(key.replace("_", "/", 1), value, epoch)
-        score = metrics[select_key] if larger_is_better else -metrics[select_key]
-        if best_score is None or score > best_score:
-            best_score, best_epoch, stale = score, epoch, 0
-            best_state, best_val, best_metrics = copy.deepcopy(model.state_dict()), val, metrics
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                log(f"early stop at epoch {epoch}: no better val {cfg.select} for {cfg.patience} epochs")
-                break
+    state = fit(train_epoch, validate, data.task, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best, log=log)
     seconds = time.perf_counter() - start
-    if tensorboard:
-        tensorboard.close()
-
-    val, metrics = best_val, {**best_metrics, "best_epoch": best_epoch, "train_seconds": seconds}
-    rundir.save_model(run_dir, best_state, {
-        "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout, "unfrozen": counts, "task": cfg.task,
-        "sequence_encoder": cfg.sequence_encoder, "output_scaling": cfg.output_scaling,
-        "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()}, "class_names": list(LABELS),
-        "feature_sets": feature_info})
-    all_guids = data.manifest.guids
-    guids = [all_guids[r] for r in val_rows]
-    if cfg.task == "regression":
-        table = rundir.score_table(guids, data.targets[val_rows].numpy(), val["scores"])
-    else:
-        labels = data.manifest.column("label")
-        table = rundir.predictions_table(guids, [labels[r] for r in val_rows], val["probabilities"], list(LABELS),
-                                         val.get("gate"))
-    rundir.write_predictions(run_dir / rundir.VAL_PREDICTIONS, table)
+    metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds}
+    rundir.save_model(run_dir, best["state_dict"], spec)
+    rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"])
     rundir.plot_run(run_dir, metrics)
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
-    return TrainResult(run_dir, metrics, best_epoch, seconds)
+    return TrainResult(run_dir, metrics, state.best_epoch, seconds)

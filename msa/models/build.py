@@ -1,0 +1,62 @@
+"""The one place models are built: a run's model spec (its `model.json`) -> the model.
+
+A spec is plain JSON, so a run directory alone rebuilds its model (the weights are in
+`model.safetensors` beside it). Two kinds:
+
+    {"kind": "head", "fusion", "hidden", "dropout", "task", "outputs", "sequence_encoder", "output_scaling",
+     "dims": {modality: {"pooled", "token"}}, "unfrozen": {modality: K}, "feature_sets": {...}}
+        a fusion head on cached features, behind the unfrozen encoder tops it trains
+    {"kind": "end-to-end", "fusion", "hidden", "dropout", "task", "outputs", "text_model", "max_len",
+     "pooling", "image_model", "image_weights", "unfreeze_text_layers", "unfreeze_image_stages"}
+        encoders with trainable tops and a fusion head (`msa finetune`)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from msa.cache.errors import CacheError
+from msa.models.heads import ModalityDims, ScaledScore, create_head
+from msa.models.image import build_image_encoder
+from msa.models.text import TextEncoder
+from msa.models.unfrozen import EndToEndModel, TopsAndHead
+
+SPLIT_OPTIONS = {"text": ("split_layer", "--text-split-layer"), "image": ("split_stage", "--image-split-stage")}
+
+
+def build_model(spec: dict) -> nn.Module:
+    """The model a spec describes, with pretrained (or random-init head) weights."""
+    if spec["kind"] == "end-to-end":
+        text = TextEncoder(spec["text_model"], spec["max_len"], spec["pooling"])
+        image = build_image_encoder(spec["image_model"], spec["image_weights"])
+        dims = {"text": ModalityDims(text.dim, text.dim), "image": ModalityDims(image.dim, image.dim)}
+        head = create_head(spec["fusion"], dims, spec["outputs"], spec["hidden"], spec["dropout"])
+        return EndToEndModel(text, image, head, spec["unfreeze_text_layers"], spec["unfreeze_image_stages"])
+    dims = {m: ModalityDims(**d) for m, d in spec["dims"].items()}
+    model = create_head(spec["fusion"], dims, spec["outputs"], spec["hidden"], spec["dropout"],
+                        spec["sequence_encoder"])
+    if spec["unfrozen"]:
+        model = TopsAndHead(model, build_tops(spec["feature_sets"], spec["unfrozen"]))
+    return ScaledScore(model, spec["output_scaling"]) if spec["task"] == "regression" else model
+
+
+def build_tops(feature_info: dict[str, dict], counts: dict[str, int]) -> dict[str, nn.Module]:
+    """Encoder tops with the pretrained weights of the encoders that extracted the features."""
+    tops = {}
+    for modality, count in counts.items():
+        if modality not in feature_info:
+            raise ValueError(f"cannot unfreeze the {modality} encoder: the run reads no {modality} features")
+        fingerprint, recorded = feature_info[modality]["fingerprint"], feature_info[modality]["extract_config"]
+        key, option = SPLIT_OPTIONS[modality]
+        if fingerprint.get(key) != count:
+            raise CacheError(f"{feature_info[modality]['name']} was extracted with {option} "
+                             f"{fingerprint.get(key)}; unfreezing {count} needs {option} {count}")
+        if modality == "text":
+            tops[modality] = TextEncoder(recorded["text_model"], recorded["max_len"], recorded["pooling"]).top(count)
+            tops[modality].requires_grad_(True)
+        else:
+            top = build_image_encoder(recorded["image_model"], recorded["image_weights"]).split(count)[1]
+            top.requires_grad_(False)
+            top.trunk.requires_grad_(True)  # the stages only: a timm pool holds the whole model
+            tops[modality] = top
+    return tops

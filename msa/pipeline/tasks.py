@@ -1,0 +1,124 @@
+"""The two tasks, each declared once: what differs between classifying sentiment classes
+(MVSA) and regressing a score (CMU-MOSI) in outputs, losses, metrics, selection,
+predictions and reports. Stages look a task up in TASKS instead of testing its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from msa.pipeline.metrics import classification_metrics, regression_metrics
+from msa.pipeline.mvsa import LABELS
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    outputs: int  # model outputs: one per class, or one score
+    losses: tuple[str, ...]  # --loss choices, the default first
+    selects: tuple[str, ...]  # --select choices (val metrics), the default first
+    history: tuple[str, ...]  # val metrics logged per epoch in history.csv
+    results: tuple[str, ...]  # metrics in a sweep's results.csv
+    leaderboard: tuple[tuple[str, str], ...]  # (metric, title), its sort key first
+    prediction_header: str  # the first line of a predictions file
+    metrics: Callable[[np.ndarray, dict], dict]  # (targets [N], evaluate()'s output) -> val metrics
+    summary: Callable[[dict], str]  # one line of the main metrics
+
+    @property
+    def default_loss(self) -> str:
+        return self.losses[0]
+
+    @property
+    def default_select(self) -> str:
+        return self.selects[0]
+
+
+def _classification_metrics(targets: np.ndarray, out: dict) -> dict:
+    metrics = classification_metrics(targets, out["probabilities"].argmax(1), list(LABELS))
+    metrics["neutral_f1"] = metrics["per_class"].get("neutral", {}).get("f1")
+    return metrics
+
+
+def _regression_metrics(targets: np.ndarray, out: dict) -> dict:
+    return regression_metrics(targets, out["scores"])
+
+
+TASKS = {
+    "classification": Task(
+        name="classification", outputs=len(LABELS), losses=("ce", "weighted-ce", "focal"),
+        selects=("macro_f1", "accuracy", "loss"), history=("accuracy", "macro_f1"),
+        results=("accuracy", "macro_f1", "weighted_f1", "neutral_f1", "loss", "best_epoch", "train_seconds"),
+        leaderboard=(("macro_f1", "macro-F1"), ("accuracy", "accuracy"), ("neutral_f1", "neutral F1")),
+        prediction_header="guid,tag", metrics=_classification_metrics,
+        summary=lambda m: f"val accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"),
+    "regression": Task(
+        name="regression", outputs=1, losses=("l1", "mse", "huber"), selects=("mae", "corr", "loss"),
+        history=("mae", "corr", "acc2", "acc7"),
+        results=("mae", "corr", "acc2", "f1", "non0_acc2", "non0_f1", "acc5", "acc7", "loss", "best_epoch",
+                 "train_seconds"),
+        leaderboard=(("mae", "MAE"), ("corr", "corr"), ("acc2", "Acc-2"), ("non0_acc2", "Non0-Acc-2"),
+                     ("acc7", "Acc-7")),
+        prediction_header="guid,score", metrics=_regression_metrics,
+        summary=lambda m: (f"val MAE {m['mae']:.4f}  corr {m['corr']:.4f}  Acc-2 {m['acc2']:.4f}  "
+                           f"Non0-Acc-2 {m['non0_acc2']:.4f}  Acc-7 {m['acc7']:.4f}")),
+}
+
+# Selection metrics: name -> True if larger is better.
+LARGER_IS_BETTER = {"macro_f1": True, "accuracy": True, "loss": False, "mae": False, "corr": True}
+
+
+def task_named(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_of_metrics(metrics: dict) -> Task:
+    """The task a metrics.json belongs to (older runs, without a "task" key: by its keys)."""
+    return TASKS[metrics.get("task") or ("regression" if "mae" in metrics else "classification")]
+
+
+def loss_function(task: Task, name: str, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                  focal_gamma: float = 2.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """loss(outputs [B, C] (or scores [B, 1]), targets [B]) -> per-sample losses [B]."""
+    if name not in task.losses:
+        raise ValueError(f"--loss {name} is not a {task.name} loss; use one of {', '.join(task.losses)}")
+    if task.name == "regression":
+        function = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss,
+                    "huber": nn.functional.huber_loss}[name]
+        return lambda scores, targets: function(scores[:, 0], targets, reduction="none")
+    weights = class_weights if name in ("weighted-ce", "focal") else None
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(logits, targets, weight=weights, reduction="none",
+                                         label_smoothing=label_smoothing)
+        if name != "focal":
+            return ce
+        # Focal: down-weight easy samples by (1 - p_true)^gamma.
+        p_true = torch.softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+        return (1 - p_true).pow(focal_gamma) * ce
+
+    return loss
+
+
+def class_weights_from(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised so the average weight per item is 1."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def training_loss(task: Task, cfg, train_targets: np.ndarray, device=None):
+    """The loss a config asks for (cfg.loss, class_weights, label_smoothing, focal_gamma); weighted
+    losses take --class-weights, or inverse class frequencies of the train split."""
+    weights = None
+    if cfg.loss in ("weighted-ce", "focal"):
+        weights = (torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights
+                   else class_weights_from(train_targets, task.outputs))
+        weights = weights.to(device) if device is not None else weights
+    return loss_function(task, cfg.loss, weights, cfg.label_smoothing, cfg.focal_gamma)
