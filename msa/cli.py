@@ -1,17 +1,21 @@
-"""The `msa` command line: each command parses options into a stage config and runs it."""
+"""The `msa` command line: each command parses options into a stage config and runs it.
+
+Options come from the stage configs' fields (msa/cli_options.py): their defaults, choices
+and help are stated once, in msa/pipeline/config.py. Every command takes `--config FILE`.
+"""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
+from msa import __version__
+from msa.cli_options import Settings, config_option, from_options, one_line_errors, with_options
 from msa.pipeline.config import (
     CaptionConfig,
+    ConfigError,
     EvaluateConfig,
     ExtractConfig,
     FinetuneConfig,
@@ -23,95 +27,48 @@ from msa.pipeline.config import (
 )
 from msa.pipeline.progress import console
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False)
 cache_app = typer.Typer(help="Inspect and maintain a feature cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+CACHE = typer.Option(default(ExtractConfig, "cache"), help="Cache directory.")
+PROGRESS = typer.Option(True, help="Show progress bars.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace what --out holds (an msa run or file only).")
 
 
-def _fail(err: Exception) -> None:
-    """Known problems (bad data, a model that will not load) end with one clear line."""
-    console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-    raise typer.Exit(code=2)
+def head_names() -> tuple[str, ...]:
+    from msa.models.heads import HEADS
+
+    return tuple(sorted(HEADS))
 
 
-def _known_errors() -> tuple[type[Exception], ...]:
-    from msa.cache.errors import CacheError
-    from msa.models.text import EncoderLoadError
-    from msa.pipeline.mvsa import DataError
-    from msa.pipeline.rundir import RunDirError
-
-    return DataError, EncoderLoadError, CacheError, RunDirError, FileNotFoundError, ValueError
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"msa {__version__}")
+        raise typer.Exit()
 
 
-def one_line_errors(command):
-    """Turn the errors a user can fix into one line and exit code 2: our own error types, and a
-    full disk (named with the file and the free space) wherever it strikes."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from msa.cache.errors import NO_ROOM, write_error
-
-        try:
-            return command(*args, **kwargs)
-        except _known_errors() as err:
-            _fail(err)
-        except OSError as err:
-            if err.errno not in NO_ROOM:
-                raise
-            _fail(write_error(Path(err.filename or "."), err))
-
-    return wrapper
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and results only (no progress, no tables)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the traceback of every error."),
+) -> None:
+    """msa: a feature-caching, two-stage pipeline for multimodal sentiment analysis."""
+    console.quiet = quiet
+    Settings.verbose = verbose
 
 
 @app.command()
 @one_line_errors
-def extract(
-    data: Path = typer.Option(..., help="MVSA folder (train.txt, test_without_label.txt, data/)."),
-    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory for this data set."),
-    text_model: str = typer.Option(default(ExtractConfig, "text_model"), help="HF hub id or local model directory."),
-    max_len: int = typer.Option(default(ExtractConfig, "max_len"), help="Tokens kept per text."),
-    pooling: str = typer.Option(default(ExtractConfig, "pooling"), help="Pooled text feature: mean | cls."),
-    image_model: str = typer.Option(default(ExtractConfig, "image_model"), help="torchvision name or timm:NAME."),
-    image_weights: str = typer.Option(None, help="Local state dict for the image model (no download)."),
-    on_bad_image: str = typer.Option(default(ExtractConfig, "on_bad_image"), help="blank | skip | fail."),
-    on_duplicate: str = typer.Option(default(ExtractConfig, "on_duplicate"),
-                                     help="A guid listed twice: first-if-same (keep the first; conflicting labels "
-                                          "stop) | first | error."),
-    val_ratio: float = typer.Option(default(ExtractConfig, "val_ratio"), help="Validation share of labelled items."),
-    split_seed: int = typer.Option(default(ExtractConfig, "split_seed"), help="Seed of the stratified split."),
-    device: str = typer.Option(default(ExtractConfig, "device"), help="auto | cpu | cuda."),
-    precision: str = typer.Option(default(ExtractConfig, "precision"),
-                                  help="auto | fp32 | bf16 | fp16 (auto: reduced precision only where fast)."),
-    compile: bool = typer.Option(default(ExtractConfig, "compile"),
-                                 help="Always torch.compile the image encoder (auto from 1,000 images on CPU)."),
-    batch_size: int = typer.Option(default(ExtractConfig, "batch_size")),
-    limit: int = typer.Option(None, help="Only the first N listed items (a quick trial)."),
-    shard: str = typer.Option(None, help="i/n: encode the i-th of n disjoint shares; join with `msa cache merge`."),
-    modalities: str = typer.Option(",".join(default(ExtractConfig, "modalities")), help="Comma-separated."),
-    text_source: str = typer.Option(default(ExtractConfig, "text_source"),
-                                    help="raw | caption | raw+caption (post text <sep> caption); captions "
-                                         "come from `msa caption`."),
-    captions: str = typer.Option(None, help="Caption set to read (default: the one in the cache)."),
-    text_split_layer: int = typer.Option(None, help="Also cache the hidden states entering the top K text "
-                                                    "layers (for train-head --unfreeze-text-layers K)."),
-    image_split_stage: int = typer.Option(None, help="Also cache the activation entering the last K image "
-                                                     "stages (for train-head --unfreeze-image-stages K)."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
-) -> None:
+@with_options(ExtractConfig)
+def extract(config: Path = config_option(), progress: bool = PROGRESS, **options) -> None:
     """Encode every item of an MVSA data set once and cache the features (resumable)."""
     from msa.stages import extract as stage
 
-    cfg = ExtractConfig(data=data, cache=cache, text_model=text_model, max_len=max_len, pooling=pooling,
-                        image_model=image_model, image_weights=image_weights, on_bad_image=on_bad_image,
-                        on_duplicate=on_duplicate, val_ratio=val_ratio, split_seed=split_seed, device=device,
-                        precision=precision,
-                        compile=compile, batch_size=batch_size, limit=limit, shard=shard,
-                        modalities=_names(modalities), text_source=text_source, captions=captions,
-                        text_split_layer=text_split_layer, image_split_stage=image_split_stage)
-    result = stage.run(cfg, show_progress=progress)
+    result = stage.run(from_options(ExtractConfig, options), show_progress=progress and not console.quiet)
     for table in stage.summary_tables(result):
         console.print(table)
-    console.print(f"cache: {cache.resolve()}")
+    console.print(f"cache: {Path(options['cache']).resolve()}")
     busy = [r.name for r in result.feature_sets.values() if r.status == "busy"]
     if busy:  # exit 3: not everything asked for is in the cache yet
         console.print(f"[yellow]not extracted, another process is writing: {', '.join(busy)}; rerun when it is "
@@ -119,35 +76,14 @@ def extract(
         raise typer.Exit(code=3)
 
 
-def _c(field: str):
-    return default(CaptionConfig, field)
-
-
 @app.command()
 @one_line_errors
-def caption(
-    data: Path = typer.Option(..., help="MVSA folder (train.txt, test_without_label.txt, data/)."),
-    cache: Path = typer.Option(_c("cache"), help="Cache directory; captions go to CACHE/captions/."),
-    backend: str = typer.Option(_c("backend"), help="transformers | lavis."),
-    model: str = typer.Option(_c("model"), help="HF id or local BLIP directory; lavis: base_coco | large_coco."),
-    batch_size: int = typer.Option(_c("batch_size")),
-    num_beams: int = typer.Option(_c("num_beams"), help="1: greedy; more: beam search."),
-    max_new_tokens: int = typer.Option(_c("max_new_tokens")),
-    prompt: str = typer.Option(None, help='Text the caption continues, e.g. "a picture of" (not stored).'),
-    device: str = typer.Option(_c("device"), help="auto | cpu | cuda."),
-    precision: str = typer.Option(_c("precision"), help="auto | fp32 | bf16 | fp16 (auto: fp16 on CUDA)."),
-    compile: bool = typer.Option(None, "--compile/--no-compile",
-                                 help="torch.compile the vision encoder (default: from 200 images on CPU)."),
-    lavis_python: str = typer.Option(None, help="Python of the environment lavis is installed in."),
-    limit: int = typer.Option(None, help="Only the first N listed items (a quick trial)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
+@with_options(CaptionConfig)
+def caption(config: Path = config_option(), progress: bool = PROGRESS, **options) -> None:
     """Caption every image once with BLIP into the cache (resumable: captioned images are skipped)."""
-    options = {k: v for k, v in locals().items() if k != "progress"}
     from msa.stages import caption as stage
 
-    cfg = CaptionConfig(**options)
-    result = stage.run(cfg, show_progress=progress)
+    result = stage.run(from_options(CaptionConfig, options), show_progress=progress and not console.quiet)
     console.print(stage.summary_table(result))
     console.print(f"captions: {result.path}")
 
@@ -155,8 +91,10 @@ def caption(
 @app.command("import-features")
 @one_line_errors
 def import_features(
-    file: Path = typer.Argument(..., help="MultiBench-style pickle: train/valid/test, modality arrays, labels, id."),
+    file: Path = typer.Argument(..., help="Features file: a MultiBench-style pickle (train/valid/test, modality "
+                                          "arrays, labels, id), or the same as .npz / .h5."),
     cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory to create."),
+    config: Path = config_option(),
 ) -> None:
     """Import pre-extracted sequence features (CMU-MOSI/MOSEI) as a cache for the stage 2 heads."""
     from msa.stages import import_features as stage
@@ -168,47 +106,33 @@ def import_features(
 
 @cache_app.command("ls")
 @one_line_errors
-def cache_ls(cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory.")) -> None:
-    """List the manifest and every feature set in a cache, with sizes."""
-    from msa.cache.captions import CaptionSet, is_finished, list_caption_sets
-    from msa.cache.errors import CacheError
-    from msa.cache.features import list_feature_files
-    from msa.cache.fingerprint import slug
-    from msa.cache.manifest import read_manifest
+def cache_ls(
+    cache: Path = CACHE,
+    as_json: bool = typer.Option(False, "--json", help="One JSON document (manifest, feature files, caption sets)."),
+) -> None:
+    """List the manifest, every feature file and caption set of a cache, on stdout, one per line."""
+    from msa.cache.maintenance import listing
 
-    try:
-        manifest = read_manifest(cache)
-        console.print(f"manifest {manifest.manifest_id}: {len(manifest)} items from {manifest.info['data_dir']}")
-    except CacheError as err:  # the sets can still be listed, just not called current or stale
-        manifest = None
-        console.print(f"[red]manifest:[/red] {err}", soft_wrap=True)
-    table = Table(caption="stale: extracted for an earlier manifest (other data or split)")
-    for column in ("file", "status", "rows", "pooled", "tokens", "MB", "model"):
-        table.add_column(column, overflow="fold")
-    for row in list_feature_files(cache):
-        fp = row.get("fingerprint", {})
-        stale = manifest is not None and fp and fp.get("manifest_id") != manifest.manifest_id
-        table.add_row(row["file"], f"{row['status']}, stale" if stale else row["status"], row.get("rows", ""),
-                      str(row.get("pooled", "")), str(row.get("tokens", "")), str(row.get("size_mb", "")),
-                      slug(str(fp.get("model", ""))))
-    console.print(table)
-    for name in list_caption_sets(cache):
-        try:
-            captions = CaptionSet.load(cache, name)
-        except CacheError as err:
-            console.print(f"[red]captions {name}:[/red] {err}", soft_wrap=True)
-            continue
-        state = "complete" if is_finished(cache, name) else "interrupted (resume with `msa caption`)"
-        console.print(f"captions {name}: {len(captions.captions)} images, {state}, "
-                      f"model {captions.fingerprint.get('model')}")
+    found = listing(cache)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2, default=str))
+        return
+    manifest = found["manifest"]
+    typer.echo(f"manifest {manifest['id']}: {manifest['items']} items from {manifest['data_dir']}"
+               if "id" in manifest else f"manifest: {manifest['problem']}")
+    for row in found["feature_files"]:
+        typer.echo("\t".join([row["file"], row["status"], row.get("rows", "-"), f"{row.get('size_mb', '-')} MB",
+                              row.get("model", "-")]))
+    for row in found["caption_sets"]:
+        typer.echo("\t".join([row["name"], row["status"], f"{row.get('images', '-')} images", row.get("model", "-")]))
+    typer.echo("status: complete (current), stale (another manifest), partial (interrupted; extract resumes it), "
+               "damaged (rm it, extract again)", err=True)
 
 
 @cache_app.command("rm")
 @one_line_errors
-def cache_rm(
-    names: list[str] = typer.Argument(..., help="Feature or caption set names (from `msa cache ls`)."),
-    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
-) -> None:
+def cache_rm(names: list[str] = typer.Argument(..., help="Feature or caption set names (from `msa cache ls`)."),
+             cache: Path = CACHE) -> None:
     """Remove feature or caption sets, with their partial and set-aside files."""
     from msa.cache.maintenance import remove
 
@@ -219,10 +143,8 @@ def cache_rm(
 
 @cache_app.command("gc")
 @one_line_errors
-def cache_gc(
-    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
-) -> None:
+def cache_gc(cache: Path = CACHE,
+             dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed.")) -> None:
     """Remove what no run can use: partial sets nobody is writing, damaged and stale sets, leftovers."""
     from msa.cache.maintenance import collect
 
@@ -235,10 +157,8 @@ def cache_gc(
 
 @cache_app.command("verify")
 @one_line_errors
-def cache_verify(
-    names: list[str] = typer.Argument(None, help="Sets to check (default: every set)."),
-    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
-) -> None:
+def cache_verify(names: list[str] = typer.Argument(None, help="Sets to check (default: every set)."),
+                 cache: Path = CACHE) -> None:
     """Read every byte of the sets back against their checksums; exit 1 if any is damaged."""
     from msa.cache.maintenance import verify
 
@@ -257,10 +177,8 @@ def cache_verify(
 
 @cache_app.command("info")
 @one_line_errors
-def cache_info(
-    name: str = typer.Argument(..., help="Feature set name (from `msa cache ls`, without .h5)."),
-    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
-) -> None:
+def cache_info(name: str = typer.Argument(..., help="Feature set name (from `msa cache ls`, without .h5)."),
+               cache: Path = CACHE) -> None:
     """Show one feature set's fingerprint and shapes as JSON."""
     from msa.cache.features import find_feature_set
 
@@ -271,207 +189,101 @@ def cache_info(
 
 @cache_app.command("merge")
 @one_line_errors
-def cache_merge(
-    name: str = typer.Argument(..., help="Feature set name whose shards to join."),
-    cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory."),
-) -> None:
+def cache_merge(name: str = typer.Argument(..., help="Feature set name whose shards to join."),
+                cache: Path = CACHE) -> None:
     """Join the shard files written by `msa extract --shard i/n` into one feature set."""
-    from msa.cache.features import merge_shards
+    from msa.cache.maintenance import merge_shards
 
-    path = merge_shards(cache, name)
-    console.print(f"merged: {path}")
-
-
-def _train_head_config(options: dict) -> TrainHeadConfig:
-    """A TrainHeadConfig from a command's options, by name (comma lists become tuples)."""
-    return from_record(TrainHeadConfig, options, features=_names(options.get("features")),
-                       modalities=_names(options.get("modalities")),
-                       class_weights=tuple(float(w) for w in _names(options.get("class_weights"))) or None)
-
-
-def _names(csv: str | None) -> tuple[str, ...]:
-    return tuple(v.strip() for v in (csv or "").split(",") if v.strip())
-
-
-def _t(field: str):
-    return default(TrainHeadConfig, field)
-
-
-# Options shared by train-head and sweep (a sweep's base configuration), each declared once:
-# name -> (type, option). `with_train_options` adds them to both commands.
-TRAIN_OPTIONS = dict(
-    cache=(Path, typer.Option(_t("cache"), help="Cache written by `msa extract`.")),
-    features=(str, typer.Option(None, help="Feature set names, comma-separated (default: the one set per "
-                                           "modality).")),
-    modalities=(str, typer.Option(None, help="Modalities to use, comma-separated (default: all in the cache).")),
-    task=(str, typer.Option(_t("task"), help="auto | classification | regression (auto: regression for float "
-                                             "scores).")),
-    epochs=(int, typer.Option(_t("epochs"))),
-    batch_size=(int, typer.Option(None, help="Default: the head's own (128 pooled, 64 token-level, 32 sequence).")),
-    lr=(float, typer.Option(_t("lr"))),
-    weight_decay=(float, typer.Option(_t("weight_decay"))),
-    warmup_ratio=(float, typer.Option(_t("warmup_ratio"), help="Share of steps warming up, then cosine decay.")),
-    dropout=(float, typer.Option(_t("dropout"))),
-    hidden=(int, typer.Option(_t("hidden"), help="Width of the head.")),
-    loss=(str, typer.Option(None, help="ce | weighted-ce | focal; regression: mse | l1 | huber (default ce / l1).")),
-    class_weights=(str, typer.Option(None, help="Comma-separated, in class order negative,neutral,positive "
-                                                "(default for weighted losses: inverse train frequency).")),
-    label_smoothing=(float, typer.Option(_t("label_smoothing"))),
-    focal_gamma=(float, typer.Option(_t("focal_gamma"))),
-    rdrop_alpha=(float, typer.Option(_t("rdrop_alpha"), help="R-Drop KL weight (0: off).")),
-    modality_dropout=(float, typer.Option(_t("modality_dropout"), help="Per-sample chance of zeroing one modality.")),
-    select=(str, typer.Option(None, help="macro_f1 | accuracy | loss; regression: mae | corr | loss (default "
-                                         "macro_f1 / mae), on the val split.")),
-    patience=(int, typer.Option(_t("patience"), help="Epochs without improvement before stopping.")),
-    unfreeze_text_layers=(int, typer.Option(_t("unfreeze_text_layers"), help="Train the top K text layers on the "
-                                            "hidden states cached by `extract --text-split-layer K`.")),
-    unfreeze_image_stages=(int, typer.Option(_t("unfreeze_image_stages"), help="Train the last K image stages on "
-                                             "the activations cached by `extract --image-split-stage K`.")),
-    lr_encoder=(float, typer.Option(_t("lr_encoder"), help="Learning rate of unfrozen encoder layers.")),
-    lr_fusion=(float, typer.Option(_t("lr_fusion"), help="Of the head's fusion layers, when something is "
-                                                         "unfrozen.")),
-    lr_head=(float, typer.Option(_t("lr_head"), help="Of the classifier, when something is unfrozen (else --lr).")),
-    grad_accum=(int, typer.Option(_t("grad_accum"), help="Batches per optimizer step.")),
-    sequence_encoder=(str, typer.Option(_t("sequence_encoder"), help="lstm | transformer, for sum-lstm, "
-                                                                     "attention, seq-concat.")),
-    output_scaling=(str, typer.Option(_t("output_scaling"), help="tanh | sigmoid: bounds regression scores to "
-                                                                 "[-3, 3].")),
-)
-
-
-def with_train_options(command):
-    """Give a command (taking **options) the TRAIN_OPTIONS as parameters, after its own."""
-    signature = inspect.signature(command)
-    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-              for name, (kind, option) in TRAIN_OPTIONS.items()]
-    command.__signature__ = signature.replace(parameters=own + shared)
-    return command
+    console.print(f"merged: {merge_shards(cache, name)}")
 
 
 @app.command("train-head")
-@with_train_options
 @one_line_errors
-def train_head_command(
-    fusion: str = typer.Option(_t("fusion"), help="Fusion head: text-only, image-only, concat, late, early, "
-                                                  "gmu, cross-attn, co-attn, aligned, hierarchical; sequence "
-                                                  "heads (MOSI): sum-lstm, attention, seq-concat."),
-    out: Path = typer.Option(None, help="Run directory (default runs/<fusion>-seed<seed>-<time>); must be new."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds (an msa run only)."),
-    seed: int = typer.Option(_t("seed")),
-    **options,
-) -> None:
+@with_options(TrainHeadConfig, choices={"fusion": head_names()})
+def train_head_command(config: Path = config_option(), overwrite: bool = OVERWRITE, **options) -> None:
     """Train one fusion head on cached features; writes a run directory."""
+    from msa.pipeline.tasks import task_of_metrics
     from msa.stages import train_head
 
-    cfg = _train_head_config({**options, "fusion": fusion, "out": out, "seed": seed})
-    result = train_head.run(cfg, log=console.print, overwrite=overwrite)
-    from msa.pipeline.tasks import task_of_metrics
-
+    result = train_head.run(from_options(TrainHeadConfig, options), log=console.print, overwrite=overwrite)
     summary = task_of_metrics(result.metrics).summary(result.metrics)
     console.print(f"{summary}  (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning: {warning}[/yellow]")
     console.print(f"run: {result.run_dir}")
 
 
 @app.command()
-@with_train_options
 @one_line_errors
+@with_options(TrainHeadConfig, skip=("fusion", "seed", "out"))
 def sweep(
-    fusion: str = typer.Option(",".join(default(SweepConfig, "fusions")), help="Heads, comma-separated."),
+    fusion: str = typer.Option(",".join(default(SweepConfig, "fusions")),
+                               help=f"Heads, comma-separated, of: {', '.join(head_names())}."),
     seeds: str = typer.Option(",".join(map(str, default(SweepConfig, "seeds"))), help="Seeds, comma-separated."),
     grid: list[str] = typer.Option(None, help="FIELD=V1,V2 over any train-head option; repeat for more."),
     out: Path = typer.Option(default(SweepConfig, "out"), help="Sweep directory (one run dir per run); a sweep "
                                                                "into an earlier sweep's resumes it."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain finished runs whose options changed."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
     workers: int = typer.Option(default(SweepConfig, "workers"),
                                 help="Worker processes sharing the CPU threads (2 helps small heads on 2 cores)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain finished runs whose options changed."),
+    config: Path = config_option(),
+    progress: bool = PROGRESS,
     **options,
 ) -> None:
     """Train every head x seed x grid combination on shared in-memory features; resumable."""
     from msa.stages import sweep as stage
 
-    # The sweep's own --fusion, --seeds and --out are not the base run's.
-    base = _train_head_config(options)
-    cfg = SweepConfig(base=base, out=out, fusions=_names(fusion), seeds=tuple(int(s) for s in _names(seeds)),
-                      grid=stage.parse_grid(grid or []), workers=workers)
-    table = stage.run(cfg, show_progress=progress, overwrite=overwrite)
+    names = [v.strip() for v in fusion.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(head_names()))
+    if unknown:
+        raise ConfigError(f"--fusion {','.join(unknown)}: unknown head; known: {', '.join(head_names())}")
+    cfg = SweepConfig(base=from_options(TrainHeadConfig, options), out=out, fusions=tuple(names),
+                      seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), grid=stage.parse_grid(grid or []),
+                      workers=workers)
+    table = stage.run(cfg, show_progress=progress and not console.quiet, overwrite=overwrite)
     console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))
     console.print(f"results: {out / 'results.csv'} ({len(table)} runs)")
 
 
-def _f(field: str):
-    return default(FinetuneConfig, field)
-
-
 @app.command()
 @one_line_errors
+@with_options(FinetuneConfig, optional=("data",), choices={"fusion": head_names()})
 def finetune(
-    data: Path = typer.Option(None, help="MVSA folder (not needed with --resume)."),
-    out: Path = typer.Option(None, help="Run directory (default runs/finetune-<fusion>-seed<seed>-<time>); must "
-                                        "be new."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds (an msa run only)."),
     resume: Path = typer.Option(None, help="Continue this run exactly where it stopped (its options are kept)."),
-    text_model: str = typer.Option(_f("text_model")), max_len: int = typer.Option(_f("max_len")),
-    pooling: str = typer.Option(_f("pooling")), image_model: str = typer.Option(_f("image_model")),
-    image_weights: str = typer.Option(None), fusion: str = typer.Option(_f("fusion")),
-    hidden: int = typer.Option(_f("hidden")), dropout: float = typer.Option(_f("dropout")),
-    unfreeze_text_layers: int = typer.Option(_f("unfreeze_text_layers")),
-    unfreeze_image_stages: int = typer.Option(_f("unfreeze_image_stages")),
-    lr_encoder: float = typer.Option(_f("lr_encoder")), lr_fusion: float = typer.Option(_f("lr_fusion")),
-    lr_head: float = typer.Option(_f("lr_head")), weight_decay: float = typer.Option(_f("weight_decay")),
-    warmup_ratio: float = typer.Option(_f("warmup_ratio")), epochs: int = typer.Option(_f("epochs")),
-    batch_size: int = typer.Option(_f("batch_size")), grad_accum: int = typer.Option(_f("grad_accum")),
-    grad_clip: float = typer.Option(_f("grad_clip"), help="Max gradient norm (0: off)."),
-    loss: str = typer.Option(_f("loss")), class_weights: str = typer.Option(None),
-    label_smoothing: float = typer.Option(_f("label_smoothing")), focal_gamma: float = typer.Option(_f("focal_gamma")),
-    select: str = typer.Option(_f("select")), patience: int = typer.Option(_f("patience")),
-    seed: int = typer.Option(_f("seed")),
-    image_aug: str = typer.Option(_f("image_aug"), help="none | weak | strong (weak + RandAugment)."),
-    clean_text: bool = typer.Option(_f("clean_text"), help="Drop URLs, @mentions; unwrap #tags."),
-    val_ratio: float = typer.Option(_f("val_ratio")), split_seed: int = typer.Option(_f("split_seed")),
-    on_bad_image: str = typer.Option(_f("on_bad_image")), on_duplicate: str = typer.Option(_f("on_duplicate")),
-    limit: int = typer.Option(None),
-    device: str = typer.Option(_f("device")), precision: str = typer.Option(_f("precision")),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    overwrite: bool = OVERWRITE,
+    config: Path = config_option(),
+    progress: bool = PROGRESS,
+    **options,
 ) -> None:
     """Fine-tune the encoders' tops and a fusion head end to end on raw data (checkpointed every epoch)."""
-    options = {k: v for k, v in locals().items() if k not in ("resume", "progress", "overwrite")}
     from msa.pipeline import rundir
+    from msa.pipeline.tasks import task_of_metrics
     from msa.stages import finetune as stage
 
     if resume:
         cfg = from_record(FinetuneConfig, rundir.read_json(resume / rundir.CONFIG), out=resume)
-    elif data is None:
-        raise ValueError("--data is needed (or --resume RUN)")
+    elif options.get("data") is None:
+        raise ConfigError("--data is needed (or --resume RUN)")
     else:
-        options["class_weights"] = tuple(float(w) for w in _names(class_weights)) or None
-        cfg = FinetuneConfig(**options)
-    run_dir = stage.run(cfg, resume=bool(resume), show_progress=progress, log=console.print, overwrite=overwrite)
+        cfg = from_options(FinetuneConfig, options)
+    run_dir = stage.run(cfg, resume=bool(resume), show_progress=progress and not console.quiet, log=console.print,
+                        overwrite=overwrite)
     metrics = rundir.read_json(run_dir / rundir.METRICS)
-    console.print(f"val accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
-                  f"(best epoch {metrics['best_epoch']})")
+    console.print(f"{task_of_metrics(metrics).summary(metrics)}  (best epoch {metrics['best_epoch']})")
     console.print(f"run: {run_dir}")
 
 
 @app.command()
 @one_line_errors
-def predict(
-    run: Path = typer.Option(..., help="Run directory."),
-    data: Path = typer.Option(None, help="MVSA folder to predict (default: the run's own data)."),
-    split: str = typer.Option(default(PredictConfig, "split"), help="test | val | train | all."),
-    out: Path = typer.Option(None, help="Output file (default RUN/predictions-<split>.txt; new data: "
-                                        "RUN/predictions-<data>-<id>-<split>.txt)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
-    cache: Path = typer.Option(None, help="Cache for new data (default RUN/predict-cache)."),
-    device: str = typer.Option(default(PredictConfig, "device")),
-    progress: bool = typer.Option(True, help="Show progress bars."),
-) -> None:
-    """Write guid,tag predictions of a run, extracting new data with the run's encoders."""
+@with_options(PredictConfig)
+def predict(config: Path = config_option(), overwrite: bool = OVERWRITE, progress: bool = PROGRESS,
+            **options) -> None:
+    """Write guid,tag predictions of a run (with --probs, the class probabilities too), extracting new
+    data with the run's encoders."""
     from msa.stages import predict as stage
 
-    path, predictions = stage.run(PredictConfig(run=run, data=data, split=split, out=out, cache=cache,
-                                                device=device), show_progress=progress, overwrite=overwrite)
+    path, predictions = stage.run(from_options(PredictConfig, options), show_progress=progress and not console.quiet,
+                                  overwrite=overwrite)
     if predictions.scores is not None:
         console.print(f"{len(predictions.guids)} predicted scores (mean {predictions.scores.mean():.3f}): {path}")
         return
@@ -481,30 +293,32 @@ def predict(
 
 @app.command()
 @one_line_errors
-def evaluate(
-    run: Path = typer.Option(..., help="Run directory."),
-    labels: Path = typer.Option(None, help="guid,tag file (default: the run's validation predictions)."),
-    text_run: Path = typer.Option(None, help="A text-only run, for the agreement analysis."),
-    image_run: Path = typer.Option(None, help="An image-only run, for the agreement analysis."),
-    out: Path = typer.Option(None, help="Where the report goes (default RUN/evaluation)."),
-) -> None:
+@with_options(EvaluateConfig)
+def evaluate(config: Path = config_option(), **options) -> None:
     """Metrics, bad cases, modality agreement and gate statistics of a run."""
     from msa.stages import evaluate as stage
 
-    report = stage.run(EvaluateConfig(run=run, labels=labels, text_run=text_run, image_run=image_run, out=out))
-    console.print(stage.report_tables(report))
+    console.print(stage.report_tables(stage.run(from_options(EvaluateConfig, options))))
 
 
 @app.command()
 @one_line_errors
 def demo(
     out: Path = typer.Option(Path("demo"), help="Where the generated data, models, cache and runs go."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    progress: bool = PROGRESS,
 ) -> None:
     """Generate a small data set and tiny random encoders, then run the pipeline on them."""
     from msa.stages import demo as stage
 
-    stage.run(out, show_progress=progress)
+    stage.run(out, show_progress=progress and not console.quiet)
+
+
+@app.command("reference", hidden=True)
+def reference() -> None:
+    """Print the command reference in Markdown (the README's is this output)."""
+    from msa.cli_reference import markdown
+
+    typer.echo(markdown(app), nl=False)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import h5py
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -37,9 +38,16 @@ def test_extract_ls_info(messy_data_source, tiny_models, tmp_path):
     again = runner.invoke(app, extract_args(messy_data_source, cache, tiny_models))
     assert again.output.count("│ cached ") == 2
 
+    # On stdout, one line per file with its full name, for pipes; the legend goes to stderr.
     listing = runner.invoke(app, ["cache", "ls", "--cache", str(cache)])
     assert listing.exit_code == 0
-    assert "37 items" in listing.output and listing.output.count("complete") == 2
+    lines = listing.stdout.splitlines()
+    assert "37 items" in lines[0] and len(lines) == 3
+    files = sorted(p.name for p in (cache / "features").glob("*.h5"))
+    assert sorted(line.split("\t")[0] for line in lines[1:]) == files
+    assert all(line.split("\t")[1] == "complete" for line in lines[1:])
+    listed = json.loads(runner.invoke(app, ["cache", "ls", "--json", "--cache", str(cache)]).stdout)
+    assert listed["manifest"]["items"] == 37 and sorted(f["file"] for f in listed["feature_files"]) == files
 
     name = next((cache / "features").glob("text-*.h5")).name
     info = runner.invoke(app, ["cache", "info", name, "--cache", str(cache)])
@@ -161,3 +169,72 @@ def test_cache_verify_rm_and_gc(messy_data_source, tiny_models, tmp_path):
     collected = runner.invoke(app, ["cache", "gc", "--cache", str(cache)])
     assert f"removed {image_set}: stale" in collected.output and not image_set.exists()
     assert len(list((cache / "features").glob("text-*.h5"))) == 1  # the current set stays
+
+
+def test_version_and_quiet():
+    from msa import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"msa {__version__}"
+
+
+def test_choices_are_typed_and_listed(messy_data_source, tiny_models, tmp_path):
+    help_text = runner.invoke(app, ["extract", "--help"]).output
+    assert "mean|cls" in help_text.replace(" ", "") and "first-if-same" in help_text
+    bad = runner.invoke(app, extract_args(messy_data_source, tmp_path / "cache", tiny_models, "--pooling", "max"))
+    assert bad.exit_code == 2 and "is not one of" in bad.output and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml", ".json"])
+def test_config_file_gives_options_and_the_command_line_overrides_it(suffix, signal_cache, tmp_path):
+    values = {"cache": str(signal_cache), "fusion": "late", "epochs": 2, "hidden": 24, "features": []}
+    path = tmp_path / f"options{suffix}"
+    if suffix == ".toml":
+        path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + "\n")
+    elif suffix == ".yaml":
+        path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in values.items()) + "\n")
+    else:
+        path.write_text(json.dumps(values))
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train-head", "--config", str(path), "--hidden", "16", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["fusion"], recorded["epochs"], recorded["hidden"]) == ("late", 2, 16)
+    # A run's own config.json is a valid --config: the same options again, into a new directory.
+    again = runner.invoke(app, ["train-head", "--config", str(run / "config.json"), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["hidden"] == 16
+    path.write_text(json.dumps({**values, "hiddn": 3}))
+    typo = runner.invoke(app, ["train-head", "--config", str(path.with_suffix(".json"))]) if suffix == ".json" else None
+    if typo is not None:
+        assert typo.exit_code == 2 and "unknown option 'hiddn'" in typo.output
+
+
+def test_predict_probs(signal_cache, tmp_path):
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train-head", "--cache", str(signal_cache), "--out", str(run), "--epochs", "2"]
+                         ).exit_code == 0
+    out = tmp_path / "probs.txt"
+    result = runner.invoke(app, ["predict", "--run", str(run), "--split", "val", "--probs", "--out", str(out),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert lines[0] == "guid,tag,p_negative,p_neutral,p_positive"
+    saved = pd.read_parquet(run / "val_predictions.parquet")
+    first = lines[1].split(",")
+    assert first[0] == saved.guid[0] and first[1] == saved.prediction[0]
+    assert [float(v) for v in first[2:]] == pytest.approx([saved[f"p_{c}"][0] for c in
+                                                          ("negative", "neutral", "positive")], abs=1e-6)
+    assert all(abs(sum(float(v) for v in line.split(",")[2:]) - 1) < 1e-4 for line in lines[1:])
+
+
+def test_readme_command_reference_is_the_cli_s_own():
+    """The README's reference is `msa reference`'s output: regenerate it when the CLI changes."""
+    from pathlib import Path
+
+    from msa.cli_reference import BEGIN, END, markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert BEGIN in readme and END in readme, "README.md lacks the command reference markers"
+    section = readme[readme.index(BEGIN): readme.index(END) + len(END)] + "\n"
+    assert section == markdown(app), "README's command reference is stale: run `msa reference` and paste it in"

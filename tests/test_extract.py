@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from msa.cache.features import FeatureSet, merge_shards, partial_path
+from msa.cache.features import FeatureSet, partial_path
+from msa.cache.maintenance import merge_shards
 from msa.cache.manifest import read_manifest
 from msa.models.text import TextEncoder
 from msa.stages import extract

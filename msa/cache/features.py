@@ -25,6 +25,7 @@ import numpy as np
 
 from msa.cache.errors import CacheError, WriteError, write_error
 from msa.cache.locks import set_lock
+from msa.pipeline.config import ConfigError
 
 __all__ = ["CacheError", "FeatureSet", "FeatureWriter"]
 
@@ -68,7 +69,7 @@ def shard_rows(n_rows: int, shard: tuple[int, int] | None) -> np.ndarray:
         return np.arange(n_rows)
     index, count = shard
     if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: index must be in 0..{count - 1}")
+        raise ConfigError(f"shard {index}/{count}: index must be in 0..{count - 1}")
     bounds = np.linspace(0, n_rows, count + 1).round().astype(int)
     return np.arange(bounds[index], bounds[index + 1])
 
@@ -392,65 +393,3 @@ def scan_feature_sets(cache_dir: Path) -> list[PublishedSet]:
         problem = problem_of(path)
         found.append(PublishedSet(path, None if problem else FeatureSet.open(path), problem))
     return found
-
-
-def merge_shards(cache_dir: Path, name: str) -> Path:
-    """Join finished shard files `NAME.shard-i-of-n.h5` into `NAME.h5`."""
-    shard_files = sorted((Path(cache_dir) / FEATURES_DIR).glob(f"{name}.shard-*-of-*.h5"))
-    if not shard_files:
-        raise CacheError(f"no finished shards of {name!r} in {cache_dir / FEATURES_DIR}")
-    counts = {int(p.name.rsplit("-of-", 1)[1].removesuffix(".h5")) for p in shard_files}
-    if len(counts) != 1:
-        raise CacheError(f"shards of {name!r} come from different --shard counts: {sorted(counts)}")
-    expected = counts.pop()
-    missing = sorted(set(range(expected)) - {int(p.name.split(".shard-")[1].split("-")[0]) for p in shard_files})
-    if missing:
-        raise CacheError(f"{name}: shards {missing} of {expected} are not finished yet")
-    shards = [FeatureSet.open(p) for p in shard_files]
-    fingerprint, target = shards[0].fingerprint, feature_path(cache_dir, name)
-    with FeatureWriter(target, fingerprint, shards[0].guids, np.arange(len(shards[0].guids)), shards[0].notes) \
-            as writer:
-        for shard in shards:
-            if shard.fingerprint != fingerprint:
-                raise CacheError(f"{shard.path}: fingerprint differs from {shard_files[0].name}")
-            with h5py.File(shard.path, "r") as f:
-                start, stop = (int(v) for v in f.attrs["rows"])
-            for lo in range(start, stop, 512):
-                block = np.arange(lo, min(stop, lo + 512))
-                writer.write(block, *(shard.load(part, block) for part in ("pooled", "tokens", "mask")),
-                             shard.load("split", block) if "split" in shard.shapes else None)
-        if not writer.finish():
-            raise CacheError(f"{name}: the shards do not cover every row")
-    for shard_file in shard_files:
-        shard_file.unlink()
-    return target
-
-
-def list_feature_files(cache_dir: Path) -> list[dict]:
-    """One dict per feature file (finished, shard, partial or set aside) for `msa cache ls`."""
-    rows = []
-    for path in sorted((Path(cache_dir) / FEATURES_DIR).glob("*.h5*")):
-        if DAMAGED_SUFFIX in path.name:
-            rows.append({"file": path.name, "status": "damaged, set aside (`msa cache gc` removes it)"})
-            continue
-        partial = path.name.endswith(".partial")
-        problem = None if partial else problem_of(path)
-        try:
-            with h5py.File(path, "r") as f:
-                fingerprint = _read_fingerprint(f)
-                done, total = int(f["done"][:].sum()), len(f["done"])
-                dims = {part: list(f[part].shape[1:]) for part in PARTS if part in f}
-        except H5_ERRORS:
-            rows.append({"file": path.name, "status": f"damaged: {problem or 'unreadable'}"})
-            continue
-        status = "partial" if partial else ("shard" if ".shard-" in path.name else "complete")
-        rows.append({
-            "file": path.name,
-            "status": f"damaged: {problem}" if problem else status,
-            "rows": f"{done}/{total}",
-            "pooled": dims.get("pooled"),
-            "tokens": dims.get("tokens"),
-            "size_mb": round(path.stat().st_size / 2**20, 1),
-            "fingerprint": fingerprint,
-        })
-    return rows

@@ -10,14 +10,19 @@ import dataclasses
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from msa.cache.captions import caption_dir, list_caption_sets
-from msa.cache.errors import BusyError, CacheError
+from msa.cache.errors import CacheError
 from msa.cache.features import (
     DAMAGED_SUFFIX,
     FEATURES_DIR,
     H5_ERRORS,
+    PARTS,
+    FeatureSet,
+    FeatureWriter,
     _read_fingerprint,
+    feature_path,
     problem_of,
     published_files,
     set_name,
@@ -141,4 +146,91 @@ def _caption_problem(cache: Path, name: str) -> str | None:
     return None
 
 
-__all__ = ["BusyError", "Finding", "collect", "garbage", "remove", "verify"]
+def list_feature_files(cache_dir: Path) -> list[dict]:
+    """One dict per feature file (finished, shard, partial or set aside) for `msa cache ls`."""
+    rows = []
+    for path in sorted((Path(cache_dir) / FEATURES_DIR).glob("*.h5*")):
+        if DAMAGED_SUFFIX in path.name:
+            rows.append({"file": path.name, "status": "damaged, set aside"})
+            continue
+        partial = path.name.endswith(".partial")
+        problem = None if partial else problem_of(path)
+        try:
+            with h5py.File(path, "r") as f:
+                fingerprint = _read_fingerprint(f)
+                done, total = int(f["done"][:].sum()), len(f["done"])
+                dims = {part: list(f[part].shape[1:]) for part in PARTS if part in f}
+        except H5_ERRORS:
+            rows.append({"file": path.name, "status": f"damaged: {problem or 'unreadable'}"})
+            continue
+        status = "partial" if partial else ("shard" if ".shard-" in path.name else "complete")
+        if partial and is_busy(cache_dir, _lock_name(path)):
+            status = "partial, being written"
+        rows.append({
+            "file": path.name,
+            "status": f"damaged: {problem}" if problem else status,
+            "rows": f"{done}/{total}",
+            "pooled": dims.get("pooled"),
+            "tokens": dims.get("tokens"),
+            "size_mb": round(path.stat().st_size / 2**20, 1),
+            "manifest_id": fingerprint.get("manifest_id"),
+        })
+    return rows
+
+
+def listing(cache: Path) -> dict:
+    """What `msa cache ls` shows: the manifest, every feature file (stale ones named) and caption set."""
+    from msa.cache.captions import CaptionSet, is_finished
+
+    try:
+        current = read_manifest(cache)
+        manifest = {"id": current.manifest_id, "items": len(current), "data_dir": current.info["data_dir"]}
+    except (FileNotFoundError, CacheError) as err:
+        manifest = {"problem": str(err)}
+    files = list_feature_files(cache)
+    for row in files:
+        if "id" in manifest and row.get("manifest_id") not in (None, manifest["id"]):
+            row["status"] += ", stale"
+    captions = []
+    for name in list_caption_sets(cache):
+        try:
+            stored = CaptionSet.load(cache, name)
+        except CacheError as err:
+            captions.append({"name": name, "status": f"damaged: {err}"})
+            continue
+        captions.append({"name": name, "status": "complete" if is_finished(cache, name) else "partial",
+                         "images": len(stored.captions), "model": str(stored.fingerprint.get("model"))})
+    return {"cache": str(Path(cache).resolve()), "manifest": manifest, "feature_files": files,
+            "caption_sets": captions}
+
+
+def merge_shards(cache_dir: Path, name: str) -> Path:
+    """Join finished shard files `NAME.shard-i-of-n.h5` into `NAME.h5`."""
+    shard_files = sorted((Path(cache_dir) / FEATURES_DIR).glob(f"{name}.shard-*-of-*.h5"))
+    if not shard_files:
+        raise CacheError(f"no finished shards of {name!r} in {cache_dir / FEATURES_DIR}")
+    counts = {int(p.name.rsplit("-of-", 1)[1].removesuffix(".h5")) for p in shard_files}
+    if len(counts) != 1:
+        raise CacheError(f"shards of {name!r} come from different --shard counts: {sorted(counts)}")
+    expected = counts.pop()
+    missing = sorted(set(range(expected)) - {int(p.name.split(".shard-")[1].split("-")[0]) for p in shard_files})
+    if missing:
+        raise CacheError(f"{name}: shards {missing} of {expected} are not finished yet")
+    shards = [FeatureSet.open(p) for p in shard_files]
+    fingerprint, target = shards[0].fingerprint, feature_path(cache_dir, name)
+    with FeatureWriter(target, fingerprint, shards[0].guids, np.arange(len(shards[0].guids)), shards[0].notes) \
+            as writer:
+        for shard in shards:
+            if shard.fingerprint != fingerprint:
+                raise CacheError(f"{shard.path}: fingerprint differs from {shard_files[0].name}")
+            with h5py.File(shard.path, "r") as f:
+                start, stop = (int(v) for v in f.attrs["rows"])
+            for lo in range(start, stop, 512):
+                block = np.arange(lo, min(stop, lo + 512))
+                writer.write(block, *(shard.load(part, block) for part in ("pooled", "tokens", "mask")),
+                             shard.load("split", block) if "split" in shard.shapes else None)
+        if not writer.finish():
+            raise CacheError(f"{name}: the shards do not cover every row")
+    for shard_file in shard_files:
+        shard_file.unlink()
+    return target

@@ -20,6 +20,7 @@ from msa.models.heads import ModalityDims, ScaledScore, create_head
 from msa.models.image import build_image_encoder
 from msa.models.text import TextEncoder
 from msa.models.unfrozen import EndToEndModel, TopsAndHead
+from msa.pipeline.config import ConfigError
 
 SPLIT_OPTIONS = {"text": ("split_layer", "--text-split-layer"), "image": ("split_stage", "--image-split-stage")}
 
@@ -45,7 +46,7 @@ def build_tops(feature_info: dict[str, dict], counts: dict[str, int]) -> dict[st
     tops = {}
     for modality, count in counts.items():
         if modality not in feature_info:
-            raise ValueError(f"cannot unfreeze the {modality} encoder: the run reads no {modality} features")
+            raise ConfigError(f"cannot unfreeze the {modality} encoder: the run reads no {modality} features")
         fingerprint, recorded = feature_info[modality]["fingerprint"], feature_info[modality]["extract_config"]
         key, option = SPLIT_OPTIONS[modality]
         if fingerprint.get(key) != count:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from msa.models.text import EncoderLoadError, model_identity
 from msa.pipeline.compute import Compute
-from msa.pipeline.config import CaptionConfig
+from msa.pipeline.config import CaptionConfig, ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -157,7 +157,7 @@ CAPTIONERS = {"transformers": TransformersCaptioner, "lavis": LavisCaptioner}
 
 def captioner_class(backend: str) -> type:
     if backend not in CAPTIONERS:
-        raise ValueError(f"unknown caption backend {backend!r}; known: {', '.join(CAPTIONERS)}")
+        raise ConfigError(f"unknown caption backend {backend!r}; known: {', '.join(CAPTIONERS)}")
     return CAPTIONERS[backend]
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from msa.pipeline.config import ConfigError
+
 HEADS: dict[str, type[nn.Module]] = {}
 
 
@@ -39,7 +41,7 @@ def create_head(name: str, dims: dict[str, ModalityDims], num_classes: int, hidd
 
 def check_head(name: str) -> str:
     if name not in HEADS:
-        raise ValueError(f"unknown fusion head {name!r}; known: {', '.join(sorted(HEADS))}")
+        raise ConfigError(f"unknown fusion head {name!r}; known: {', '.join(sorted(HEADS))}")
     return name
 
 
@@ -376,7 +378,7 @@ class SequenceEncoder(nn.Module):
     def __init__(self, dim: int, hidden: int, kind: str, dropout: float, layers: int = 1, heads: int = 4):
         super().__init__()
         if kind not in SEQUENCE_ENCODERS:
-            raise ValueError(f"unknown sequence encoder {kind!r}; known: {', '.join(SEQUENCE_ENCODERS)}")
+            raise ConfigError(f"unknown sequence encoder {kind!r}; known: {', '.join(SEQUENCE_ENCODERS)}")
         self.kind = kind
         self.project = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU())
         if kind == "lstm":
@@ -430,7 +432,7 @@ class SumLSTMHead(SequenceHead):
         steps, _ = self.states(inputs)
         lengths = {s.shape[1] for s in steps.values()}
         if len(lengths) > 1:
-            raise ValueError(f"sum-lstm needs aligned sequences of one length, got lengths {sorted(lengths)}")
+            raise ConfigError(f"sum-lstm needs aligned sequences of one length, got lengths {sorted(lengths)}")
         masks = [inputs[m].mask for m in self.names]
         mask = torch.stack(masks).any(0)
         fused, _ = self.fuse(sum(steps.values()))
@@ -477,7 +479,7 @@ class ScaledScore(nn.Module):
     def __init__(self, head: nn.Module, scaling: str = "tanh", bound: float = 3.0):
         super().__init__()
         if scaling not in OUTPUT_SCALINGS:
-            raise ValueError(f"--output-scaling must be one of {', '.join(OUTPUT_SCALINGS)}, got {scaling!r}")
+            raise ConfigError(f"--output-scaling must be one of {', '.join(OUTPUT_SCALINGS)}, got {scaling!r}")
         self.head, self.scaling, self.bound = head, scaling, bound
         self.uses_tokens = head.uses_tokens
         self.default_batch_size = head.default_batch_size

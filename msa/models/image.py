@@ -17,6 +17,7 @@ from torch import nn
 
 from msa.cache.fingerprint import file_digest
 from msa.models.text import EncoderLoadError
+from msa.pipeline.config import ConfigError
 
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -80,7 +81,7 @@ class ImageEncoder(nn.Module):
         Both share this encoder's modules."""
         stem, blocks, tail = trunk_stages(self.trunk)
         if not 1 <= stages <= len(blocks):
-            raise ValueError(f"the image split must be between 1 and {len(blocks)} stages, got {stages}")
+            raise ConfigError(f"the image split must be between 1 and {len(blocks)} stages, got {stages}")
         bottom = nn.Sequential(*stem, *blocks[: len(blocks) - stages])
         top = ImageEncoder(nn.Sequential(*blocks[len(blocks) - stages:], *tail), self.pool, self.preprocess, self.dim)
         return bottom, top
@@ -99,7 +100,7 @@ def trunk_stages(trunk: nn.Module) -> tuple[list[nn.Module], list[nn.Module], li
         model = trunk.model
         return ([model.conv1, model.bn1, model.act1, model.maxpool],
                 [model.layer1, model.layer2, model.layer3, model.layer4], [])
-    raise ValueError(f"splitting {type(trunk).__name__} into stages is not supported (EfficientNet/MobileNet "
+    raise ConfigError(f"splitting {type(trunk).__name__} into stages is not supported (EfficientNet/MobileNet "
                      "via timm and ResNets are)")
 
 

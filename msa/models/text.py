@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from msa.cache.fingerprint import file_digest, files_digest
+from msa.pipeline.config import ConfigError
 
 POOLINGS = ("mean", "cls")
 
@@ -41,7 +42,7 @@ class TextEncoder(nn.Module):
     def __init__(self, model_name: str, max_len: int = 128, pooling: str = "mean"):
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -93,7 +94,7 @@ class TextEncoder(nn.Module):
         """forward(), plus the hidden states entering the top `split_layer` layers ([B, L, D])."""
         layers = len(transformer_layers(self.model))
         if not 1 <= split_layer <= layers:
-            raise ValueError(f"--text-split-layer must be between 1 and {layers} for this model, got {split_layer}")
+            raise ConfigError(f"--text-split-layer must be between 1 and {layers} for this model, got {split_layer}")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         # hidden_states[0] is the embeddings' output, [i] the output of layer i.
         split = out.hidden_states[layers - split_layer]
@@ -141,7 +142,7 @@ class TextTop(nn.Module):
         self.model = copy.deepcopy(model)
         stack = transformer_layers(self.model)
         if not 1 <= layers <= len(stack):
-            raise ValueError(f"--unfreeze-text-layers must be between 1 and {len(stack)}, got {layers}")
+            raise ConfigError(f"--unfreeze-text-layers must be between 1 and {len(stack)}, got {layers}")
         del stack[: len(stack) - layers]
         self.model.embeddings = _PassEmbeddings()
         self.model.pooler = None

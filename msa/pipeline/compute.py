@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from msa.pipeline.config import ConfigError
+
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -41,13 +43,13 @@ def cpu_has_fast_bf16() -> bool:
 
 def resolve_compute(device: str = "auto", precision: str = "auto") -> Compute:
     if device not in DEVICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
+        raise ConfigError("--device cuda: no CUDA device is available here")
     if precision == "auto":
         if device == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from msa.pipeline.config import ConfigError
+
 LABELS = ("negative", "neutral", "positive")
 LABEL_FILES = {"train": "train.txt", "test": "test_without_label.txt"}
 # Tried in order. gb18030 covers the Chinese-platform exports seen in MVSA;
@@ -130,9 +132,9 @@ def read_mvsa(data_dir: Path, on_bad_image: str = "blank", on_duplicate: str = "
     in the report's bad items either way.
     """
     if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+        raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
     if on_duplicate not in ON_DUPLICATE:
-        raise ValueError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
+        raise ConfigError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
     data_dir = Path(data_dir)
     if not (data_dir / LABEL_FILES["train"]).is_file():
         raise DataError(f"{data_dir}: no {LABEL_FILES['train']} here; is this an MVSA folder?")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from msa.pipeline.config import ConfigError
 from msa.pipeline.metrics import classification_metrics, regression_metrics
 from msa.pipeline.mvsa import LABELS
 
@@ -74,7 +75,7 @@ LARGER_IS_BETTER = {"macro_f1": True, "accuracy": True, "loss": False, "mae": Fa
 
 def task_named(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -87,7 +88,7 @@ def loss_function(task: Task, name: str, class_weights: torch.Tensor | None = No
                   focal_gamma: float = 2.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """loss(outputs [B, C] (or scores [B, 1]), targets [B]) -> per-sample losses [B]."""
     if name not in task.losses:
-        raise ValueError(f"--loss {name} is not a {task.name} loss; use one of {', '.join(task.losses)}")
+        raise ConfigError(f"--loss {name} is not a {task.name} loss; use one of {', '.join(task.losses)}")
     if task.name == "regression":
         function = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss,
                     "huber": nn.functional.huber_loss}[name]

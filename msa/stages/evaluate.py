@@ -15,7 +15,7 @@ from rich.table import Table
 
 from msa.cache.manifest import read_manifest
 from msa.pipeline import rundir
-from msa.pipeline.config import EvaluateConfig
+from msa.pipeline.config import ConfigError, EvaluateConfig
 from msa.pipeline.metrics import classification_metrics, regression_metrics
 from msa.pipeline.mvsa import read_label_file
 from msa.pipeline.tasks import task_of_metrics
@@ -32,7 +32,7 @@ def run_predictions(run_dir: Path, labels_file: Path | None) -> pd.DataFrame:
                                      predictions.class_names, predictions.gate).to_pandas()
     missing = sorted(set(wanted) - set(table["guid"]))
     if missing:
-        raise ValueError(f"{labels_file}: {len(missing)} guids are not in the run's cache "
+        raise ConfigError(f"{labels_file}: {len(missing)} guids are not in the run's cache "
                          f"(first: {', '.join(missing[:5])}); extract them first")
     table = table[table["guid"].isin(wanted)].copy()
     table["label"] = table["guid"].map(wanted)

@@ -28,7 +28,7 @@ from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_ma
 from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess, weights_identity
 from msa.models.text import TextEncoder, model_identity
 from msa.pipeline.compute import Compute, prefetch, resolve_compute
-from msa.pipeline.config import TEXT_SOURCES, ExtractConfig, to_json
+from msa.pipeline.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
 from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, read_mvsa, write_bad_items
 from msa.pipeline.progress import ItemProgress, console, rate_text
 
@@ -71,9 +71,9 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     try:
         index, count = (int(v) for v in shard.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}") from None
+        raise ConfigError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}") from None
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {shard}: need 0 <= i < n")
+        raise ConfigError(f"--shard {shard}: need 0 <= i < n")
     return index, count
 
 
@@ -93,7 +93,7 @@ def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, com
                 "weights": weights_identity(cfg.image_model, cfg.image_weights),
                 "preprocess": dataclasses.asdict(preprocess), "jpeg_draft": True,
                 "split_stage": cfg.image_split_stage}
-    raise ValueError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
+    raise ConfigError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
 
 
 def feature_set_name(modality: str, model: str, fingerprint: dict) -> str:
@@ -105,7 +105,7 @@ def feature_set_name(modality: str, model: str, fingerprint: dict) -> str:
 def resolve_captions(cfg: ExtractConfig, manifest: Manifest) -> CaptionSet | None:
     """The caption set a caption text source reads, checked to cover every item of the manifest."""
     if cfg.text_source not in TEXT_SOURCES:
-        raise ValueError(f"--text-source must be one of {', '.join(TEXT_SOURCES)}, got {cfg.text_source!r}")
+        raise ConfigError(f"--text-source must be one of {', '.join(TEXT_SOURCES)}, got {cfg.text_source!r}")
     if cfg.text_source == "raw" or "text" not in cfg.modalities:
         return None
     names = [cfg.captions] if cfg.captions else list_caption_sets(cfg.cache)

@@ -77,7 +77,7 @@ def ensure_features(run_dir: Path, data: Path | None, cache: Path | None, device
     if same_data and cache is None:
         return run_cache, {m: info["name"] for m, info in config["feature_sets"].items()}
     if data is None:
-        raise ValueError("--data is needed: the run's own cache is gone")
+        raise ConfigError("--data is needed: the run's own cache is gone")
     cache = Path(cache) if cache else Path(run_dir) / "predict-cache"
     names = {}
     for modality, info in config["feature_sets"].items():
@@ -163,13 +163,17 @@ def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str
                        spec["class_names"])
 
 
-def write_predictions_file(predictions: Predictions, path: Path) -> Path:
-    """`guid,tag` with a header, as test_without_label.txt (`guid,score` for regression runs); atomic."""
+def write_predictions_file(predictions: Predictions, path: Path, probs: bool = False) -> Path:
+    """`guid,tag` with a header, as test_without_label.txt (`guid,score` for regression runs), atomic;
+    probs: the class probabilities too (`guid,tag,p_negative,p_neutral,p_positive`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = TASKS["regression" if predictions.scores is not None else "classification"].prediction_header
-    lines = [header] + [f"{g},{p}" for g, p in zip(predictions.guids, predictions.predicted)]
+    header = [TASKS["regression" if predictions.scores is not None else "classification"].prediction_header]
+    rows = [f"{g},{p}" for g, p in zip(predictions.guids, predictions.predicted)]
+    if probs and predictions.scores is None:
+        header = [header[0] + "".join(f",p_{name}" for name in predictions.class_names)]
+        rows = [row + "".join(f",{p:.6f}" for p in ps) for row, ps in zip(rows, predictions.probabilities)]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text("\n".join(header + rows) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -189,4 +193,4 @@ def run(cfg: PredictConfig, show_progress: bool = True, overwrite: bool = False)
     if cfg.out and Path(cfg.out).exists() and not overwrite:
         raise rundir.RunDirError(f"--out {cfg.out} exists; pass --overwrite to replace it or choose another file")
     predictions = predict(cfg.run, cfg.data, cfg.split, cfg.cache, cfg.device, show_progress)
-    return write_predictions_file(predictions, out), predictions
+    return write_predictions_file(predictions, out, cfg.probs), predictions

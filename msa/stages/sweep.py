@@ -22,7 +22,7 @@ from rich.table import Table
 
 from msa.models.heads import HEADS, check_head
 from msa.pipeline import rundir
-from msa.pipeline.config import SweepConfig, TrainHeadConfig, to_json
+from msa.pipeline.config import ConfigError, SweepConfig, TrainHeadConfig, to_json
 from msa.pipeline.progress import console, progress_bar
 from msa.pipeline.tasks import LARGER_IS_BETTER, TASKS, task_of_metrics
 from msa.stages import train_head
@@ -36,7 +36,7 @@ def parse_grid(specs: list[str]) -> dict[str, tuple]:
         key, _, values = spec.partition("=")
         key = key.strip().replace("-", "_")
         if key not in fields or not values:
-            raise ValueError(f"--grid {spec!r}: expected FIELD=V1,V2 with a train-head option as FIELD")
+            raise ConfigError(f"--grid {spec!r}: expected FIELD=V1,V2 with a train-head option as FIELD")
         grid[key] = tuple(_typed(TrainHeadConfig(), key, v) for v in values.split(","))
     return grid
 

@@ -73,6 +73,7 @@ class TrainResult:
     metrics: dict
     best_epoch: int
     seconds: float
+    warnings: list[str] = dataclasses.field(default_factory=list)  # what a person should look at
 
 
 def select_feature_sets(cache: Path, manifest: Manifest, names: tuple[str, ...],
@@ -94,7 +95,7 @@ def select_feature_sets(cache: Path, manifest: Manifest, names: tuple[str, ...],
             raise CacheError(stale_message(cache, feature_set.name))
         modality = feature_set.fingerprint["modality"]
         if modality in named:
-            raise ValueError(f"--features names two {modality} sets ({named[modality].name}, {feature_set.name})")
+            raise ConfigError(f"--features names two {modality} sets ({named[modality].name}, {feature_set.name})")
         named[modality] = feature_set
     held = {modality_of(entry) for entry in published} | set(current)
     wanted = modalities or tuple(sorted(held, key=role_order))
@@ -111,10 +112,10 @@ def select_feature_sets(cache: Path, manifest: Manifest, names: tuple[str, ...],
             others = [m for m in wanted if m != modality]
             raise CacheError(unusable_message(cache, published, modality, others))
         else:
-            raise ValueError(f"--modalities {modality}: {cache} has {', '.join(sorted(held, key=role_order))}")
+            raise ConfigError(f"--modalities {modality}: {cache} has {', '.join(sorted(held, key=role_order))}")
     unused = [m for m in named if m not in chosen]
     if unused:
-        raise ValueError(f"--features names a {unused[0]} set, but the run reads {', '.join(chosen)} "
+        raise ConfigError(f"--features names a {unused[0]} set, but the run reads {', '.join(chosen)} "
                          f"(--modalities)")
     return chosen
 
@@ -272,4 +273,13 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print) -> Tr
     rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"])
     rundir.plot_run(run_dir, metrics)
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
-    return TrainResult(run_dir, metrics, state.best_epoch, seconds)
+    return TrainResult(run_dir, metrics, state.best_epoch, seconds, collapse_warnings(best["out"]))
+
+
+def collapse_warnings(val: dict) -> list[str]:
+    """A classifier whose best epoch predicts one class for every val item learned nothing useful."""
+    predicted = sorted(set(val["probabilities"].argmax(1).tolist())) if val["probabilities"].size else []
+    if len(predicted) != 1:
+        return []
+    return [f"the best epoch predicts {LABELS[predicted[0]]} for every val item (the head collapsed to one class); "
+            "try --loss weighted-ce, a lower --lr or more --epochs"]

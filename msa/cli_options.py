@@ -1,0 +1,188 @@
+"""How the CLI turns stage configs into options, and options back into configs.
+
+Every field of a stage's config dataclass is one option: its name (`text_model` ->
+`--text-model`), its default, its type (a Literal's values are the choices `--help` lists
+and shells complete; tuples are comma-separated), and as help the comment beside the
+field in msa/pipeline/config.py. So the defaults and the documentation live once, in
+the config, and `--config FILE` can give any option by its field name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import io
+import json
+import tokenize
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import typer
+
+from msa.pipeline import config as configs
+
+# Keys a run's config.json holds beyond options: a --config FILE may carry them, unused.
+RUN_RECORD_KEYS = {"kind", "feature_sets", "modalities_used", "base", "fusions", "seeds", "grid"}
+
+
+class Settings:
+    verbose = False  # known errors show their traceback too
+
+
+@functools.cache
+def field_help(config_class: type) -> dict[str, str]:
+    """Each field's comment in the class source (`name: type = default  # help`)."""
+    source = inspect.getsource(config_class)
+    helps, name = {}, None
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.NAME and token.start[1] == 4 and name is None:
+            name = token.string  # the first name on a field's line
+        elif token.type == tokenize.COMMENT and name is not None:
+            helps[name] = token.string.lstrip("# ").strip()
+        elif token.type == tokenize.NEWLINE:
+            name = None
+    return helps
+
+
+def _optional_inner(hint: Any) -> Any:
+    """X for `X | None`, else the hint itself."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else hint
+    return hint
+
+
+def _is_tuple(hint: Any) -> bool:
+    return typing.get_origin(_optional_inner(hint)) is tuple
+
+
+def parameters(config_class: type, skip: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+               choices: dict[str, tuple[str, ...]] | None = None) -> list[inspect.Parameter]:
+    """One typer option per field of config_class (but `skip`); `optional`: fields without a
+    default that a command can do without; `choices`: choices known only at run time."""
+    hints, helps = typing.get_type_hints(config_class), field_help(config_class)
+    params = []
+    for field in dataclasses.fields(config_class):
+        if field.name in skip:
+            continue
+        hint, default = _optional_inner(hints[field.name]), field.default
+        if _is_tuple(hint):
+            hint, default = str, ",".join(map(str, default)) if default else None
+        if field.name in (choices or {}):
+            hint = Literal[tuple(choices[field.name])]
+        if default is dataclasses.MISSING:
+            default = None if field.name in optional else ...
+        if field.name not in helps:
+            raise TypeError(f"{config_class.__name__}.{field.name} has no comment to serve as its --help")
+        option = typer.Option(default, help=helps[field.name] + ".")
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hint))
+    return params
+
+
+def with_options(config_class: type, **kwargs):
+    """Give a command (taking **options) the options of config_class, after its own parameters."""
+
+    def add(command):
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        names = {p.name for p in own}
+        extra = [p for p in parameters(config_class, **kwargs) if p.name not in names]
+        command.__signature__ = signature.replace(parameters=own + extra)
+        return command
+
+    return add
+
+
+def from_options(config_class: type, options: dict, **overrides) -> Any:
+    """The config from a command's options: comma-separated values become typed tuples."""
+    hints = typing.get_type_hints(config_class)
+    values = {}
+    for field in dataclasses.fields(config_class):
+        if field.name not in options:
+            continue
+        value = options[field.name]
+        if _is_tuple(hints[field.name]) and isinstance(value, str | type(None)):
+            kind = (typing.get_args(_optional_inner(hints[field.name])) or (str,))[0]
+            parts = tuple(kind(v.strip()) for v in (value or "").split(",") if v.strip())
+            value = parts if parts or not _optional_inner(hints[field.name]) is not hints[field.name] else None
+        values[field.name] = value
+    return config_class(**{**values, **overrides})
+
+
+def read_config_file(path: Path) -> dict:
+    """TOML, YAML or JSON, by the file's suffix; the keys are option names."""
+    text = Path(path).read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """--config FILE: its values become the options' defaults, so the command line overrides them."""
+    if value is None:
+        return value
+    try:
+        data = read_config_file(value)
+    except (OSError, ValueError) as err:
+        raise typer.BadParameter(f"{value}: {err}") from None
+    known = {p.name for p in ctx.command.params}
+    fields = {f.name for cls in (configs.ExtractConfig, configs.CaptionConfig, configs.TrainHeadConfig,
+                                 configs.FinetuneConfig, configs.PredictConfig, configs.EvaluateConfig)
+              for f in dataclasses.fields(cls)}
+    defaults = {}
+    for key, item in data.items():
+        key = key.replace("-", "_")
+        if key not in known | fields | RUN_RECORD_KEYS:
+            raise typer.BadParameter(f"{value}: unknown option {key!r}")
+        if key in known and item is not None and not isinstance(item, dict):
+            defaults[key] = ",".join(map(str, item)) if isinstance(item, list) else item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def config_option():
+    return typer.Option(None, "--config", callback=load_config_file, is_eager=True, exists=True, dir_okay=False,
+                        help="TOML, YAML or JSON file of options (keys as the options' names); options on the "
+                             "command line override it. A run's config.json is one.")
+
+
+def known_errors() -> tuple[type[Exception], ...]:
+    from msa.cache.errors import CacheError
+    from msa.models.text import EncoderLoadError
+    from msa.pipeline.mvsa import DataError
+    from msa.pipeline.rundir import RunDirError
+
+    return DataError, EncoderLoadError, CacheError, RunDirError, configs.ConfigError, FileNotFoundError
+
+
+def one_line_errors(command):
+    """Our own errors (a problem the user can fix) and a full disk end in one line, `error: ...`,
+    and exit code 2; anything else is a bug and keeps its traceback. --verbose: tracebacks always."""
+    from msa.pipeline.progress import console
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from msa.cache.errors import NO_ROOM, write_error
+
+        try:
+            return command(*args, **kwargs)
+        except known_errors() + (OSError,) as err:
+            if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno not in NO_ROOM:
+                raise
+            if Settings.verbose:
+                raise
+            if isinstance(err, OSError) and err.errno in NO_ROOM:
+                err = write_error(Path(err.filename or "."), err)
+            console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
