@@ -83,7 +83,10 @@ def test_sequence_heads_beat_the_constant_mean(mosi, tmp_path, fusion, encoder):
     config = train_head.rundir.read_json(result.run_dir / "config.json")
     assert (config["task"], config["loss"], config["select"]) == ("regression", "l1", "mae")
     table = pd.read_parquet(result.run_dir / "val_predictions.parquet")
-    assert list(table.columns) == ["guid", "score", "prediction"] and table.prediction.abs().max() <= 3
+    weights = [f"weight_{m}" for m in ("text", "audio", "vision")] if fusion == "attention" else []
+    assert list(table.columns) == ["guid", "score", "prediction", *weights] and table.prediction.abs().max() <= 3
+    if weights:  # the attention head's modality weights are recorded per item, summing to 1
+        np.testing.assert_allclose(table[weights].sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_modality_ablation_with_one_two_and_three_modalities(mosi, tmp_path):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from msa.cache.features import FeatureSet
 from msa.cli import app
 from msa.models.heads import HEADS, Modality, ModalityDims, create_head
-from msa.pipeline.config import EvaluateConfig, PredictConfig, SweepConfig, TrainHeadConfig
+from msa.pipeline.config import ConfigError, EvaluateConfig, PredictConfig, SweepConfig, TrainHeadConfig
 from msa.pipeline.demo import make_demo_dataset
 from msa.pipeline.rundir import RunDirError
 from msa.stages import evaluate, predict, sweep, train_head
@@ -227,3 +227,15 @@ def test_a_run_does_not_depend_on_what_else_its_sweep_loaded(signal_cache, tmp_p
     for metrics in results:
         metrics.pop("train_seconds")
     assert results[0] == results[1]
+
+
+def test_head_contract_options_and_alignment(signal_cache, tmp_path):
+    dims = {"text": ModalityDims(8, 8), "image": ModalityDims(6, 6)}
+    # Run options reach only the heads that declare them.
+    assert create_head("concat", dims, 3, 16, 0.1, sequence_encoder="transformer").hidden == 16
+    assert create_head("seq-concat", dims, 1, 16, 0.1, sequence_encoder="transformer").encoders["text"].kind == \
+        "transformer"
+    # sum-lstm sums its modalities step by step: MVSA's text and image tokens are not aligned.
+    with pytest.raises(ConfigError, match="sum-lstm needs aligned sequences .*text 16, image"):
+        train_head.run(TrainHeadConfig(cache=signal_cache, fusion="sum-lstm", out=tmp_path / "run", epochs=1))
+    assert not (tmp_path / "run").exists()

@@ -35,7 +35,7 @@ def build_model(spec: dict) -> nn.Module:
         return EndToEndModel(text, image, head, spec["unfreeze_text_layers"], spec["unfreeze_image_stages"])
     dims = {m: ModalityDims(**d) for m, d in spec["dims"].items()}
     model = create_head(spec["fusion"], dims, spec["outputs"], spec["hidden"], spec["dropout"],
-                        spec["sequence_encoder"])
+                        sequence_encoder=spec["sequence_encoder"])
     if spec["unfrozen"]:
         model = TopsAndHead(model, build_tops(spec["feature_sets"], spec["unfrozen"]))
     return ScaledScore(model, spec["output_scaling"]) if spec["task"] == "regression" else model

@@ -151,8 +151,10 @@ def score_table(guids: list[str], scores: np.ndarray, predicted: np.ndarray) -> 
                      "prediction": np.asarray(predicted, dtype=float)})
 
 
-def write_val_predictions(run_dir: Path, task, manifest, rows: np.ndarray, out: dict) -> None:
-    """val_predictions.parquet: guid, label (or score), prediction, probabilities (and gate)."""
+def write_val_predictions(run_dir: Path, task, manifest, rows: np.ndarray, out: dict,
+                          modalities: list[str] = ()) -> None:
+    """val_predictions.parquet: guid, label (or score), prediction, probabilities, and what the
+    head says about its decision (gate; weight_<modality> for the attention head)."""
     guids = [manifest.guids[r] for r in rows] if len(rows) else []
     if task.name == "regression":
         scores = manifest.column("score")
@@ -160,6 +162,9 @@ def write_val_predictions(run_dir: Path, task, manifest, rows: np.ndarray, out: 
     else:
         labels = manifest.column("label")
         table = predictions_table(guids, [labels[r] for r in rows], out["probabilities"], list(LABELS), out.get("gate"))
+    if "modality_weights" in out:
+        for i, modality in enumerate(modalities):
+            table = table.append_column(f"weight_{modality}", pa.array(out["modality_weights"][:, i].astype(float)))
     write_predictions(run_dir / VAL_PREDICTIONS, table)
 
 

@@ -250,23 +250,23 @@ def outputs_of(logits: torch.Tensor) -> dict:
 def evaluate(model: nn.Module, rows: np.ndarray, batches: Batches, targets: torch.Tensor | None,
              compute: Compute | None = None) -> dict:
     """Outputs for `rows`, in their order, from batches of them in any order: probabilities [N, C]
-    (scores [N] for a one-output model), the gate [N] where the head has one, and with targets
-    the loss (cross-entropy; mean squared error for scores)."""
+    (scores [N] for a one-output model), the gate [N] or modality weights [N, M] where the head
+    has them, and with targets the loss (cross-entropy; mean squared error for scores)."""
     model.eval()
-    logits, gates, seen = [], [], []
+    logits, seen, explained = [], [], {"gate": [], "modality_weights": []}
     for batch_rows, inputs in batches:
         with compute.autocast() if compute else contextlib.nullcontext():
             out = model(inputs)
         logits.append(out["logits"].float().cpu())
         seen += batch_rows.tolist()
-        if "gate" in out:
-            gates.append(out["gate"].float().cpu())
+        for key, values in explained.items():  # what a head says about its decision: kept per item
+            if key in out:
+                values.append(out[key].float().cpu())
     where = {row: i for i, row in enumerate(seen)}
     wanted = torch.tensor([where[row] for row in np.asarray(rows).tolist()], dtype=torch.long)
     every = torch.cat(logits)[wanted] if logits else torch.zeros((0, len(LABELS)))
     result = {"probabilities": np.zeros((0, 0)), **outputs_of(every)}
-    if gates:
-        result["gate"] = torch.cat(gates)[wanted].numpy()
+    result.update({key: torch.cat(values)[wanted].numpy() for key, values in explained.items() if values})
     if targets is not None:
         y = targets[torch.from_numpy(np.asarray(rows))]
         loss = (nn.functional.mse_loss(every[:, 0], y) if every.shape[-1] == 1

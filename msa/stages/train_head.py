@@ -211,6 +211,10 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
         data = data.restricted(cfg.modalities)
     if data.task.name != cfg.task:
         raise ConfigError(f"--task {cfg.task}: {cfg.cache} holds {data.task.name} data")
+    steps = {m: fs.shapes["tokens"][1] for m, fs in data.feature_sets.items()}
+    if HEADS[cfg.fusion].needs_aligned and len(set(steps.values())) > 1:
+        raise ConfigError(f"--fusion {cfg.fusion} needs aligned sequences (one time axis for every modality); "
+                          f"these have {', '.join(f'{m} {n}' for m, n in steps.items())} steps")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     lock = rundir.claim(run_dir, KIND, overwrite)
     try:
@@ -270,7 +274,7 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print) -> Tr
     seconds = time.perf_counter() - start
     metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds}
     rundir.save_model(run_dir, best["state_dict"], spec)
-    rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"])
+    rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"], list(data.feature_sets))
     rundir.plot_run(run_dir, metrics)
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
     return TrainResult(run_dir, metrics, state.best_epoch, seconds, collapse_warnings(best["out"]))
