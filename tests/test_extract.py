@@ -145,6 +145,12 @@ def test_limit_takes_the_first_items(extract_config):
     result = extract.run(cfg, show_progress=False)
     assert len(read_manifest(cfg.cache)) == 5
     assert FeatureSet.open(result.feature_sets["text"].path).shapes["pooled"][0] == 5
+    # The summary describes the 5 items used, not the whole folder.
+    assert result.report.items_read == 5 and sum(result.report.class_counts.values()) == 5
+    guids = set(read_manifest(cfg.cache).guids)
+    assert all(bad["guid"] in guids for bad in result.report.bad_items)
+    (table, features) = extract.summary_tables(result)
+    assert features.caption == "encoded: encoded by this run"  # the legend names what happened in this run
 
 
 def test_bad_shard_spec_is_a_clear_error(extract_config):

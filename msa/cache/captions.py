@@ -107,14 +107,6 @@ class CaptionSet:
         return [self.captions[g].text for g in guids]
 
 
-def image_bytes(path: str) -> int:
-    """The size of an image file, which rows record so that a replaced image is captioned again."""
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return -1
-
-
 class CaptionWriter:
     """Appends captioned batches to the partial file; `finish()` folds them into the Parquet set."""
 

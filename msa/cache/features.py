@@ -29,7 +29,7 @@ from msa.pipeline.config import ConfigError
 
 __all__ = ["CacheError", "FeatureSet", "FeatureWriter"]
 
-FORMAT_VERSION = 2  # 2: fletcher32 chunks and a content digest
+FILE_FORMAT = 2  # the HDF5 layout; 2: fletcher32 chunks and a content digest (older files are re-encoded)
 FEATURES_DIR = "features"
 # split: the activation entering the unfreezable top of the encoder (--text-split-layer,
 # --image-split-stage), kept float32 so that training the top on it matches end to end.
@@ -110,7 +110,7 @@ def problem_of(path: Path, full: bool = False) -> str | None:
     it has a digest. full: every byte read back and checked against the digest too."""
     try:
         with h5py.File(path, "r") as f:
-            if int(f.attrs.get("format_version", 1)) < FORMAT_VERSION:
+            if int(f.attrs.get("format_version", 1)) < FILE_FORMAT:
                 return "written by an older msa, without checksums"
             if "digest" not in f.attrs:
                 return "has no content digest (never verified)"
@@ -179,7 +179,7 @@ class FeatureWriter:
         try:
             self.file = h5py.File(self.partial, "w", **WRITE_OPTIONS)
             self.file.attrs["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
-            self.file.attrs["format_version"] = FORMAT_VERSION
+            self.file.attrs["format_version"] = FILE_FORMAT
             self.file.attrs["notes"] = json.dumps(attrs or {}, default=str)
             # The contiguous row range this file is responsible for (a shard's share).
             self.file.attrs["rows"] = [int(self.rows[0]), int(self.rows[-1]) + 1] if len(self.rows) else [0, 0]

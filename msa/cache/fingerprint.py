@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
+
+# The version of every fingerprint (feature sets, caption sets, imports): raised when what a
+# stored value means changes, so that old sets get new names instead of being misread.
+FORMAT_VERSION = 1
+
+
+def file_size(path: str | Path) -> int:
+    """A file's size in bytes, -1 when it is missing: recorded so that a replaced file (an image
+    under the same guid) counts as changed."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
 
 
 def config_id(config: dict, length: int = 12) -> str:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msa.cache.errors import CacheError, write_error
-from msa.cache.fingerprint import config_id
+from msa.cache.fingerprint import config_id, file_size
 from msa.pipeline.mvsa import Item, bad_image_flag
 
 MANIFEST_FILE = "manifest.parquet"
@@ -97,18 +97,11 @@ def build_manifest(items: list[Item], data_dir: Path, val_ratio: float, split_se
     # The id covers what features depend on (items, texts, flags, image files), not
     # where the data lies, so a moved data set keeps its cached features.
     content = {
-        "items": [[i.guid, i.label, i.text, i.flags, _file_size(i.image_path)] for i in items],
+        "items": [[i.guid, i.label, i.text, i.flags, file_size(i.image_path)] for i in items],
         "splits": table.column("split").to_pylist(),
     }
     info["manifest_id"] = config_id(content)
     return Manifest(table, info)
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return -1
 
 
 def write_manifest(manifest: Manifest, cache_dir: Path) -> Path:

@@ -162,13 +162,20 @@ def read_mvsa(data_dir: Path, on_bad_image: str = "blank", on_duplicate: str = "
                 continue
             report.bad_items += [{"guid": guid, "where": where, "problem": flag} for flag in item.flags]
             items.append(item)
-    report.items_read = len(items)
-    report.class_counts = dict(collections.Counter(i.label or "unlabelled" for i in items))
-    report.encodings = dict(collections.Counter(i.text_encoding for i in items))
-    for item in items:
-        for flag in item.flags:
-            report.flags[flag] = report.flags.get(flag, 0) + 1
-    return items, report
+    return items, described(report, items)
+
+
+def described(report: ReadReport, items: list[Item]) -> ReadReport:
+    """The report's counts and bad items for exactly these items (all read, or the first N of
+    --limit); what the reader skipped or ignored stays as it is."""
+    guids = {i.guid for i in items}
+    flags = collections.Counter(flag for i in items for flag in i.flags)
+    kept = [bad for bad in report.bad_items if bad["guid"] in guids or "skipped" in bad["problem"]]
+    duplicates = sum(1 for bad in kept if bad["problem"].startswith("duplicate"))
+    return dataclasses.replace(
+        report, items_read=len(items), class_counts=dict(collections.Counter(i.label or "unlabelled" for i in items)),
+        encodings=dict(collections.Counter(i.text_encoding for i in items)),
+        flags={**dict(flags), **({"duplicate_guid": duplicates} if duplicates else {})}, bad_items=kept)
 
 
 def _duplicate(report: ReadReport, guid: str, label: str | None, where: str, first_where: str,

@@ -18,18 +18,16 @@ from msa.cache.captions import (
     CaptionWriter,
     caption_path,
     caption_set_name,
-    image_bytes,
     is_finished,
     list_caption_sets,
 )
-from msa.cache.fingerprint import local_path, model_reference
+from msa.cache.fingerprint import FORMAT_VERSION, file_size, local_path, model_reference
 from msa.models.captioner import captioner_class, create_captioner, spread_captions
 from msa.pipeline.compute import prefetch, resolve_compute
 from msa.pipeline.config import CaptionConfig, ConfigError, to_json
 from msa.pipeline.mvsa import Item, bad_image_flag, read_mvsa
 from msa.pipeline.progress import ItemProgress, rate_text
 
-FORMAT_VERSION = 1
 # Compiling BLIP's ViT costs ~30 s here and saves ~0.2 s an image (1.02 -> 1.34 img/s,
 # bench/caption_throughput.py part 2).
 COMPILE_MIN_IMAGES = 200
@@ -68,7 +66,7 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
     name = caption_set_name(cfg.model, fingerprint)
     stored = (CaptionSet.load(cfg.cache, name) if name in list_caption_sets(cfg.cache)
               else CaptionSet(name, fingerprint, {}, {}))
-    sizes = {item.guid: image_bytes(item.image_path) for item in items}
+    sizes = {item.guid: file_size(item.image_path) for item in items}
     pending = [item for item in items if not stored.covers(item.guid, sizes[item.guid])]
     if not pending and is_finished(cfg.cache, name):
         return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items), 0, 0,

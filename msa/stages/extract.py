@@ -19,25 +19,27 @@ import torch
 from filelock import FileLock
 from rich.table import Table
 
-from msa.cache.captions import CaptionSet, image_bytes, list_caption_sets
+from msa.cache.captions import CaptionSet, list_caption_sets
 from msa.cache.errors import BusyError, CacheError
 from msa.cache.features import FeatureWriter, feature_path, is_complete, shard_rows
-from msa.cache.fingerprint import config_id, local_path, model_reference, slug
+from msa.cache.fingerprint import FORMAT_VERSION, config_id, file_size, local_path, model_reference, slug
 from msa.cache.locks import lock_path
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess, weights_identity
 from msa.models.text import TextEncoder, model_identity
 from msa.pipeline.compute import Compute, prefetch, resolve_compute
 from msa.pipeline.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
-from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, read_mvsa, write_bad_items
+from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
 from msa.pipeline.progress import ItemProgress, console, rate_text
 
-FORMAT_VERSION = 1
 MODALITIES = ("text", "image")
 # torch.compile costs ~50 s here and makes EfficientNet-Lite0 2.8x faster on this CPU
 # (22.8 -> 63 img/s): it pays off from about a thousand images.
 COMPILE_MIN_IMAGES = 1000
 SHOWN_BAD_ITEMS = 5  # in the summary; CACHE/bad_items.csv lists every one
+STATUS_MEANING = {"cached": "complete before this run, no encoder work", "encoded": "encoded by this run",
+                  "resumed": "an interrupted run's rows kept, the rest encoded now",
+                  "busy": "another process is writing it, not extracted"}
 
 BatchCallback = Callable[[str, int], None]
 
@@ -115,7 +117,7 @@ def resolve_captions(cfg: ExtractConfig, manifest: Manifest) -> CaptionSet | Non
     if len(names) > 1:
         raise CacheError(f"{cfg.cache} holds {len(names)} caption sets ({', '.join(names)}); choose with --captions")
     captions = CaptionSet.load(cfg.cache, names[0])
-    captions.texts(manifest.guids, [image_bytes(p) for p in manifest.column("image_path")])  # all there?
+    captions.texts(manifest.guids, [file_size(p) for p in manifest.column("image_path")])  # all there?
     return captions
 
 
@@ -190,8 +192,9 @@ def prepare_manifest(cfg: ExtractConfig) -> tuple[Manifest, ReadReport]:
         if previous is not None and previous.info.get("source_signature") == signature:
             return previous, ReadReport(**previous.info["report"])
         items, report = read_mvsa(cfg.data, cfg.on_bad_image, cfg.on_duplicate)
-        if cfg.limit:
+        if cfg.limit:  # the summary and bad_items.csv describe the items used
             items = items[: cfg.limit]
+            report = described(report, items)
         manifest = build_manifest(items, cfg.data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
         manifest.info.update(report=dataclasses.asdict(report), source_signature=signature)
         if previous is not None and previous.manifest_id != manifest.manifest_id:
@@ -317,7 +320,8 @@ def summary_tables(result: ExtractResult) -> list[Table]:
         data.add_row("", f"{bad['where']}: guid {bad['guid']}: {bad['problem']}")
     if report.bad_items:
         data.add_row("", f"all {len(report.bad_items)}: {Path(result.manifest_dir) / BAD_ITEMS_FILE}")
-    features = Table(title="Feature sets", caption="cached: complete before this run, no encoder work")
+    statuses = sorted({r.status for r in result.feature_sets.values()})
+    features = Table(title="Feature sets", caption="; ".join(f"{s}: {STATUS_MEANING[s]}" for s in statuses))
     for column in ("modality", "name", "status", "rows encoded", "items/s"):
         features.add_column(column)
     for r in result.feature_sets.values():

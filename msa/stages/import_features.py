@@ -20,11 +20,10 @@ import pyarrow as pa
 from rich.table import Table
 
 from msa.cache.features import FeatureWriter, feature_path, is_complete
-from msa.cache.fingerprint import config_id, file_digest, slug
+from msa.cache.fingerprint import FORMAT_VERSION, config_id, file_digest, slug
 from msa.cache.manifest import SCHEMA, Manifest, write_manifest
 from msa.pipeline.mvsa import DataError
 
-FORMAT_VERSION = 1
 SPLITS = {"train": "train", "valid": "val", "test": "test"}  # pickle key -> manifest split
 NOT_MODALITIES = ("labels", "id", "ids")
 
