@@ -31,7 +31,7 @@ from msa.cache.errors import BusyError, CacheError, WriteError
 from msa.cache.features import FeatureSet, feature_path, partial_path
 from msa.cache.locks import set_lock
 from msa.cache.manifest import read_manifest
-from msa.pipeline import rundir
+from msa.pipeline import plots, rundir
 from msa.pipeline.compute import CPU_BF16_ENV, resolve_compute
 from msa.pipeline.config import CaptionConfig, FinetuneConfig, PredictConfig, SweepConfig, TrainHeadConfig
 from msa.pipeline.demo import make_demo_dataset
@@ -526,7 +526,7 @@ def test_a_killed_run_is_never_counted_finished(signal_cache, tmp_path, outcome,
     def killed_while_plotting(run_dir, metrics):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rundir, "plot_run", killed_while_plotting)
+    monkeypatch.setattr(plots, "plot_run", killed_while_plotting)
     with pytest.raises(KeyboardInterrupt):
         train_head.run(cfg)
     assert not rundir.is_finished(cfg.out)

@@ -239,3 +239,19 @@ def test_head_contract_options_and_alignment(signal_cache, tmp_path):
     with pytest.raises(ConfigError, match="sum-lstm needs aligned sequences .*text 16, image"):
         train_head.run(TrainHeadConfig(cache=signal_cache, fusion="sum-lstm", out=tmp_path / "run", epochs=1))
     assert not (tmp_path / "run").exists()
+
+
+def test_plots_name_the_run_and_draw_the_baseline(signal_cache, tmp_path):
+    from msa.pipeline import plots
+
+    run = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="gmu", out=tmp_path / "run", epochs=2)).run_dir
+    config = json.loads((run / "config.json").read_text())
+    heading = plots.title(config)
+    assert heading.startswith("gmu on text + image") and all(i["name"] in heading for i in
+                                                              config["feature_sets"].values())
+    metrics = {"per_class": {"negative": {"support": 2}, "neutral": {"support": 1}, "positive": {"support": 7}},
+               "n": 10}
+    assert plots.majority_baseline(metrics, "accuracy") == pytest.approx(0.7)
+    assert plots.majority_baseline(metrics, "macro_f1") == pytest.approx(2 * 0.7 / 1.7 / 3)
+    history = pd.read_csv(run / "history.csv")
+    assert {"train_loss", "train_macro_f1", "val_macro_f1", "lr"} <= set(history.columns)

@@ -184,50 +184,6 @@ def write_predictions(path: Path, table: pa.Table) -> None:
     os.replace(tmp, path)
 
 
-def plot_run(run_dir: Path, metrics: dict) -> None:
-    """Training curves and the confusion matrix as PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    history = read_history(run_dir)
-    epochs = [int(r["epoch"]) for r in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [float(r["train_loss"]) for r in history], label="train loss")
-    left.plot(epochs, [float(r["val_loss"]) for r in history], label="val loss")
-    left.set_xlabel("epoch")
-    left.legend()
-    for key, label in (("val_accuracy", "val accuracy"), ("val_macro_f1", "val macro-F1"),
-                       ("val_mae", "val MAE"), ("val_corr", "val correlation")):
-        if key in history[0]:
-            right.plot(epochs, [float(r[key]) for r in history], label=label)
-    right.set_xlabel("epoch")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=100)
-    plt.close(fig)
-    if "confusion_matrix" not in metrics:  # regression
-        return
-
-    matrix = np.array(metrics["confusion_matrix"])
-    names = metrics["class_names"]
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=30)
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(len(names)):
-        for j in range(len(names)):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    ax.set_title(f"val: acc {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
-    fig.tight_layout()
-    fig.savefig(run_dir / "confusion.png", dpi=100)
-    plt.close(fig)
-
-
 def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / METRICS).is_file()
 

@@ -20,7 +20,7 @@ from msa.cache.fingerprint import local_path
 from msa.cache.manifest import build_manifest, read_manifest, write_manifest
 from msa.models.build import build_model
 from msa.models.unfrozen import parameter_groups
-from msa.pipeline import rundir
+from msa.pipeline import plots, rundir
 from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import ConfigError, FinetuneConfig, to_json
 from msa.pipeline.mvsa import LABELS, read_mvsa
@@ -119,6 +119,6 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
                 resume_state=run_dir / LAST, stateful={"model": model, **step.state_dicts(), "generator": generator},
                 log=log, after_epoch=(lambda state: on_epoch(state.epoch)) if on_epoch else None)
     metrics = {**state.best_metrics, "task": TASK.name, "best_epoch": state.best_epoch}
-    rundir.plot_run(run_dir, metrics)
+    plots.plot_run(run_dir, metrics)
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
     return run_dir

@@ -135,8 +135,9 @@ def run(cfg: SweepConfig, show_progress: bool = True, overwrite: bool = False) -
 
 
 def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
-    """Train runs one after another on features loaded once; finished(name) after each. A run
-    directory left unfinished by a killed sweep belongs to this sweep, so it is started again."""
+    """Train runs one after another on features loaded once; finished("NAME: val METRIC") after
+    each. A run directory left unfinished by a killed sweep belongs to this sweep, so it is
+    started again."""
     torch.set_num_threads(threads)
     with_tokens = any(HEADS[r.fusion].uses_tokens for r in runs)
     split_names = tuple(sorted({m for r in runs for m in train_head.unfrozen(r)}))
@@ -144,8 +145,9 @@ def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
     modalities = runs[0].modalities if len({r.modalities for r in runs}) == 1 else ()
     data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names, modalities)
     for run_cfg in runs:
-        train_head.run(run_cfg, data=data, log=lambda *_: None, overwrite=True)
-        finished(run_cfg.out.name)
+        result = train_head.run(run_cfg, data=data, log=lambda *_: None, overwrite=True)
+        metric = TASKS[result.metrics["task"]].leaderboard[0][0]
+        finished(f"{run_cfg.out.name}: val {metric} {result.metrics[metric]:.3f}")
 
 
 def _worker_start(names) -> None:

@@ -25,7 +25,7 @@ from msa.cache.manifest import Manifest, manifest_columns, read_manifest
 from msa.models.build import build_model
 from msa.models.heads import HEADS, check_head
 from msa.models.unfrozen import parameter_groups
-from msa.pipeline import rundir
+from msa.pipeline import plots, rundir
 from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import ConfigError, TrainHeadConfig, to_json
 from msa.pipeline.mvsa import LABELS
@@ -275,7 +275,7 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print) -> Tr
     metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds}
     rundir.save_model(run_dir, best["state_dict"], spec)
     rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"], list(data.feature_sets))
-    rundir.plot_run(run_dir, metrics)
+    plots.plot_run(run_dir, metrics)
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
     return TrainResult(run_dir, metrics, state.best_epoch, seconds, collapse_warnings(best["out"]))
 
