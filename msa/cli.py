@@ -110,7 +110,9 @@ def cache_ls(
     cache: Path = CACHE,
     as_json: bool = typer.Option(False, "--json", help="One JSON document (manifest, feature files, caption sets)."),
 ) -> None:
-    """List the manifest, every feature file and caption set of a cache, on stdout, one per line."""
+    """List the manifest, every feature file and caption set of a cache, on stdout, one per line
+    (tab-separated). Status: complete (current), stale (extracted for another manifest), partial
+    (interrupted; extract resumes it), damaged (`msa cache rm` it and extract again)."""
     from msa.cache.maintenance import listing
 
     found = listing(cache)
@@ -121,12 +123,9 @@ def cache_ls(
     typer.echo(f"manifest {manifest['id']}: {manifest['items']} items from {manifest['data_dir']}"
                if "id" in manifest else f"manifest: {manifest['problem']}")
     for row in found["feature_files"]:
-        typer.echo("\t".join([row["file"], row["status"], row.get("rows", "-"), f"{row.get('size_mb', '-')} MB",
-                              row.get("model", "-")]))
+        typer.echo("\t".join([row["file"], row["status"], row.get("rows", "-"), f"{row.get('size_mb', '-')} MB"]))
     for row in found["caption_sets"]:
         typer.echo("\t".join([row["name"], row["status"], f"{row.get('images', '-')} images", row.get("model", "-")]))
-    typer.echo("status: complete (current), stale (another manifest), partial (interrupted; extract resumes it), "
-               "damaged (rm it, extract again)", err=True)
 
 
 @cache_app.command("rm")
