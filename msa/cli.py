@@ -109,6 +109,7 @@ def import_features(
 def cache_ls(
     cache: Path = CACHE,
     as_json: bool = typer.Option(False, "--json", help="One JSON document (manifest, feature files, caption sets)."),
+    config: Path = config_option(),
 ) -> None:
     """List the manifest, every feature file and caption set of a cache, on stdout, one per line
     (tab-separated). Status: complete (current), stale (extracted for another manifest), partial
@@ -131,7 +132,7 @@ def cache_ls(
 @cache_app.command("rm")
 @one_line_errors
 def cache_rm(names: list[str] = typer.Argument(..., help="Feature or caption set names (from `msa cache ls`)."),
-             cache: Path = CACHE) -> None:
+             cache: Path = CACHE, config: Path = config_option()) -> None:
     """Remove feature or caption sets, with their partial and set-aside files."""
     from msa.cache.maintenance import remove
 
@@ -143,7 +144,8 @@ def cache_rm(names: list[str] = typer.Argument(..., help="Feature or caption set
 @cache_app.command("gc")
 @one_line_errors
 def cache_gc(cache: Path = CACHE,
-             dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed.")) -> None:
+             dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+             config: Path = config_option()) -> None:
     """Remove what no run can use: partial sets nobody is writing, damaged and stale sets, leftovers."""
     from msa.cache.maintenance import collect
 
@@ -157,7 +159,7 @@ def cache_gc(cache: Path = CACHE,
 @cache_app.command("verify")
 @one_line_errors
 def cache_verify(names: list[str] = typer.Argument(None, help="Sets to check (default: every set)."),
-                 cache: Path = CACHE) -> None:
+                 cache: Path = CACHE, config: Path = config_option()) -> None:
     """Read every byte of the sets back against their checksums; exit 1 if any is damaged."""
     from msa.cache.maintenance import verify
 
@@ -177,7 +179,7 @@ def cache_verify(names: list[str] = typer.Argument(None, help="Sets to check (de
 @cache_app.command("info")
 @one_line_errors
 def cache_info(name: str = typer.Argument(..., help="Feature set name (from `msa cache ls`, without .h5)."),
-               cache: Path = CACHE) -> None:
+               cache: Path = CACHE, config: Path = config_option()) -> None:
     """Show one feature set's fingerprint and shapes as JSON."""
     from msa.cache.features import find_feature_set
 
@@ -189,7 +191,7 @@ def cache_info(name: str = typer.Argument(..., help="Feature set name (from `msa
 @cache_app.command("merge")
 @one_line_errors
 def cache_merge(name: str = typer.Argument(..., help="Feature set name whose shards to join."),
-                cache: Path = CACHE) -> None:
+                cache: Path = CACHE, config: Path = config_option()) -> None:
     """Join the shard files written by `msa extract --shard i/n` into one feature set."""
     from msa.cache.maintenance import merge_shards
 
@@ -305,6 +307,7 @@ def evaluate(config: Path = config_option(), **options) -> None:
 def demo(
     out: Path = typer.Option(Path("demo"), help="Where the generated data, models, cache and runs go."),
     progress: bool = PROGRESS,
+    config: Path = config_option(),
 ) -> None:
     """Generate a small data set and tiny random encoders, then run the pipeline on them."""
     from msa.stages import demo as stage
