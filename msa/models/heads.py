@@ -132,6 +132,19 @@ class ConcatHead(FusionHead):
         return {"logits": self.classify(joined)}
 
 
+@register_head("linear")
+class LinearHead(FusionHead):
+    """The baseline every leaderboard should show: a logistic regression (one linear layer,
+    softmax) on the concatenated pooled features, trained by the same loop as the others."""
+
+    def __init__(self, dims, num_classes, hidden, dropout):
+        super().__init__(dims, num_classes, hidden, dropout)
+        self.classify = nn.Linear(sum(d.pooled for d in dims.values()), num_classes)
+
+    def forward(self, inputs):
+        return {"logits": self.classify(torch.cat([inputs[m].pooled for m in self.names], dim=-1))}
+
+
 @register_head("late")
 class LateFusionHead(FusionHead):
     """Average of unimodal heads' logits (over the modalities present in each sample)."""

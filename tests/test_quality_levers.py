@@ -1,0 +1,72 @@
+"""The quality levers (issue 13): the linear baseline head and the lexicon modality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from msa.cache.features import FeatureSet
+from msa.cache.manifest import read_manifest
+from msa.models.heads import ModalityDims, create_head
+from msa.models.lexicon import FEATURES, LexiconScorer
+from msa.pipeline.config import TrainHeadConfig
+from msa.stages import extract, train_head
+
+
+def test_lexicon_features_are_vader_s_and_the_emoji_ranking_s(extract_config):
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    cfg = extract_config(modalities=("lexicon",))
+    result = extract.run(cfg, show_progress=False)
+    lexicon = FeatureSet.open(result.feature_sets["lexicon"].path)
+    assert lexicon.shapes["pooled"] == (37, len(FEATURES)) and lexicon.fingerprint["model"] == "vader-emoji"
+    texts = read_manifest(cfg.cache).column("text")
+    vader = SentimentIntensityAnalyzer()
+    expected = np.array([[vader.polarity_scores(t)[k] for k in ("neg", "neu", "pos", "compound")] for t in texts])
+    np.testing.assert_allclose(lexicon.load("pooled")[:, :4].astype(float), expected, atol=1e-3)  # stored float16
+    scores = LexiconScorer()(["so happy 😂😂 !!", "plain text"])
+    assert scores[0, FEATURES.index("emoji_count")] == pytest.approx(np.log1p(2))
+    # 😂 in the Emoji Sentiment Ranking: 6845 positive, 3614 negative of 14622 occurrences.
+    assert scores[0, FEATURES.index("emoji_mean")] == pytest.approx((6845 - 3614) / 14622, abs=1e-6)
+    assert scores[1, FEATURES.index("emoji_count")] == 0 and scores[0, FEATURES.index("exclamations")] > 0
+
+
+def test_a_cache_with_lexicon_features_trains_every_modality(extract_config, tmp_path):
+    cfg = extract_config(modalities=("text", "image", "lexicon"))
+    extract.run(cfg, show_progress=False)
+    result = train_head.run(TrainHeadConfig(cache=cfg.cache, fusion="concat", out=tmp_path / "run", epochs=2))
+    assert train_head.rundir.read_json(result.run_dir / "config.json")["modalities_used"] == ["text", "image",
+                                                                                             "lexicon"]
+
+
+def test_the_linear_head_is_a_logistic_regression():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 6)).astype(np.float32)
+    y = (x @ rng.standard_normal((6, 3))).argmax(1)
+    head = create_head("linear", {"a": ModalityDims(4, 4), "b": ModalityDims(2, 2)}, 3, 16, 0.0)
+    assert sum(p.numel() for p in head.parameters()) == 6 * 3 + 3  # one linear layer, nothing else
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=200)
+    inputs = {"a": _modality(x[:, :4]), "b": _modality(x[:, 4:])}
+    targets = torch.from_numpy(y)
+
+    def closure():
+        optimizer.zero_grad()
+        logits = head(inputs)["logits"]
+        # sklearn's objective: mean cross-entropy plus an L2 penalty of 1 / (2 C n) per weight, C = 1.
+        loss = torch.nn.functional.cross_entropy(logits, targets) + head.classify.weight.pow(2).sum() / (2 * 600)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    reference = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
+    ours = head(inputs)["logits"].argmax(1).numpy()
+    assert (ours == reference.predict(x)).mean() > 0.98
+    np.testing.assert_allclose(head.classify.weight.detach().numpy(), reference.coef_, atol=0.05)
+
+
+def _modality(values: np.ndarray):
+    from msa.models.heads import Modality
+
+    return Modality(torch.from_numpy(values))
