@@ -135,14 +135,17 @@ class ConcatHead(FusionHead):
 @register_head("linear")
 class LinearHead(FusionHead):
     """The baseline every leaderboard should show: a logistic regression (one linear layer,
-    softmax) on the concatenated pooled features, trained by the same loop as the others."""
+    softmax) on the concatenated pooled features, each modality's standardised per item (a
+    LayerNorm without parameters: encoders' feature scales differ by orders of magnitude),
+    trained by the same loop as the others."""
 
     def __init__(self, dims, num_classes, hidden, dropout):
         super().__init__(dims, num_classes, hidden, dropout)
         self.classify = nn.Linear(sum(d.pooled for d in dims.values()), num_classes)
 
     def forward(self, inputs):
-        return {"logits": self.classify(torch.cat([inputs[m].pooled for m in self.names], dim=-1))}
+        features = [nn.functional.layer_norm(inputs[m].pooled, inputs[m].pooled.shape[-1:]) for m in self.names]
+        return {"logits": self.classify(torch.cat(features, dim=-1))}
 
 
 @register_head("late")
