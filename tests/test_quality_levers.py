@@ -73,3 +73,19 @@ def _modality(values: np.ndarray):
     from msa.models.heads import Modality
 
     return Modality(torch.from_numpy(values))
+
+
+def test_an_ensemble_averages_the_runs_probabilities_exactly(signal_cache, tmp_path):
+    from msa.pipeline.config import PredictConfig
+    from msa.stages import predict
+
+    runs = [train_head.run(TrainHeadConfig(cache=signal_cache, fusion=f, seed=s, out=tmp_path / f"{f}{s}",
+                                           epochs=2)).run_dir for f, s in (("concat", 0), ("gmu", 1), ("linear", 2))]
+    members = [predict.predict(r, split="val", show_progress=False) for r in runs]
+    out = tmp_path / "ensemble.txt"
+    path, averaged = predict.run(PredictConfig(run=runs[0], ensemble=tuple(runs[1:]), split="val", out=out,
+                                               probs=True), show_progress=False)
+    np.testing.assert_array_equal(averaged.probabilities, np.mean([m.probabilities for m in members], axis=0))
+    recorded = train_head.rundir.read_json(tmp_path / "ensemble.txt.runs.json")
+    assert recorded["runs"] == [str(r.resolve()) for r in runs] and recorded["weights"] == [1 / 3] * 3
+    assert path.read_text().splitlines()[0] == "guid,tag,p_negative,p_neutral,p_positive"

@@ -201,6 +201,7 @@ class PredictConfig:
     cache: Path | None = None  # default: the run's cache for its own data, RUN/predict-cache otherwise
     device: Device = "auto"  # auto: cuda when there is one
     probs: bool = False  # write guid,tag,p_negative,p_neutral,p_positive (regression: guid,score)
+    ensemble: tuple[Path, ...] = ()  # more runs whose probabilities (or scores) are averaged with --run's
 
 
 @dataclasses.dataclass

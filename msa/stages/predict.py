@@ -178,19 +178,43 @@ def write_predictions_file(predictions: Predictions, path: Path, probs: bool = F
     return path
 
 
-def default_output(run_dir: Path, data: Path | None, split: str) -> Path:
-    """RUN/predictions-SPLIT.txt for the run's own data; new data's go beside it, named after it."""
+def default_output(run_dir: Path, data: Path | None, split: str, ensemble: bool = False) -> Path:
+    """RUN/predictions-SPLIT.txt for the run's own data; new data's go beside it, named after it;
+    an ensemble's are named as one."""
+    kind = "predictions-ensemble" if ensemble else "predictions"
     if data is None:
-        return Path(run_dir) / f"predictions-{split}.txt"
+        return Path(run_dir) / f"{kind}-{split}.txt"
     data = Path(data).resolve()
-    return Path(run_dir) / f"predictions-{slug(data.name)}-{config_id({'data': str(data)}, 6)}-{split}.txt"
+    return Path(run_dir) / f"{kind}-{slug(data.name)}-{config_id({'data': str(data)}, 6)}-{split}.txt"
+
+
+def ensemble(members: list[Predictions]) -> Predictions:
+    """The mean of several runs' probabilities (or scores), with equal weights; the runs must
+    share the task, the classes and the items."""
+    first = members[0]
+    for other in members[1:]:
+        if other.guids != first.guids or other.class_names != first.class_names or \
+                (other.scores is None) != (first.scores is None):
+            raise ConfigError("--ensemble: the runs differ in task, classes or items; only runs of one task and "
+                              "label set predicting the same data can be averaged")
+    scores = np.mean([m.scores for m in members], axis=0) if first.scores is not None else None
+    return dataclasses.replace(first, probabilities=np.mean([m.probabilities for m in members], axis=0), gate=None,
+                               scores=scores)
 
 
 def run(cfg: PredictConfig, show_progress: bool = True, overwrite: bool = False) -> tuple[Path, Predictions]:
     """Predict and write the file. An existing --out is replaced only with `overwrite` (the
-    default output, which only predict writes, is always rewritten)."""
-    out = cfg.out or default_output(cfg.run, cfg.data, cfg.split)
+    default output, which only predict writes, is always rewritten). With --ensemble, the runs'
+    probabilities are averaged and the run list and weights written beside, as OUT.runs.json."""
+    runs = [Path(cfg.run), *map(Path, cfg.ensemble)]
+    out = cfg.out or default_output(cfg.run, cfg.data, cfg.split, ensemble=len(runs) > 1)
     if cfg.out and Path(cfg.out).exists() and not overwrite:
         raise rundir.RunDirError(f"--out {cfg.out} exists; pass --overwrite to replace it or choose another file")
-    predictions = predict(cfg.run, cfg.data, cfg.split, cfg.cache, cfg.device, show_progress)
-    return write_predictions_file(predictions, out, cfg.probs), predictions
+    members = [predict(r, cfg.data, cfg.split, cfg.cache, cfg.device, show_progress) for r in runs]
+    predictions = ensemble(members) if len(members) > 1 else members[0]
+    path = write_predictions_file(predictions, out, cfg.probs)
+    if len(runs) > 1:
+        rundir.write_json(path.with_name(path.name + ".runs.json"),
+                          {"runs": [str(r.resolve()) for r in runs], "weights": [1 / len(runs)] * len(runs),
+                           "split": cfg.split, "data": str(cfg.data) if cfg.data else None})
+    return path, predictions
