@@ -107,7 +107,8 @@ def from_options(config_class: type, options: dict, **overrides) -> Any:
         if _is_tuple(hints[field.name]) and isinstance(value, str | type(None)):
             kind = (typing.get_args(_optional_inner(hints[field.name])) or (str,))[0]
             parts = tuple(kind(v.strip()) for v in (value or "").split(",") if v.strip())
-            value = parts if parts or not _optional_inner(hints[field.name]) is not hints[field.name] else None
+            optional = _optional_inner(hints[field.name]) is not hints[field.name]
+            value = parts if parts or not optional else None  # an empty optional tuple means "not given"
         values[field.name] = value
     return config_class(**{**values, **overrides})
 

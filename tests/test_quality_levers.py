@@ -89,3 +89,49 @@ def test_an_ensemble_averages_the_runs_probabilities_exactly(signal_cache, tmp_p
     recorded = train_head.rundir.read_json(tmp_path / "ensemble.txt.runs.json")
     assert recorded["runs"] == [str(r.resolve()) for r in runs] and recorded["weights"] == [1 / 3] * 3
     assert path.read_text().splitlines()[0] == "guid,tag,p_negative,p_neutral,p_positive"
+
+
+def test_folds_are_stratified_disjoint_complete_and_fixed():
+    from msa.pipeline.folds import stratified_folds
+
+    rng = np.random.default_rng(3)
+    labels = list(rng.choice(["negative", "neutral", "positive"], size=203, p=[0.3, 0.1, 0.6])) + [None] * 7
+    folds = stratified_folds(labels, 5)
+    assert (folds[-7:] == -1).all() and set(folds[:-7]) == set(range(5))  # every labelled item in one fold
+    np.testing.assert_array_equal(folds, stratified_folds(labels, 5))  # the same on every run
+    sizes = np.bincount(folds[:-7])
+    assert sizes.max() - sizes.min() <= 1
+    for label in ("negative", "neutral", "positive"):
+        per_fold = np.bincount(folds[:-7][np.asarray(labels[:-7]) == label], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1  # stratified
+
+
+def test_cross_validation_reports_mean_and_std_and_predicts_with_the_fold_ensemble(signal_cache, tmp_path):
+    from msa.pipeline.config import PredictConfig
+    from msa.stages import predict
+
+    result = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="concat", folds=3, out=tmp_path / "cv",
+                                            epochs=2))
+    per_fold = [m["macro_f1"] for m in result.metrics["per_fold"]]
+    assert result.metrics["folds"] == 3 and result.metrics["macro_f1"] == pytest.approx(np.mean(per_fold))
+    assert result.metrics["macro_f1_std"] == pytest.approx(np.std(per_fold))
+    folds = __import__("pandas").read_csv(tmp_path / "cv" / "folds.csv", dtype={"guid": str})
+    manifest = read_manifest(signal_cache)
+    labelled = {g for g, lab in zip(manifest.guids, manifest.column("label")) if lab}
+    assert set(folds.guid) == labelled and len(folds) == len(labelled)
+    members = [predict.predict(tmp_path / "cv" / f"fold-{k}", show_progress=False) for k in range(3)]
+    _, together = predict.run(PredictConfig(run=tmp_path / "cv"), show_progress=False)
+    np.testing.assert_array_equal(together.probabilities, np.mean([m.probabilities for m in members], axis=0))
+    assert len(together.guids) == 20  # the test items
+
+
+def test_a_sweep_ranks_by_cross_validation(signal_cache, tmp_path):
+    from msa.pipeline.config import SweepConfig
+    from msa.stages import sweep
+
+    cfg = SweepConfig(base=TrainHeadConfig(cache=signal_cache, epochs=2, folds=2), out=tmp_path / "sweep",
+                      fusions=("linear", "concat"), seeds=(0,))
+    table = sweep.run(cfg, show_progress=False)
+    for _, row in table.iterrows():
+        metrics = train_head.rundir.read_json(tmp_path / "sweep" / row["run"] / "metrics.json")
+        assert metrics["folds"] == 2 and row["macro_f1"] == pytest.approx(metrics["macro_f1"])

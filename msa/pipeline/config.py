@@ -131,6 +131,7 @@ class TrainHeadConfig:
     grad_accum: int = 1  # batches per optimizer step
     grad_clip: float = 0.0  # max gradient norm (0: off)
     device: Device = "auto"  # auto: cuda when there is one
+    folds: int = 0  # K >= 2: K-fold cross-validation over every labelled item (0: the extract's val split)
 
 
 def _shared(config_class: type, field: str) -> Any:

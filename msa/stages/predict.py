@@ -122,7 +122,11 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
             device: str = "auto", show_progress: bool = True) -> Predictions:
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if rundir.read_json(Path(run_dir) / rundir.CONFIG).get("kind") == "finetune":
+    config = rundir.read_json(Path(run_dir) / rundir.CONFIG)
+    if config.get("kind") == "cross-validation":  # the fold ensemble
+        folds = sorted(Path(run_dir).glob("fold-*"), key=lambda p: int(p.name.split("-")[1]))
+        return ensemble([predict(f, data, split, cache, device, show_progress) for f in folds])
+    if config.get("kind") == "finetune":
         return _predict_finetuned(run_dir, data, split, device, show_progress)
     cache, names = ensure_features(run_dir, data, cache, device, show_progress)
     compute = resolve_compute(device, "fp32")

@@ -11,6 +11,8 @@ import dataclasses
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 from msa.cache.features import (
@@ -28,6 +30,7 @@ from msa.models.unfrozen import parameter_groups
 from msa.pipeline import plots, rundir
 from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import ConfigError, TrainHeadConfig, to_json
+from msa.pipeline.folds import stratified_folds
 from msa.pipeline.mvsa import LABELS
 from msa.pipeline.tasks import TASKS, Task, task_named, training_loss
 from msa.pipeline.training import (
@@ -45,6 +48,8 @@ from msa.pipeline.training import (
 )
 
 KIND = "train-head"  # config.json's "kind": what wrote a run directory
+CV_KIND = "cross-validation"  # a directory of fold runs
+FOLD_SEED = 42  # folds depend on the data alone, never on a run's seed: every run is judged on the same folds
 MODALITY_ORDER = ("text", "image")  # roles of two-modality heads: the first is the "text" role
 
 
@@ -216,22 +221,53 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
         raise ConfigError(f"--fusion {cfg.fusion} needs aligned sequences (one time axis for every modality); "
                           f"these have {', '.join(f'{m} {n}' for m, n in steps.items())} steps")
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    lock = rundir.claim(run_dir, KIND, overwrite)
+    lock = rundir.claim(run_dir, CV_KIND if cfg.folds >= 2 else KIND, overwrite)
     try:
-        return train(cfg, data, run_dir, log)
+        return cross_validate(cfg, data, run_dir, log) if cfg.folds >= 2 else train(cfg, data, run_dir, log)
     finally:
         lock.release()
 
 
-def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print) -> TrainResult:
+def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print) -> TrainResult:
+    """K runs, fold k the validation items of run k and the other folds its training items (every
+    labelled item, the extract's train and val alike), in RUN/fold-k; RUN/metrics.json holds the
+    mean and std over folds, and predict averages the folds' probabilities."""
+    labelled = np.flatnonzero(data.targets.numpy() != -1) if data.task.name == "classification" else \
+        np.flatnonzero(np.isin(data.manifest.column("split"), ("train", "val")))
+    labels = [data.manifest.column("label")[r] if data.task.name == "classification" else "all" for r in labelled]
+    folds = stratified_folds(labels, cfg.folds, FOLD_SEED)
+    rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": CV_KIND, "out": str(run_dir),
+                                                "modalities_used": list(data.feature_sets), "fold_seed": FOLD_SEED})
+    pd.DataFrame({"guid": [data.manifest.guids[r] for r in labelled], "fold": folds}).to_csv(run_dir / "folds.csv",
+                                                                                            index=False)
+    results = []
+    for k in range(cfg.folds):
+        log(f"fold {k + 1}/{cfg.folds}")
+        rows = (labelled[folds != k], labelled[folds == k])
+        results.append(train(dataclasses.replace(cfg, folds=0), data, run_dir / f"fold-{k}", log, rows))
+    keys = [k for k, v in results[0].metrics.items() if isinstance(v, int | float) and k != "best_epoch"]
+    summary = {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
+    best_epoch = round(float(np.mean([r.best_epoch for r in results])))
+    metrics = {**summary, **{f"{k}_std": float(np.std([r.metrics[k] for r in results])) for k in keys},
+               "task": data.task.name, "folds": cfg.folds, "best_epoch": best_epoch,
+               "per_fold": [r.metrics for r in results]}
+    rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the cross-validation is finished
+    return TrainResult(run_dir, metrics, metrics["best_epoch"], sum(r.seconds for r in results),
+                       [w for r in results for w in r.warnings])
+
+
+def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
+          rows: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+    """One run into run_dir, on the extract's train/val split or on `rows` (train, val)."""
     # With the extract options (and the caption config, for text made from captions), the run
     # directory alone can extract new data for prediction.
     feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes}
                     for m, fs in data.feature_sets.items()}
+    run_dir.mkdir(parents=True, exist_ok=True)
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": KIND, "out": str(run_dir),
                                                 "modalities_used": list(data.feature_sets),
                                                 "feature_sets": feature_info})
-    train_rows, val_rows = data.manifest.rows_of_split("train"), data.manifest.rows_of_split("val")
+    train_rows, val_rows = rows or (data.manifest.rows_of_split("train"), data.manifest.rows_of_split("val"))
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise ConfigError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
     torch.manual_seed(cfg.seed)
