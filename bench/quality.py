@@ -8,13 +8,14 @@ neutral F1 (mean ± std over folds) and minutes on this machine.
 
 Every row is judged on the same folds of the labelled items (msa.pipeline.folds, seed 42);
 nothing looks at test items' labels (there are none). Rows: the linear baseline, frozen
-heads, the lexicon modality as a lever, and the probability average of the heads (a head
-ensemble, per fold).
+heads, the lexicon modality and multi-layer pooling (--pool-layers 4) as levers, and the
+probability average of the heads (a head ensemble, per fold).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,18 +29,27 @@ from msa.pipeline.mvsa import LABELS
 from msa.stages import extract, train_head
 
 FOLDS = 5
-RECIPES = {  # name -> (fusion, modalities)
-    "linear baseline (text+image)": ("linear", ("text", "image")),
-    "text-only": ("text-only", ("text", "image")),
-    "concat": ("concat", ("text", "image")),
-    "gmu": ("gmu", ("text", "image")),
-    "late": ("late", ("text", "image")),
-    "linear + lexicon": ("linear", ("text", "image", "lexicon")),
-    "concat + lexicon": ("concat", ("text", "image", "lexicon")),
-    "gmu + lexicon": ("gmu", ("text", "image", "lexicon")),
-    "late + lexicon": ("late", ("text", "image", "lexicon")),
+TEXT, IMAGE, LEXICON = ("text", "image", "lexicon")
+POOL4 = "text4"  # the text set pooled over the last 4 layers (--pool-layers 4)
+RECIPES = {  # name -> (fusion, feature sets)
+    "linear baseline (text+image)": ("linear", (TEXT, IMAGE)),
+    "text-only": ("text-only", (TEXT, IMAGE)),
+    "concat": ("concat", (TEXT, IMAGE)),
+    "gmu": ("gmu", (TEXT, IMAGE)),
+    "late": ("late", (TEXT, IMAGE)),
+    "linear + lexicon": ("linear", (TEXT, IMAGE, LEXICON)),
+    "concat + lexicon": ("concat", (TEXT, IMAGE, LEXICON)),
+    "gmu + lexicon": ("gmu", (TEXT, IMAGE, LEXICON)),
+    "late + lexicon": ("late", (TEXT, IMAGE, LEXICON)),
+    "linear, text pooled over 4 layers": ("linear", (POOL4, IMAGE)),
+    "gmu + lexicon, 4 layers": ("gmu", (POOL4, IMAGE, LEXICON)),
+    "late + lexicon, 4 layers": ("late", (POOL4, IMAGE, LEXICON)),
+    "concat + lexicon, 4 layers": ("concat", (POOL4, IMAGE, LEXICON)),
 }
-ENSEMBLES = {"ensemble of concat, gmu, late + lexicon": ("concat + lexicon", "gmu + lexicon", "late + lexicon")}
+ENSEMBLES = {"ensemble of concat, gmu, late + lexicon": ("concat + lexicon", "gmu + lexicon", "late + lexicon"),
+             "ensemble of concat, gmu, late + lexicon, 4 layers": ("concat + lexicon, 4 layers",
+                                                                  "gmu + lexicon, 4 layers",
+                                                                  "late + lexicon, 4 layers")}
 
 
 def summary(per_fold: list[dict]) -> dict:
@@ -73,16 +83,20 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    extract.run(ExtractConfig(data=args.data, cache=args.cache, text_model=args.text_model,
-                              image_model=args.image_model, image_weights=args.image_weights,
-                              modalities=("text", "image", "lexicon")), show_progress=False)
+    base = ExtractConfig(data=args.data, cache=args.cache, text_model=args.text_model, image_model=args.image_model,
+                         image_weights=args.image_weights, modalities=(TEXT, IMAGE, LEXICON))
+    sets = {m: r.name for m, r in extract.run(base, show_progress=False).feature_sets.items()}
+    pooled4 = dataclasses.replace(base, modalities=(TEXT,), pool_layers=4)
+    sets[POOL4] = extract.run(pooled4, show_progress=False).feature_sets[TEXT].name
     extract_minutes = (time.perf_counter() - start) / 60
     rows, run_dirs = [], {}
-    for name, (fusion, modalities) in RECIPES.items():
+    for name, (fusion, chosen) in RECIPES.items():
         start = time.perf_counter()
-        out = args.runs / name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
+        out = args.runs / "".join(c if c.isalnum() else "_" for c in name)
+        modalities = tuple(TEXT if s == POOL4 else s for s in chosen)
         result = train_head.run(TrainHeadConfig(cache=args.cache, fusion=fusion, modalities=modalities,
-                                                folds=FOLDS, out=out), log=lambda *_: None, overwrite=True)
+                                                features=tuple(sets[s] for s in chosen), folds=FOLDS, out=out),
+                                log=lambda *_: None, overwrite=True)
         run_dirs[name] = out
         rows.append({"recipe": name, **summary(result.metrics["per_fold"]),
                      "minutes": (time.perf_counter() - start) / 60})

@@ -135,3 +135,16 @@ def test_a_sweep_ranks_by_cross_validation(signal_cache, tmp_path):
     for _, row in table.iterrows():
         metrics = train_head.rundir.read_json(tmp_path / "sweep" / row["run"] / "metrics.json")
         assert metrics["folds"] == 2 and row["macro_f1"] == pytest.approx(metrics["macro_f1"])
+
+
+def test_multi_layer_pooling_averages_the_last_layers(tiny_models):
+    from msa.models.text import TextEncoder, pool_tokens
+
+    encoder = TextEncoder(tiny_models["text"], 16, "mean", pool_layers=2)
+    ids, mask = encoder.collate(encoder.tokenize(["a happy day", "sad"]))
+    with torch.no_grad():
+        tokens, pooled = encoder(ids, mask)
+        states = encoder.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    expected = (pool_tokens(states[-1], mask, "mean") + pool_tokens(states[-2], mask, "mean")) / 2
+    torch.testing.assert_close(pooled, expected)
+    torch.testing.assert_close(tokens, states[-1])

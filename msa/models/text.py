@@ -39,7 +39,9 @@ def model_identity(name: str) -> str:
 class TextEncoder(nn.Module):
     """Tokenises and encodes texts into token features `[B, L, D]` and a pooled `[B, D]`."""
 
-    def __init__(self, model_name: str, max_len: int = 128, pooling: str = "mean"):
+    def __init__(self, model_name: str, max_len: int = 128, pooling: str = "mean", pool_layers: int = 1):
+        """pool_layers K: the pooled feature is the mean of the last K layers' pooled outputs
+        (lower layers keep more of the surface wording that sentiment hangs on)."""
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -58,6 +60,10 @@ class TextEncoder(nn.Module):
         self.model.eval()
         self.max_len = max_len
         self.pooling = pooling
+        self.pool_layers = pool_layers
+        layers = len(transformer_layers(self.model))
+        if not 1 <= pool_layers <= layers:
+            raise ConfigError(f"--pool-layers must be between 1 and {layers} for this model, got {pool_layers}")
         self.dim = self.model.config.hidden_size
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> list[list[int]]:
@@ -86,8 +92,12 @@ class TextEncoder(nn.Module):
         return input_ids, attention_mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
-        return hidden, pool_tokens(hidden, attention_mask, self.pooling)
+        if self.pool_layers == 1:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, D]
+            return hidden, pool_tokens(hidden, attention_mask, self.pooling)
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        pooled = torch.stack([pool_tokens(h, attention_mask, self.pooling) for h in states[-self.pool_layers:]])
+        return states[-1], pooled.mean(0)  # tokens: the last layer's [B, L, D]; pooled [B, D]
 
     def forward_with_split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            split_layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ class ExtractConfig:
     text_model: str = "roberta-base"  # HF hub id or local model directory
     max_len: int = 128  # tokens kept per text (longer texts are truncated)
     pooling: Pooling = "mean"  # how the pooled text feature is made
+    pool_layers: int = 1  # the pooled text feature averaged over the last K layers (1: the last only)
     image_model: str = "resnet50"  # torchvision name or timm:NAME
     image_weights: str | None = None  # local state dict instead of downloaded weights
     on_bad_image: OnBadImage = "blank"  # blank: a mean-colour image and a flag; skip: leave the item out

@@ -89,7 +89,8 @@ def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, com
               "dtype": "float16", "precision": compute.precision}
     if modality == "text":
         text = {**common, "model": model_reference(cfg.text_model), "weights": model_identity(cfg.text_model),
-                "max_len": cfg.max_len, "pooling": cfg.pooling, "text_source": cfg.text_source,
+                "max_len": cfg.max_len, "pooling": cfg.pooling, "pool_layers": cfg.pool_layers,
+                "text_source": cfg.text_source,
                 "split_layer": cfg.text_split_layer}
         return {**text, "captions": captions.fingerprint} if captions else text
     if modality == "image":
@@ -182,7 +183,10 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
 
 def load_encoder(cfg: ExtractConfig, modality: str):
     if modality == "text":
-        return TextEncoder(cfg.text_model, cfg.max_len, cfg.pooling)
+        if cfg.pool_layers > 1 and cfg.text_split_layer:
+            raise ConfigError("--pool-layers and --text-split-layer do not combine: an unfrozen top pools its "
+                              "last layer only")
+        return TextEncoder(cfg.text_model, cfg.max_len, cfg.pooling, cfg.pool_layers)
     if modality == "image":
         return build_image_encoder(cfg.image_model, cfg.image_weights)
     return LexiconScorer()
