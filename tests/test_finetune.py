@@ -161,3 +161,18 @@ def test_finetune_trains_only_the_tops_and_augments_only_training(finetune_confi
 
 def test_clean_text():
     assert raw.clean_text("so #happy  @bob see http://t.co/x1 www.a.com now") == "so happy see now"
+
+
+def test_lora_trains_its_adapters_and_leaves_the_base_weights(finetune_config):
+    cfg = finetune_config(lora_rank=2, unfreeze_text_layers=0, unfreeze_image_stages=0, epochs=1, lr_encoder=1e-2)
+    run_dir = finetune.run(cfg, show_progress=False, log=lambda *_: None)
+    trained, spec = rundir.load_model(run_dir)
+    assert spec["lora_rank"] == 2
+    fresh = end_to_end_model(cfg).state_dict()
+    adapters = [k for k in trained if "lora_" in k]
+    assert adapters and all(k in fresh for k in adapters)
+    assert any(not torch.equal(trained[k], fresh[k]) for k in adapters if "lora_B" in k)  # B starts at zero
+    base = [k for k in trained if k.startswith("encoders.text.") and "lora_" not in k]
+    assert base and all(torch.equal(trained[k], fresh[k]) for k in base)  # the encoder's own weights: frozen
+    _, own = predict.run(PredictConfig(run=run_dir, split="val"), show_progress=False)  # the run alone rebuilds it
+    assert own.predicted == pd.read_parquet(run_dir / "val_predictions.parquet").prediction.tolist()

@@ -18,7 +18,7 @@ from torch import nn
 from msa.cache.errors import CacheError
 from msa.models.heads import ModalityDims, ScaledScore, create_head
 from msa.models.image import build_image_encoder
-from msa.models.text import TextEncoder
+from msa.models.text import TextEncoder, add_lora
 from msa.models.unfrozen import EndToEndModel, TopsAndHead
 from msa.pipeline.config import ConfigError
 
@@ -29,6 +29,8 @@ def build_model(spec: dict) -> nn.Module:
     """The model a spec describes, with pretrained (or random-init head) weights."""
     if spec["kind"] == "end-to-end":
         text = TextEncoder(spec["text_model"], spec["max_len"], spec["pooling"])
+        if spec.get("lora_rank"):
+            add_lora(text, spec["lora_rank"], tuple(spec.get("lora_targets") or ()))
         image = build_image_encoder(spec["image_model"], spec["image_weights"])
         dims = {"text": ModalityDims(text.dim, text.dim), "image": ModalityDims(image.dim, image.dim)}
         head = create_head(spec["fusion"], dims, spec["outputs"], spec["hidden"], spec["dropout"])

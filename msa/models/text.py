@@ -116,6 +116,26 @@ class TextEncoder(nn.Module):
         return TextTop(self.model, layers, self.pooling)
 
 
+# Linear layers LoRA adapts by default: the attention projections of BERT/RoBERTa (query, key,
+# value) and MPNet (q, k, v, o), matched by the last part of their names.
+LORA_TARGETS = ("query", "key", "value", "q", "k", "v", "o")
+
+
+def add_lora(encoder: TextEncoder, rank: int, targets: tuple[str, ...] = ()) -> None:
+    """Put LoRA adapters (peft) of rank `rank` into the encoder's linear layers named `targets`
+    (default: its attention projections). The base weights stay as they are; only the adapters
+    are new parameters, kept in the model's state dict, so a run's weights file carries them."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = {name.rsplit(".", 1)[-1] for name, module in encoder.model.named_modules() if isinstance(module, nn.Linear)}
+    chosen = [t for t in (targets or LORA_TARGETS) if t in names]
+    if not chosen:
+        raise ConfigError(f"--lora-targets {','.join(targets or LORA_TARGETS)}: no such linear layer in the text model "
+                          f"(it has {', '.join(sorted(names))})")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=chosen)
+    encoder.model = inject_adapter_in_model(config, encoder.model)
+
+
 def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     if pooling == "cls":
         return hidden[:, 0]

@@ -85,6 +85,9 @@ class EndToEndModel(nn.Module):
         if image_stages:  # the stages only: a timm pool holds the whole model
             self.trainable.append(image.split(image_stages)[1].trunk)
         self.trainable.requires_grad_(True)
+        for name, parameter in text.named_parameters():  # LoRA adapters, where add_lora put some
+            if "lora_" in name:
+                parameter.requires_grad_(True)
 
     def train(self, mode: bool = True) -> EndToEndModel:
         """Frozen parts stay in eval mode (no dropout, fixed BatchNorm statistics), as when cached."""

@@ -153,6 +153,8 @@ class FinetuneConfig:
     hidden: int = _shared(TrainHeadConfig, "hidden")  # width of the head
     dropout: float = _shared(TrainHeadConfig, "dropout")  # dropout in the head
     unfreeze_text_layers: int = 2  # top transformer layers trained (the rest stays frozen)
+    lora_rank: int = 0  # LoRA adapters of this rank in every text layer (0: none), trained at --lr-encoder
+    lora_targets: tuple[str, ...] = ()  # the linear layers adapted; default: the attention projections
     unfreeze_image_stages: int = 1  # last stages trained (ResNet: layer4)
     lr_encoder: float = _shared(TrainHeadConfig, "lr_encoder")  # learning rate of the unfrozen encoder layers
     lr_fusion: float = _shared(TrainHeadConfig, "lr_fusion")  # of the head's fusion layers

@@ -39,7 +39,8 @@ def model_spec(cfg: FinetuneConfig) -> dict:
     return {"kind": "end-to-end", "task": TASK.name, "outputs": TASK.outputs, "class_names": list(LABELS),
             **{k: getattr(cfg, k) for k in ("fusion", "hidden", "dropout", "text_model", "max_len", "pooling",
                                             "image_model", "image_weights", "unfreeze_text_layers",
-                                            "unfreeze_image_stages")}}
+                                            "unfreeze_image_stages", "lora_rank")},
+            "lora_targets": list(cfg.lora_targets)}
 
 
 def resolved(cfg: FinetuneConfig) -> FinetuneConfig:
