@@ -176,3 +176,20 @@ def test_lora_trains_its_adapters_and_leaves_the_base_weights(finetune_config):
     assert base and all(torch.equal(trained[k], fresh[k]) for k in base)  # the encoder's own weights: frozen
     _, own = predict.run(PredictConfig(run=run_dir, split="val"), show_progress=False)  # the run alone rebuilds it
     assert own.predicted == pd.read_parquet(run_dir / "val_predictions.parquet").prediction.tolist()
+
+
+def test_a_finetuned_encoder_extracts_features_like_any_model(finetune_config, extract_config):
+    """`msa extract --text-model RUN`: the run's adapted text encoder (LoRA merged) as stage 1's model."""
+    cfg = finetune_config(lora_rank=2, unfreeze_text_layers=1, unfreeze_image_stages=0, epochs=1, lr_encoder=1e-2)
+    run_dir = finetune.run(cfg, show_progress=False, log=lambda *_: None)
+    result = extract.run(extract_config(text_model=str(run_dir), modalities=("text",)), show_progress=False)
+    cached = FeatureSet.open(result.feature_sets["text"].path)
+    assert cached.fingerprint["max_len"] == 16 and cached.fingerprint["model"] == "local"
+    model = build_model(rundir.load_model(run_dir)[1])
+    model.load_state_dict(rundir.load_model(run_dir)[0])
+    text = model.encoders["text"].eval()  # adapters not merged: the same function
+    texts = read_manifest(extract_config().cache).column("text")
+    with torch.no_grad():
+        ids, mask = text.collate(text.tokenize(texts[:8]))
+        _, pooled = text(ids, mask)
+    np.testing.assert_allclose(cached.load("pooled")[:8].astype(np.float32), pooled.numpy(), atol=2e-3, rtol=2e-3)

@@ -13,6 +13,9 @@ A spec is plain JSON, so a run directory alone rebuilds its model (the weights a
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from torch import nn
 
 from msa.cache.errors import CacheError
@@ -41,6 +44,35 @@ def build_model(spec: dict) -> nn.Module:
     if spec["unfrozen"]:
         model = TopsAndHead(model, build_tops(spec["feature_sets"], spec["unfrozen"]))
     return ScaledScore(model, spec["output_scaling"]) if spec["task"] == "regression" else model
+
+
+def is_run_dir(name: str | None) -> bool:
+    """True for an msa run directory (its model.json and weights), which can serve as a model."""
+    return bool(name) and (Path(name) / "model.json").is_file() and (Path(name) / "model.safetensors").is_file()
+
+
+def run_text_options(run_dir: str) -> dict:
+    """The text options a finetune run's encoder was trained with (extract must use the same)."""
+    spec = json.loads((Path(run_dir) / "model.json").read_text())
+    return {"max_len": spec.get("max_len"), "pooling": spec.get("pooling")}
+
+
+def text_encoder_of_run(run_dir: str) -> TextEncoder:
+    """The text encoder of a finetune run, with its trained weights (LoRA adapters merged in,
+    tops included), to extract features with like any pretrained model."""
+    from safetensors.torch import load_file
+
+    spec = json.loads((Path(run_dir) / "model.json").read_text())
+    if spec.get("kind") != "end-to-end":
+        raise ConfigError(f"{run_dir}: a {spec.get('kind')} run has no text encoder of its own; use a finetune run")
+    model = build_model(spec)
+    model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))
+    text = model.encoders["text"]
+    if spec.get("lora_rank"):
+        for module in text.model.modules():  # fold each adapter into its linear layer: plain weights again
+            if hasattr(module, "merge") and hasattr(module, "lora_A"):
+                module.merge()
+    return text.eval()
 
 
 def build_tops(feature_info: dict[str, dict], counts: dict[str, int]) -> dict[str, nn.Module]:

@@ -24,6 +24,8 @@ def model_identity(name: str) -> str:
     path = Path(name)
     if path.is_file():
         return file_digest(path)
+    if (path / "model.json").is_file() and (path / "model.safetensors").is_file():  # an msa run: its model only
+        return files_digest([path / "model.json", path / "model.safetensors"])
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         return files_digest(files)

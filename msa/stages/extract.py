@@ -25,6 +25,7 @@ from msa.cache.features import FeatureWriter, feature_path, is_complete, shard_r
 from msa.cache.fingerprint import FORMAT_VERSION, config_id, file_size, local_path, model_reference, slug
 from msa.cache.locks import lock_path
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
+from msa.models.build import is_run_dir, run_text_options, text_encoder_of_run
 from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess, weights_identity
 from msa.models.lexicon import FEATURES as LEXICON_FEATURES
 from msa.models.lexicon import LexiconScorer
@@ -134,6 +135,8 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
     # Recorded resolved: `msa predict` re-runs these options from any working directory.
     cfg = dataclasses.replace(cfg, data=Path(cfg.data).resolve(), text_model=local_path(cfg.text_model),
                               image_weights=local_path(cfg.image_weights))
+    if is_run_dir(cfg.text_model) and "text" in cfg.modalities:  # its encoder's own length and pooling
+        cfg = dataclasses.replace(cfg, **run_text_options(cfg.text_model))
     shard = parse_shard(cfg.shard)
     manifest, report = prepare_manifest(cfg)
     captions = resolve_captions(cfg, manifest)
@@ -186,6 +189,11 @@ def load_encoder(cfg: ExtractConfig, modality: str):
         if cfg.pool_layers > 1 and cfg.text_split_layer:
             raise ConfigError("--pool-layers and --text-split-layer do not combine: an unfrozen top pools its "
                               "last layer only")
+        if is_run_dir(cfg.text_model):  # a fine-tuned encoder, from `msa finetune`
+            if cfg.text_split_layer or cfg.pool_layers > 1:
+                raise ConfigError("--text-model RUN: extract its final features (no --text-split-layer, "
+                                  "--pool-layers)")
+            return text_encoder_of_run(cfg.text_model)
         return TextEncoder(cfg.text_model, cfg.max_len, cfg.pooling, cfg.pool_layers)
     if modality == "image":
         return build_image_encoder(cfg.image_model, cfg.image_weights)
