@@ -222,6 +222,11 @@ def leaderboard(table: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
     return grouped.sort_values(f"{sort_by}_mean", ascending=not LARGER_IS_BETTER[sort_by]).reset_index()
 
 
+def grid_value(value) -> str:
+    """A grid value as typed on the command line (tuples joined by +)."""
+    return "+".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
+
+
 def mean_std(row: pd.Series, metric: str) -> str:
     std = row[f"{metric}_std"]
     return f"{row[f'{metric}_mean']:.3f} ± {0 if pd.isna(std) else std:.3f}"
@@ -233,6 +238,6 @@ def leaderboard_table(board: pd.DataFrame, grid_keys: list[str]) -> Table:
     for column in ["fusion", *grid_keys, *(title for _, title in columns), "s/run", "runs"]:
         table.add_column(column)
     for _, row in board.iterrows():
-        table.add_row(row["fusion"], *(str(row[k]) for k in grid_keys), *(mean_std(row, m) for m, _ in columns),
+        table.add_row(row["fusion"], *(grid_value(row[k]) for k in grid_keys), *(mean_std(row, m) for m, _ in columns),
                       f"{row['train_seconds_mean']:.1f}", str(row["runs"]))
     return table
