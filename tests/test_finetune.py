@@ -193,3 +193,23 @@ def test_a_finetuned_encoder_extracts_features_like_any_model(finetune_config, e
         ids, mask = text.collate(text.tokenize(texts[:8]))
         _, pooled = text(ids, mask)
     np.testing.assert_allclose(cached.load("pooled")[:8].astype(np.float32), pooled.numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_finetune_applies_r_drop(finetune_config, tmp_path):
+    plain = finetune.run(finetune_config(out=tmp_path / "plain", epochs=1), show_progress=False, log=lambda *_: None)
+    rdrop = finetune.run(finetune_config(out=tmp_path / "rdrop", epochs=1, rdrop_alpha=1.0), show_progress=False,
+                         log=lambda *_: None)
+    a, b = rundir.load_model(plain)[0], rundir.load_model(rdrop)[0]
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("head."))  # the KL term moved the head
+
+
+def test_the_recipe_script_says_what_it_needs(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "recipes" / "mvsa.sh"
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: bash recipes/mvsa.sh DATA_DIR OUT_DIR" in usage.stderr
+    missing = subprocess.run(["bash", str(script), str(tmp_path), str(tmp_path / "out")], capture_output=True,
+                             text=True, env={"MSA_OFFLINE_MODELS": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 2 and "all-mpnet-base-v2/config.json missing" in missing.stderr

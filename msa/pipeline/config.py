@@ -169,6 +169,7 @@ class FinetuneConfig:
     class_weights: tuple[float, ...] | None = None  # weighted-ce/focal, in class order; default: inverse frequency
     label_smoothing: float = _shared(TrainHeadConfig, "label_smoothing")  # of the cross-entropy targets
     focal_gamma: float = _shared(TrainHeadConfig, "focal_gamma")  # the focal loss's exponent
+    rdrop_alpha: float = _shared(TrainHeadConfig, "rdrop_alpha")  # R-Drop: weight of the KL between two passes
     select: Select | None = None  # the val metric that picks the epoch: macro_f1 | accuracy | loss (default macro_f1)
     patience: int = 3  # epochs without improvement before stopping
     seed: int = _shared(TrainHeadConfig, "seed")  # seeds the initialisation, the batch order and augmentation

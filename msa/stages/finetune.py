@@ -27,7 +27,15 @@ from msa.pipeline.mvsa import LABELS, read_mvsa
 from msa.pipeline.progress import ItemProgress
 from msa.pipeline.raw import IMAGE_AUGS, RawData, image_augmentation, raw_batches
 from msa.pipeline.tasks import TASKS, training_loss
-from msa.pipeline.training import Optimisation, evaluate, fit, shuffled_batches, train_one_epoch, warmup_cosine
+from msa.pipeline.training import (
+    Optimisation,
+    Regularisers,
+    evaluate,
+    fit,
+    shuffled_batches,
+    train_one_epoch,
+    warmup_cosine,
+)
 
 LAST = "last.pt"  # the state to resume from, rewritten after every epoch (read with weights_only)
 KIND = "finetune"  # config.json's "kind"
@@ -105,7 +113,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
         with ItemProgress(f"epoch {epoch}", len(train_rows), show_progress) as advance:
             return train_one_epoch(model, batches, lambda b: raw_batches(model, data, b, compute.device, augment,
                                                                          advance),
-                                   data.targets, loss_fn, step, TASK, generator)
+                                   data.targets, loss_fn, step, TASK, generator, Regularisers(cfg.rdrop_alpha))
 
     def validate() -> tuple[dict, dict]:
         batches = list(torch.from_numpy(val_rows).split(cfg.batch_size * 2))
