@@ -148,3 +148,18 @@ def test_multi_layer_pooling_averages_the_last_layers(tiny_models):
     expected = (pool_tokens(states[-1], mask, "mean") + pool_tokens(states[-2], mask, "mean")) / 2
     torch.testing.assert_close(pooled, expected)
     torch.testing.assert_close(tokens, states[-1])
+
+
+def test_a_fold_ensemble_extracts_new_data_once(signal_cache, tmp_path, monkeypatch):
+    from msa.pipeline.config import PredictConfig
+    from msa.pipeline.demo import make_demo_dataset
+    from msa.stages import predict
+
+    train_head.run(TrainHeadConfig(cache=signal_cache, fusion="linear", folds=2, out=tmp_path / "cv", epochs=1))
+    new = make_demo_dataset(tmp_path / "new", n_labelled=4, n_test=6, seed=9)
+    encoded = []
+    real = extract.encode_texts
+    monkeypatch.setattr(extract, "encode_texts", lambda *a, **k: encoded.append(len(a[2])) or real(*a, **k))
+    _, predictions = predict.run(PredictConfig(run=tmp_path / "cv", data=new), show_progress=False)
+    assert len(predictions.guids) == 6 and encoded == [10]  # one text extraction for both folds
+    assert not list((tmp_path / "cv").glob("fold-*/predict-cache"))

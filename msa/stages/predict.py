@@ -123,8 +123,9 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     config = rundir.read_json(Path(run_dir) / rundir.CONFIG)
-    if config.get("kind") == "cross-validation":  # the fold ensemble
+    if config.get("kind") == "cross-validation":  # the fold ensemble, on one extraction of new data
         folds = sorted(Path(run_dir).glob("fold-*"), key=lambda p: int(p.name.split("-")[1]))
+        cache = cache or (Path(run_dir) / "predict-cache" if data else None)
         return ensemble([predict(f, data, split, cache, device, show_progress) for f in folds])
     if config.get("kind") == "finetune":
         return _predict_finetuned(run_dir, data, split, device, show_progress)
@@ -214,7 +215,9 @@ def run(cfg: PredictConfig, show_progress: bool = True, overwrite: bool = False)
     out = cfg.out or default_output(cfg.run, cfg.data, cfg.split, ensemble=len(runs) > 1)
     if cfg.out and Path(cfg.out).exists() and not overwrite:
         raise rundir.RunDirError(f"--out {cfg.out} exists; pass --overwrite to replace it or choose another file")
-    members = [predict(r, cfg.data, cfg.split, cfg.cache, cfg.device, show_progress) for r in runs]
+    # New data is extracted once into one cache for all the runs (sets are shared by fingerprint).
+    cache = cfg.cache or (Path(cfg.run) / "predict-cache" if cfg.data and len(runs) > 1 else None)
+    members = [predict(r, cfg.data, cfg.split, cache, cfg.device, show_progress) for r in runs]
     predictions = ensemble(members) if len(members) > 1 else members[0]
     path = write_predictions_file(predictions, out, cfg.probs)
     if len(runs) > 1:
