@@ -65,7 +65,7 @@ def extract(config: Path = config_option(), progress: bool = PROGRESS, **options
     """Encode every item of an MVSA data set once and cache the features (resumable)."""
     from msa.stages import extract as stage
 
-    result = stage.run(from_options(ExtractConfig, options), show_progress=progress and not console.quiet)
+    result = stage.run(from_options(ExtractConfig, options), show_progress=progress)
     for table in stage.summary_tables(result):
         console.print(table)
     console.print(f"cache: {Path(options['cache']).resolve()}")
@@ -83,7 +83,7 @@ def caption(config: Path = config_option(), progress: bool = PROGRESS, **options
     """Caption every image once with BLIP into the cache (resumable: captioned images are skipped)."""
     from msa.stages import caption as stage
 
-    result = stage.run(from_options(CaptionConfig, options), show_progress=progress and not console.quiet)
+    result = stage.run(from_options(CaptionConfig, options), show_progress=progress)
     console.print(stage.summary_table(result))
     console.print(f"captions: {result.path}")
 
@@ -241,7 +241,7 @@ def sweep(
     cfg = SweepConfig(base=from_options(TrainHeadConfig, options), out=out, fusions=tuple(names),
                       seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), grid=stage.parse_grid(grid or []),
                       workers=workers)
-    table = stage.run(cfg, show_progress=progress and not console.quiet, overwrite=overwrite)
+    table = stage.run(cfg, show_progress=progress, overwrite=overwrite)
     console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))
     console.print(f"results: {out / 'results.csv'} ({len(table)} runs)")
 
@@ -267,7 +267,7 @@ def finetune(
         raise ConfigError("--data is needed (or --resume RUN)")
     else:
         cfg = from_options(FinetuneConfig, options)
-    run_dir = stage.run(cfg, resume=bool(resume), show_progress=progress and not console.quiet, log=console.print,
+    run_dir = stage.run(cfg, resume=bool(resume), show_progress=progress, log=console.print,
                         overwrite=overwrite)
     metrics = rundir.read_json(run_dir / rundir.METRICS)
     console.print(f"{task_of_metrics(metrics).summary(metrics)}  (best epoch {metrics['best_epoch']})")
@@ -283,7 +283,7 @@ def predict(config: Path = config_option(), overwrite: bool = OVERWRITE, progres
     data with the run's encoders."""
     from msa.stages import predict as stage
 
-    path, predictions = stage.run(from_options(PredictConfig, options), show_progress=progress and not console.quiet,
+    path, predictions = stage.run(from_options(PredictConfig, options), show_progress=progress,
                                   overwrite=overwrite)
     if predictions.scores is not None:
         console.print(f"{len(predictions.guids)} predicted scores (mean {predictions.scores.mean():.3f}): {path}")
@@ -312,7 +312,7 @@ def demo(
     """Generate a small data set and tiny random encoders, then run the pipeline on them."""
     from msa.stages import demo as stage
 
-    stage.run(out, show_progress=progress and not console.quiet)
+    stage.run(out, show_progress=progress)
 
 
 @app.command("reference", hidden=True)

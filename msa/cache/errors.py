@@ -22,13 +22,18 @@ class WriteError(CacheError):
     """Writing failed (a full disk, a quota, an I/O error); nothing was published."""
 
 
-def free_space(path: Path) -> str:
-    """'123.4 MB free' on the disk holding `path` (or its nearest existing parent)."""
+def free_bytes(path: Path) -> int:
+    """Bytes free on the disk holding `path` (or its nearest existing parent)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def free_space(path: Path) -> str:
+    """'123.4 MB free' on the disk holding `path`, for messages."""
     try:
-        return f"{shutil.disk_usage(path).free / 2**20:.1f} MB free"
+        return f"{free_bytes(path) / 2**20:.1f} MB free"
     except OSError:
         return "free space unknown"
 

@@ -16,14 +16,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from msa.cache.errors import CacheError, WriteError, write_error
+from msa.cache.errors import CacheError, WriteError, free_bytes, write_error
 from msa.cache.locks import set_lock
 from msa.pipeline.config import ConfigError
 
@@ -57,6 +56,11 @@ def partial_path(path: Path) -> Path:
 def set_name(path: Path) -> str:
     """The set's name from any of its files: NAME.h5, NAME.shard-i-of-n.h5, NAME.h5.partial."""
     return Path(path).name.split(".h5")[0].split(".shard-")[0]
+
+
+def lock_name(path: Path) -> str:
+    """The lock its writer holds, from any file of a set or shard: NAME, or NAME.shard-i-of-n."""
+    return Path(path).name.split(".h5")[0]
 
 
 def cache_of(path: Path) -> Path:
@@ -161,7 +165,7 @@ class FeatureWriter:
         self.set_aside: Path | None = None  # a damaged partial file moved out of the way
         self.file: h5py.File | None = None
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = set_lock(cache_of(self.path), self.path.name.removesuffix(".h5"))
+        self.lock = set_lock(cache_of(self.path), lock_name(self.path))
         try:
             if self.path.is_file() and problem_of(self.path):  # a damaged published set: made again
                 self.set_aside = set_aside(self.path)
@@ -240,7 +244,7 @@ class FeatureWriter:
         _, token_len, token_dim = tokens.shape
         row_bytes = 2 * (pooled.shape[1] + token_len * token_dim) + token_len + (split[0].size * 4 if split is not None
                                                                                  else 0)
-        needed, free = row_bytes * len(self.rows), _free_bytes(self.partial)
+        needed, free = row_bytes * len(self.rows), free_bytes(self.partial)
         if needed > free:  # fail now, not after an hour of encoding
             raise WriteError(f"{self.partial}: the set needs ~{needed / 2**20:.0f} MB and only "
                              f"{free / 2**20:.0f} MB are free there; free some space (`msa cache gc`) and rerun")
@@ -319,10 +323,6 @@ def _close_quietly(f: h5py.File) -> None:
         pass
 
 
-def _free_bytes(path: Path) -> int:
-    return shutil.disk_usage(Path(path).parent).free
-
-
 @dataclasses.dataclass
 class FeatureSet:
     """A finished feature set, opened for reading (after checking its flags and digest)."""
@@ -376,11 +376,11 @@ def published_files(cache_dir: Path) -> list[Path]:
 
 @dataclasses.dataclass
 class PublishedSet:
-    """A published set as a listing sees it: opened when intact, else why not."""
+    """A published set as a listing sees it: opened when intact, else the error that says why not."""
 
     path: Path
     feature_set: FeatureSet | None
-    problem: str | None
+    error: CacheError | None
 
     @property
     def name(self) -> str:
@@ -390,6 +390,8 @@ class PublishedSet:
 def scan_feature_sets(cache_dir: Path) -> list[PublishedSet]:
     found = []
     for path in published_files(cache_dir):
-        problem = problem_of(path)
-        found.append(PublishedSet(path, None if problem else FeatureSet.open(path), problem))
+        try:
+            found.append(PublishedSet(path, FeatureSet.open(path), None))
+        except CacheError as err:  # damaged: named, never used
+            found.append(PublishedSet(path, None, err))
     return found

@@ -23,6 +23,7 @@ from msa.cache.features import (
     FeatureWriter,
     _read_fingerprint,
     feature_path,
+    lock_name,
     problem_of,
     published_files,
     set_name,
@@ -64,10 +65,8 @@ def remove(cache: Path, name: str) -> list[Path]:
 
 
 def _lock_name(path: Path) -> str:
-    """The lock a file's writer holds: features NAME.h5 / NAME.shard-i-of-n.h5, captions NAME."""
-    if path.parent.name == FEATURES_DIR:
-        return path.name.split(".h5")[0]
-    return path.name.split(".")[0]
+    """The lock a file's writer holds: feature files as their writer names it, captions NAME."""
+    return lock_name(path) if path.parent.name == FEATURES_DIR else path.name.split(".")[0]
 
 
 def garbage(cache: Path) -> list[Finding]:

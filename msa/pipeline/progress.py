@@ -30,7 +30,7 @@ def progress_bar(enabled: bool = True) -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        disable=not enabled,
+        disable=not enabled or console.quiet,  # msa --quiet: no bars anywhere
     )
 
 

@@ -155,7 +155,8 @@ def write_val_predictions(run_dir: Path, task, manifest, rows: np.ndarray, out: 
                           modalities: list[str] = ()) -> None:
     """val_predictions.parquet: guid, label (or score), prediction, probabilities, and what the
     head says about its decision (gate; weight_<modality> for the attention head)."""
-    guids = [manifest.guids[r] for r in rows] if len(rows) else []
+    all_guids = manifest.guids
+    guids = [all_guids[r] for r in rows]
     if task.name == "regression":
         scores = manifest.column("score")
         table = score_table(guids, np.array([scores[r] for r in rows]), out["scores"])

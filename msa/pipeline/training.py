@@ -294,15 +294,15 @@ class FitState:
 
 def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, dict]], task: Task, select: str,
         epochs: int, patience: int, run_dir: Path, on_best: Callable[[FitState, dict], None],
-        resume_state: Path | None = None, stateful: dict | None = None, log=print,
-        after_epoch: Callable[[FitState], None] | None = None) -> FitState:
+        resume_state: Path | None = None, stateful: dict | None = None, generator: torch.Generator | None = None,
+        log=print, after_epoch: Callable[[FitState], None] | None = None) -> FitState:
     """The epoch loop. train_epoch(epoch) -> train figures; validate() -> (val metrics, outputs);
     on_best(state, outputs) keeps the best model. With resume_state, every epoch ends by saving
-    `stateful` (objects with state_dict, and the "generator"), the RNG states and the FitState
-    there, and a run that finds the file resumes from it exactly. after_epoch(state) follows."""
-    state, generator = FitState(), (stateful or {}).get("generator")
+    `stateful` (objects with state_dict), every RNG state (the batch `generator` too) and the
+    FitState there, and a run that finds the file resumes from it exactly. after_epoch(state) follows."""
+    state = FitState()
     if resume_state and resume_state.is_file():
-        state = load_resume_state(resume_state, stateful)
+        state = load_resume_state(resume_state, stateful, generator)
         rundir.truncate_history(run_dir, state.epoch)  # rows written after the saved state
         log(f"resuming {run_dir} after epoch {state.epoch}")
     larger = LARGER_IS_BETTER[select]
@@ -338,16 +338,15 @@ def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, d
 
 
 def save_resume_state(path: Path, state: FitState, stateful: dict, generator: torch.Generator | None) -> None:
-    rundir.save_checkpoint({**{k: v.state_dict() for k, v in stateful.items() if k != "generator"},
+    rundir.save_checkpoint({**{k: v.state_dict() for k, v in stateful.items()},
                             "rng": rng_state(generator), "state": dataclasses.asdict(state)}, path)
 
 
-def load_resume_state(path: Path, stateful: dict) -> FitState:
+def load_resume_state(path: Path, stateful: dict, generator: torch.Generator | None) -> FitState:
     saved = rundir.load_checkpoint(path)
     for name, thing in stateful.items():
-        if name != "generator":
-            thing.load_state_dict(saved[name])
-    set_rng_state(saved["rng"], stateful.get("generator"))
+        thing.load_state_dict(saved[name])
+    set_rng_state(saved["rng"], generator)
     return FitState(**saved["state"])
 
 

@@ -125,7 +125,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
         rundir.write_val_predictions(run_dir, TASK, manifest, val_rows, out)
 
     state = fit(train_epoch, validate, TASK, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best,
-                resume_state=run_dir / LAST, stateful={"model": model, **step.state_dicts(), "generator": generator},
+                resume_state=run_dir / LAST, stateful={"model": model, **step.state_dicts()}, generator=generator,
                 log=log, after_epoch=(lambda state: on_epoch(state.epoch)) if on_epoch else None)
     metrics = {**state.best_metrics, "task": TASK.name, "best_epoch": state.best_epoch}
     plots.plot_run(run_dir, metrics)

@@ -19,7 +19,6 @@ from msa.cache.features import (
     CacheError,
     FeatureSet,
     PublishedSet,
-    damaged_error,
     find_feature_set,
     scan_feature_sets,
 )
@@ -142,7 +141,7 @@ def stale_message(cache: Path, name: str) -> str:
 def unusable_message(cache: Path, published: list[PublishedSet], modality: str, others: list[str]) -> str:
     """Why no set of a modality can be read, and the two ways on."""
     entry = next(e for e in published if modality_of(e) == modality)
-    reason = stale_message(cache, entry.name) if entry.feature_set else str(damaged_error(entry.path, entry.problem))
+    reason = stale_message(cache, entry.name) if entry.feature_set else str(entry.error)
     alternative = f", or train without {modality}: --modalities {','.join(others)}" if others else ""
     return f"no usable {modality} features: {reason}{alternative}"
 
@@ -232,14 +231,14 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
     """K runs, fold k the validation items of run k and the other folds its training items (every
     labelled item, the extract's train and val alike), in RUN/fold-k; RUN/metrics.json holds the
     mean and std over folds, and predict averages the folds' probabilities."""
-    labelled = np.flatnonzero(data.targets.numpy() != -1) if data.task.name == "classification" else \
-        np.flatnonzero(np.isin(data.manifest.column("split"), ("train", "val")))
-    labels = [data.manifest.column("label")[r] if data.task.name == "classification" else "all" for r in labelled]
+    labelled = np.flatnonzero(np.isin(data.manifest.column("split"), ("train", "val")))  # test items carry none
+    every_label, guids = data.manifest.column("label"), data.manifest.guids
+    # Regression scores are not classes: one stratum, so the folds are a seeded shuffle.
+    labels = [every_label[r] if data.task.name == "classification" else "score" for r in labelled]
     folds = stratified_folds(labels, cfg.folds, FOLD_SEED)
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": CV_KIND, "out": str(run_dir),
                                                 "modalities_used": list(data.feature_sets), "fold_seed": FOLD_SEED})
-    pd.DataFrame({"guid": [data.manifest.guids[r] for r in labelled], "fold": folds}).to_csv(run_dir / "folds.csv",
-                                                                                            index=False)
+    pd.DataFrame({"guid": [guids[r] for r in labelled], "fold": folds}).to_csv(run_dir / "folds.csv", index=False)
     results = []
     for k in range(cfg.folds):
         log(f"fold {k + 1}/{cfg.folds}")
