@@ -122,29 +122,33 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
             device: str = "auto", show_progress: bool = True) -> Predictions:
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    config = rundir.read_json(Path(run_dir) / rundir.CONFIG)
-    if config.get("kind") == "cross-validation":  # the fold ensemble, on one extraction of new data
-        folds = sorted(Path(run_dir).glob("fold-*"), key=lambda p: int(p.name.split("-")[1]))
-        cache = cache or (Path(run_dir) / "predict-cache" if data else None)
-        return ensemble([predict(f, data, split, cache, device, show_progress) for f in folds])
-    if config.get("kind") == "finetune":
+    kind = rundir.read_json(Path(run_dir) / rundir.CONFIG).get("kind")
+    if kind == "finetune":
         return _predict_finetuned(run_dir, data, split, device, show_progress)
-    cache, names = ensure_features(run_dir, data, cache, device, show_progress)
+    # A cross-validation predicts with its fold ensemble: the folds share one extraction and one load.
+    members = sorted(Path(run_dir).glob("fold-*"), key=lambda p: int(p.name.split("-")[1])) \
+        if kind == "cross-validation" else [Path(run_dir)]
+    cache = cache or (Path(run_dir) / "predict-cache" if data and len(members) > 1 else None)
+    cache, names = ensure_features(members[0], data, cache, device, show_progress)
     compute = resolve_compute(device, "fp32")
-    model, spec = load_run_model(run_dir, compute.device)
+    models = [load_run_model(member, compute.device) for member in members]
     manifest = read_manifest(cache)
     feature_sets = {m: find_feature_set(cache, n) for m, n in names.items()}
     for feature_set in feature_sets.values():  # rows line up only with the manifest they were extracted for
         if feature_set.fingerprint.get("manifest_id") != manifest.manifest_id:
             raise CacheError(f"{cache}: its manifest changed since {feature_set.name} was extracted (another "
                              "extract or predict on other data into the same cache?); run predict again")
+    model, spec = models[0]  # the folds differ in weights only
     bank = FeatureBank.load(feature_sets, model.uses_tokens, tuple(spec["unfrozen"]))
     rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
     batches = evaluation_order(rows, bank.lengths() if model.uses_tokens else None, 256)
-    out = evaluate(model, rows, cached_batches(bank, batches, model.uses_tokens, compute.device), None)
     guids, labels = manifest.guids, manifest.column("label")
-    return Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"],
-                       out.get("gate"), spec["class_names"], out.get("scores"))
+    predictions = []
+    for model, spec in models:
+        out = evaluate(model, rows, cached_batches(bank, batches, model.uses_tokens, compute.device), None)
+        predictions.append(Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"],
+                                       out.get("gate"), spec["class_names"], out.get("scores")))
+    return ensemble(predictions) if len(predictions) > 1 else predictions[0]
 
 
 def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str,
