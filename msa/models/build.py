@@ -60,13 +60,13 @@ def run_text_options(run_dir: str) -> dict:
 def text_encoder_of_run(run_dir: str) -> TextEncoder:
     """The text encoder of a finetune run, with its trained weights (LoRA adapters merged in,
     tops included), to extract features with like any pretrained model."""
-    from safetensors.torch import load_file
+    from msa.pipeline import rundir
 
-    spec = json.loads((Path(run_dir) / "model.json").read_text())
+    state_dict, spec = rundir.load_model(run_dir)
     if spec.get("kind") != "end-to-end":
         raise ConfigError(f"{run_dir}: a {spec.get('kind')} run has no text encoder of its own; use a finetune run")
     model = build_model(spec)
-    model.load_state_dict(load_file(str(Path(run_dir) / "model.safetensors")))
+    model.load_state_dict(state_dict)
     text = model.encoders["text"]
     if spec.get("lora_rank"):
         for module in text.model.modules():  # fold each adapter into its linear layer: plain weights again

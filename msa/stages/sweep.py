@@ -146,7 +146,7 @@ def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
     data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names, modalities)
     for run_cfg in runs:
         result = train_head.run(run_cfg, data=data, log=lambda *_: None, overwrite=True)
-        metric = TASKS[result.metrics["task"]].leaderboard[0][0]
+        metric = task_of_metrics(result.metrics).leaderboard[0][0]
         finished(f"{run_cfg.out.name}: val {metric} {result.metrics[metric]:.3f}")
 
 
