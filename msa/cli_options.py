@@ -59,6 +59,11 @@ def _is_tuple(hint: Any) -> bool:
     return typing.get_origin(_optional_inner(hint)) is tuple
 
 
+def _is_layer_count(hint: Any) -> bool:
+    """`LayerCount` (or `LayerCount | None`): typed at the command line as a number or `all`."""
+    return set(typing.get_args(hint)) - {type(None)} == {int, Literal["all"]}
+
+
 def parameters(config_class: type, skip: tuple[str, ...] = (), optional: tuple[str, ...] = (),
                choices: dict[str, tuple[str, ...]] | None = None) -> list[inspect.Parameter]:
     """One typer option per field of config_class (but `skip`); `optional`: fields without a
@@ -71,6 +76,8 @@ def parameters(config_class: type, skip: tuple[str, ...] = (), optional: tuple[s
         hint, default = _optional_inner(hints[field.name]), field.default
         if _is_tuple(hint):
             hint, default = str, ",".join(map(str, default)) if default else None
+        elif _is_layer_count(hint):
+            hint, default = str, None if default is None else str(default)
         if field.name in (choices or {}):
             hint = Literal[tuple(choices[field.name])]
         if default is dataclasses.MISSING:
@@ -109,6 +116,8 @@ def from_options(config_class: type, options: dict, **overrides) -> Any:
             parts = tuple(kind(v.strip()) for v in (value or "").split(",") if v.strip())
             optional = _optional_inner(hints[field.name]) is not hints[field.name]
             value = parts if parts or not optional else None  # an empty optional tuple means "not given"
+        elif _is_layer_count(hints[field.name]):
+            value = configs.layer_count(value)
         values[field.name] = value
     return config_class(**{**values, **overrides})
 

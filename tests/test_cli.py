@@ -183,6 +183,8 @@ def test_choices_are_typed_and_listed(messy_data_source, tiny_models, tmp_path):
     assert "mean|cls" in help_text.replace(" ", "") and "first-if-same" in help_text
     bad = runner.invoke(app, extract_args(messy_data_source, tmp_path / "cache", tiny_models, "--pooling", "max"))
     assert bad.exit_code == 2 and "is not one of" in bad.output and not (tmp_path / "cache").exists()
+    depth = runner.invoke(app, ["train-head", "--cache", str(tmp_path / "cache"), "--unfreeze-text-layers", "most"])
+    assert depth.exit_code == 2 and "a layer count is a number or 'all', got 'most'" in depth.output
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml", ".json"])

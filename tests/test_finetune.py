@@ -14,7 +14,7 @@ from msa.cache.manifest import read_manifest
 from msa.models.build import build_model, build_tops
 from msa.models.unfrozen import TopsAndHead, parameter_groups
 from msa.pipeline import raw, rundir
-from msa.pipeline.config import EvaluateConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
+from msa.pipeline.config import ConfigError, EvaluateConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
 from msa.pipeline.training import FeatureBank
 from msa.stages import evaluate, extract, finetune, predict, train_head
 
@@ -63,11 +63,14 @@ def end_to_end_model(cfg: FinetuneConfig):
     return build_model(finetune.model_spec(finetune.resolved(cfg)))
 
 
-def test_cached_tops_give_the_same_logits_as_end_to_end(split_cache, finetune_config):
-    cfg, sets = split_cache
+@pytest.mark.parametrize("depth", [1, "all"])
+def test_cached_tops_give_the_same_logits_as_end_to_end(depth, extract_config, finetune_config):
+    cfg = extract_config(text_split_layer=depth, image_split_stage=depth)
+    sets = {m: FeatureSet.open(r.path) for m, r in extract.run(cfg, show_progress=False).feature_sets.items()}
     bank = FeatureBank.load(sets, with_tokens=True, split_names=("text", "image"))
-    cached = build_model(head_spec(sets, bank, "co-attn", {"text": 1, "image": 1})).eval()
-    end_to_end = end_to_end_model(finetune_config(fusion="co-attn")).eval()
+    cached = build_model(head_spec(sets, bank, "co-attn", {"text": depth, "image": depth})).eval()
+    end_to_end = end_to_end_model(finetune_config(fusion="co-attn", unfreeze_text_layers=depth,
+                                                  unfreeze_image_stages=depth)).eval()
     end_to_end.head.load_state_dict(cached.head.state_dict())
     manifest = read_manifest(cfg.cache)
     data = raw.RawData.read(manifest, end_to_end.encoders["text"], clean=False)
@@ -108,6 +111,25 @@ def test_layer_wise_learning_rates_land_on_the_right_groups(split_cache):
     assert ids["head"] == {id(p) for p in model.head.classify.parameters()}
     assert ids["fusion"] == {id(p) for p in model.head.project.parameters()}
     assert [groups[n]["lr"] for n in ("encoder", "fusion", "head")] == [1e-5, 5e-5, 1e-4]
+
+
+def test_all_layers_means_every_transformer_layer_and_layer_decay_scales_their_rates(split_cache, finetune_config):
+    model = end_to_end_model(finetune_config(unfreeze_text_layers="all", unfreeze_image_stages=0))
+    text = model.encoders["text"].model
+    assert all(p.requires_grad for p in text.encoder.layer.parameters())  # both layers of the tiny BERT
+    assert not any(p.requires_grad for p in text.embeddings.parameters())
+    groups = {g["name"]: g for g in parameter_groups(model, 1e-4, 5e-5, 1e-3, 0.01, layer_decay=0.5)}
+    assert groups["text-depth-0"]["lr"] == 1e-4 and groups["text-depth-1"]["lr"] == 5e-5
+    assert {id(p) for p in groups["text-depth-0"]["params"]} == {id(p) for p in text.encoder.layer[1].parameters()}
+    assert {id(p) for p in groups["text-depth-1"]["params"]} == {id(p) for p in text.encoder.layer[0].parameters()}
+    # On cached tops the same: the top kept by --unfreeze-text-layers 1 is layer 0 of its own stack.
+    cfg, sets = split_cache
+    bank = FeatureBank.load(sets, False, ("text",))
+    cached = build_model(head_spec(sets, bank, "concat", {"text": 1}))
+    cached_groups = {g["name"]: g for g in parameter_groups(cached, 1e-4, 5e-5, 1e-3, 0.01, layer_decay=0.5)}
+    assert cached_groups["text-depth-0"]["lr"] == 1e-4 and "text-depth-1" not in cached_groups
+    with pytest.raises(ConfigError, match="between 1 and 2"):
+        end_to_end_model(finetune_config(unfreeze_text_layers=3))
 
 
 def test_finetune_resume_gives_the_same_final_weights(finetune_config, tmp_path):

@@ -20,10 +20,10 @@ from torch import nn
 
 from msa.cache.errors import CacheError
 from msa.models.heads import ModalityDims, ScaledScore, create_head
-from msa.models.image import build_image_encoder
-from msa.models.text import TextEncoder, add_lora
+from msa.models.image import build_image_encoder, trunk_stages
+from msa.models.text import TextEncoder, add_lora, transformer_layers
 from msa.models.unfrozen import EndToEndModel, TopsAndHead
-from msa.pipeline.config import ConfigError
+from msa.pipeline.config import ConfigError, resolve_layer_count
 
 SPLIT_OPTIONS = {"text": ("split_layer", "--text-split-layer"), "image": ("split_stage", "--image-split-stage")}
 
@@ -75,7 +75,7 @@ def text_encoder_of_run(run_dir: str) -> TextEncoder:
     return text.eval()
 
 
-def build_tops(feature_info: dict[str, dict], counts: dict[str, int]) -> dict[str, nn.Module]:
+def build_tops(feature_info: dict[str, dict], counts: dict[str, int | str]) -> dict[str, nn.Module]:
     """Encoder tops with the pretrained weights of the encoders that extracted the features."""
     tops = {}
     for modality, count in counts.items():
@@ -83,14 +83,22 @@ def build_tops(feature_info: dict[str, dict], counts: dict[str, int]) -> dict[st
             raise ConfigError(f"cannot unfreeze the {modality} encoder: the run reads no {modality} features")
         fingerprint, recorded = feature_info[modality]["fingerprint"], feature_info[modality]["extract_config"]
         key, option = SPLIT_OPTIONS[modality]
-        if fingerprint.get(key) != count:
-            raise CacheError(f"{feature_info[modality]['name']} was extracted with {option} "
-                             f"{fingerprint.get(key)}; unfreezing {count} needs {option} {count}")
         if modality == "text":
-            tops[modality] = TextEncoder(recorded["text_model"], recorded["max_len"], recorded["pooling"]).top(count)
+            encoder = TextEncoder(recorded["text_model"], recorded["max_len"], recorded["pooling"])
+            total = len(transformer_layers(encoder.model))
+        else:
+            encoder = build_image_encoder(recorded["image_model"], recorded["image_weights"])
+            total = len(trunk_stages(encoder.trunk)[1])
+        cached = fingerprint.get(key)
+        # "all" and the layer count are the same split
+        if cached is None or resolve_layer_count(cached, total, option) != resolve_layer_count(count, total, option):
+            raise CacheError(f"{feature_info[modality]['name']} was extracted with {option} "
+                             f"{cached}; unfreezing {count} needs {option} {count}")
+        if modality == "text":
+            tops[modality] = encoder.top(count)
             tops[modality].requires_grad_(True)
         else:
-            top = build_image_encoder(recorded["image_model"], recorded["image_weights"]).split(count)[1]
+            top = encoder.split(count)[1]
             top.requires_grad_(False)
             top.trunk.requires_grad_(True)  # the stages only: a timm pool holds the whole model
             tops[modality] = top

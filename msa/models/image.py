@@ -17,7 +17,7 @@ from torch import nn
 
 from msa.cache.fingerprint import file_digest
 from msa.models.text import EncoderLoadError
-from msa.pipeline.config import ConfigError
+from msa.pipeline.config import ConfigError, resolve_layer_count
 
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -75,13 +75,12 @@ class ImageEncoder(nn.Module):
         return features, pooled
 
 
-    def split(self, stages: int) -> tuple[nn.Module, ImageEncoder]:
+    def split(self, stages: int | str) -> tuple[nn.Module, ImageEncoder]:
         """(bottom, top): bottom(images) is the activation entering the last `stages` stages
-        (e.g. ResNet layer4's input); top(activation) gives what forward(images) gives.
-        Both share this encoder's modules."""
+        (e.g. ResNet layer4's input; "all": the stem's output); top(activation) gives what
+        forward(images) gives. Both share this encoder's modules."""
         stem, blocks, tail = trunk_stages(self.trunk)
-        if not 1 <= stages <= len(blocks):
-            raise ConfigError(f"the image split must be between 1 and {len(blocks)} stages, got {stages}")
+        stages = resolve_layer_count(stages, len(blocks), "the image split (stages)")
         bottom = nn.Sequential(*stem, *blocks[: len(blocks) - stages])
         top = ImageEncoder(nn.Sequential(*blocks[len(blocks) - stages:], *tail), self.pool, self.preprocess, self.dim)
         return bottom, top

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from msa.cache.fingerprint import file_digest, files_digest
-from msa.pipeline.config import ConfigError
+from msa.pipeline.config import ConfigError, resolve_layer_count
 
 POOLINGS = ("mean", "cls")
 
@@ -102,19 +102,18 @@ class TextEncoder(nn.Module):
         return states[-1], pooled.mean(0)  # tokens: the last layer's [B, L, D]; pooled [B, D]
 
     def forward_with_split(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           split_layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """forward(), plus the hidden states entering the top `split_layer` layers ([B, L, D])."""
+                           split_layer: int | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward(), plus the hidden states entering the top `split_layer` layers (or "all") ([B, L, D])."""
         layers = len(transformer_layers(self.model))
-        if not 1 <= split_layer <= layers:
-            raise ConfigError(f"--text-split-layer must be between 1 and {layers} for this model, got {split_layer}")
+        split_layer = resolve_layer_count(split_layer, layers, "--text-split-layer")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         # hidden_states[0] is the embeddings' output, [i] the output of layer i.
         split = out.hidden_states[layers - split_layer]
         hidden = out.last_hidden_state
         return hidden, pool_tokens(hidden, attention_mask, self.pooling), split
 
-    def top(self, layers: int) -> TextTop:
-        """The top `layers` transformer layers as a module of their own (weights copied)."""
+    def top(self, layers: int | str) -> TextTop:
+        """The top `layers` transformer layers (or "all") as a module of their own (weights copied)."""
         return TextTop(self.model, layers, self.pooling)
 
 
@@ -169,16 +168,20 @@ class TextTop(nn.Module):
     only the top layers left, so the model's own code builds the attention mask (and
     MPNet's relative position bias) exactly as in the full forward pass."""
 
-    def __init__(self, model: nn.Module, layers: int, pooling: str):
+    def __init__(self, model: nn.Module, layers: int | str, pooling: str):
         super().__init__()
         self.model = copy.deepcopy(model)
         stack = transformer_layers(self.model)
-        if not 1 <= layers <= len(stack):
-            raise ConfigError(f"--unfreeze-text-layers must be between 1 and {len(stack)}, got {layers}")
+        layers = resolve_layer_count(layers, len(stack), "--unfreeze-text-layers")
         del stack[: len(stack) - layers]
+        self.stack_name = next(name for name, module in self.model.named_modules() if module is stack)
         self.model.embeddings = _PassEmbeddings()
         self.model.pooler = None
         self.pooling = pooling
+
+    def layers(self) -> nn.ModuleList:
+        """The layers kept, bottom first."""
+        return self.model.get_submodule(self.stack_name)
 
     def forward(self, split: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(inputs_embeds=split, attention_mask=attention_mask.long()).last_hidden_state

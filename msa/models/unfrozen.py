@@ -14,6 +14,7 @@ from torch import nn
 from msa.models.heads import Modality
 from msa.models.image import ImageEncoder
 from msa.models.text import TextEncoder, TextTop, transformer_layers
+from msa.pipeline.config import resolve_layer_count
 
 
 def text_modality(tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor) -> Modality:
@@ -51,23 +52,45 @@ class TopsAndHead(nn.Module):
 
 
 def parameter_groups(model: nn.Module, lr_encoder: float, lr_fusion: float, lr_head: float,
-                     weight_decay: float) -> list[dict]:
+                     weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """Optimizer groups: encoder layers (`tops.`/`encoders.`), the head's classifier (its
     `classify` module; all of a head that has none, like text-only or late), the rest of the
-    head (fusion). Frozen parameters are left out."""
+    head (fusion). Frozen parameters are left out. With layer_decay < 1, text layer i of n
+    learns at lr_encoder * layer_decay ** (n - 1 - i): lower layers hold general language
+    and move least (ULMFiT, ELECTRA); LoRA adapters follow the layer they sit in."""
     groups = {"encoder": [], "fusion": [], "head": []}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     head_has_classifier = any("classify" in n.split(".") for n, _ in trainable)
+    text_depth = text_layer_depths(model) if layer_decay != 1.0 else {}
+    by_depth: dict[int, list] = {}
     for name, parameter in trainable:
         parts = name.split(".")
-        if parts[0] in ("tops", "encoders"):
+        if id(parameter) in text_depth:
+            by_depth.setdefault(text_depth[id(parameter)], []).append(parameter)
+        elif parts[0] in ("tops", "encoders"):
             groups["encoder"].append(parameter)
         elif "classify" in parts or not head_has_classifier:
             groups["head"].append(parameter)
         else:
             groups["fusion"].append(parameter)
     rates = {"encoder": lr_encoder, "fusion": lr_fusion, "head": lr_head}
-    return [{"name": k, "params": v, "lr": rates[k], "weight_decay": weight_decay} for k, v in groups.items() if v]
+    layered = [{"name": f"text-depth-{depth}", "params": by_depth[depth], "lr": lr_encoder * layer_decay ** depth,
+                "weight_decay": weight_decay} for depth in sorted(by_depth)]
+    return layered + [{"name": k, "params": v, "lr": rates[k], "weight_decay": weight_decay}
+                      for k, v in groups.items() if v]
+
+
+def text_layer_depths(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many layers below the top its text transformer layer is (0: the top)."""
+    stacks = [top.layers() for name, top in getattr(model, "tops", {}).items() if name == "text"]
+    if isinstance(getattr(model, "encoders", None), nn.ModuleDict):
+        stacks.append(transformer_layers(model.encoders["text"].model))
+    depths = {}
+    for layers in stacks:
+        for index, layer in enumerate(layers):
+            for parameter in layer.parameters():
+                depths[id(parameter)] = len(layers) - 1 - index
+    return depths
 
 
 class EndToEndModel(nn.Module):
@@ -81,6 +104,8 @@ class EndToEndModel(nn.Module):
         self.uses_tokens = head.uses_tokens
         self.encoders.requires_grad_(False)
         layers = transformer_layers(text.model)
+        if text_layers:
+            text_layers = resolve_layer_count(text_layers, len(layers), "--unfreeze-text-layers")
         self.trainable = nn.ModuleList(list(layers[len(layers) - text_layers:]) if text_layers else [])
         if image_stages:  # the stages only: a timm pool holds the whole model
             self.trainable.append(image.split(image_stages)[1].trunk)

@@ -22,6 +22,24 @@ SequenceEncoder = Literal["lstm", "transformer"]
 OutputScaling = Literal["tanh", "sigmoid"]
 ImageAug = Literal["none", "weak", "strong"]
 Split = Literal["test", "val", "train", "all"]
+LayerCount = int | Literal["all"]  # top layers or stages of an encoder: a number, or all of them
+
+
+def layer_count(value: int | str | None) -> int | str | None:
+    """An option's layer count as the config holds it: an int, "all", or None."""
+    if value is None or isinstance(value, int) or value == "all":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ConfigError(f"a layer count is a number or 'all', got {value!r}")
+
+
+def resolve_layer_count(value: int | str, total: int, option: str) -> int:
+    """A layer count as a number, for an encoder of `total` layers (or stages)."""
+    count = total if value == "all" else value
+    if not isinstance(count, int) or not 1 <= count <= total:
+        raise ConfigError(f"{option} must be between 1 and {total} (or all) for this model, got {value}")
+    return count
 
 
 class ConfigError(ValueError):
@@ -51,8 +69,8 @@ class ExtractConfig:
     modalities: tuple[str, ...] = ("text", "image")  # which feature sets to build
     text_source: TextSource = "raw"  # raw+caption: post text <sep> caption (captions from `msa caption`)
     captions: str | None = None  # caption set for caption sources; default: the one set in the cache
-    text_split_layer: int | None = None  # also cache the hidden states entering the top K text layers
-    image_split_stage: int | None = None  # also cache the activation entering the last K image stages
+    text_split_layer: LayerCount | None = None  # also cache the hidden states entering the top K text layers (all: the embeddings' output)
+    image_split_stage: LayerCount | None = None  # also cache the activation entering the last K image stages (or all)
 
 
 TEXT_SOURCES = get_args(TextSource)
@@ -124,9 +142,10 @@ class TrainHeadConfig:
     select: Select | None = None  # the val metric that picks the epoch; default macro_f1 (regression: mae)
     patience: int = 5  # epochs without improvement before stopping
     # Unfrozen encoder tops, run on the split activations cached by extract (0: features only).
-    unfreeze_text_layers: int = 0  # train the top K text layers (needs extract --text-split-layer K)
-    unfreeze_image_stages: int = 0  # train the last K image stages (needs extract --image-split-stage K)
-    lr_encoder: float = 1e-5  # learning rate of unfrozen encoder layers
+    unfreeze_text_layers: LayerCount = 0  # train the top K text layers, or all (needs extract --text-split-layer K)
+    unfreeze_image_stages: LayerCount = 0  # train the last K image stages, or all (needs extract --image-split-stage K)
+    lr_encoder: float = 1e-5  # learning rate of unfrozen encoder layers (the top one, with --layer-decay)
+    layer_decay: float = 1.0  # each text layer below the top learns at this times the rate of the one above
     lr_fusion: float = 5e-5  # of the head's fusion layers, when something is unfrozen
     lr_head: float = 1e-4  # of the classifier, when something is unfrozen
     grad_accum: int = 1  # batches per optimizer step
@@ -152,11 +171,12 @@ class FinetuneConfig:
     fusion: str = _shared(TrainHeadConfig, "fusion")  # the fusion head, a name from msa.models.heads.HEADS
     hidden: int = _shared(TrainHeadConfig, "hidden")  # width of the head
     dropout: float = _shared(TrainHeadConfig, "dropout")  # dropout in the head
-    unfreeze_text_layers: int = 2  # top transformer layers trained (the rest stays frozen)
+    unfreeze_text_layers: LayerCount = 2  # top transformer layers trained, or all (the embeddings stay frozen)
     lora_rank: int = 0  # LoRA adapters of this rank in every text layer (0: none), trained at --lr-encoder
     lora_targets: tuple[str, ...] = ()  # the linear layers adapted; default: the attention projections
-    unfreeze_image_stages: int = 1  # last stages trained (ResNet: layer4)
+    unfreeze_image_stages: LayerCount = 1  # last stages trained, or all (ResNet: layer4)
     lr_encoder: float = _shared(TrainHeadConfig, "lr_encoder")  # learning rate of the unfrozen encoder layers
+    layer_decay: float = _shared(TrainHeadConfig, "layer_decay")  # each text layer below the top: this times the rate above
     lr_fusion: float = _shared(TrainHeadConfig, "lr_fusion")  # of the head's fusion layers
     lr_head: float = _shared(TrainHeadConfig, "lr_head")  # of the classifier
     weight_decay: float = _shared(TrainHeadConfig, "weight_decay")  # AdamW's

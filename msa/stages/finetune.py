@@ -99,7 +99,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
 
     loss_fn = training_loss(TASK, cfg, data.targets[train_rows].numpy(), compute.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head,
-                                                   cfg.weight_decay))
+                                                   cfg.weight_decay, cfg.layer_decay))
     steps_per_epoch = -(-len(train_rows) // (cfg.batch_size * cfg.grad_accum))
     scaler = torch.amp.GradScaler(compute.device.type) if compute.device.type == "cuda" and \
         compute.precision == "fp16" else None

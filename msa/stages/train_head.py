@@ -276,8 +276,8 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     model = build_model(spec).to(compute.device)
     counts = unfrozen(cfg)
     # fused: one kernel for all parameters; the default per-parameter loop was 24% of an epoch.
-    groups = (parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head, cfg.weight_decay) if counts
-              else model.parameters())
+    groups = (parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head, cfg.weight_decay, cfg.layer_decay)
+              if counts else model.parameters())
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     steps_per_epoch = -(-len(train_rows) // (cfg.batch_size * cfg.grad_accum))
     step = Optimisation(optimizer, warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio), compute,
