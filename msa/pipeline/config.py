@@ -69,7 +69,7 @@ class ExtractConfig:
     modalities: tuple[str, ...] = ("text", "image")  # which feature sets to build
     text_source: TextSource = "raw"  # raw+caption: post text <sep> caption (captions from `msa caption`)
     captions: str | None = None  # caption set for caption sources; default: the one set in the cache
-    text_split_layer: LayerCount | None = None  # also cache the hidden states entering the top K text layers (all: the embeddings' output)
+    text_split_layer: LayerCount | None = None  # also cache the input of the top K text layers (all: the embeddings)
     image_split_stage: LayerCount | None = None  # also cache the activation entering the last K image stages (or all)
 
 
@@ -176,7 +176,7 @@ class FinetuneConfig:
     lora_targets: tuple[str, ...] = ()  # the linear layers adapted; default: the attention projections
     unfreeze_image_stages: LayerCount = 1  # last stages trained, or all (ResNet: layer4)
     lr_encoder: float = _shared(TrainHeadConfig, "lr_encoder")  # learning rate of the unfrozen encoder layers
-    layer_decay: float = _shared(TrainHeadConfig, "layer_decay")  # each text layer below the top: this times the rate above
+    layer_decay: float = _shared(TrainHeadConfig, "layer_decay")  # a text layer learns at this times the rate above it
     lr_fusion: float = _shared(TrainHeadConfig, "lr_fusion")  # of the head's fusion layers
     lr_head: float = _shared(TrainHeadConfig, "lr_head")  # of the classifier
     weight_decay: float = _shared(TrainHeadConfig, "weight_decay")  # AdamW's
