@@ -123,6 +123,11 @@ def test_cross_validation_reports_mean_and_std_and_predicts_with_the_fold_ensemb
     _, together = predict.run(PredictConfig(run=tmp_path / "cv"), show_progress=False)
     np.testing.assert_array_equal(together.probabilities, np.mean([m.probabilities for m in members], axis=0))
     assert len(together.guids) == 20  # the test items
+    from msa.pipeline.config import EvaluateConfig
+    from msa.stages import evaluate
+
+    report = evaluate.run(EvaluateConfig(run=tmp_path / "cv"))  # the folds' val predictions: every label once
+    assert report["metrics"]["n"] == len(labelled)
 
 
 def test_a_sweep_ranks_by_cross_validation(signal_cache, tmp_path):
@@ -163,3 +168,30 @@ def test_a_fold_ensemble_extracts_new_data_once(signal_cache, tmp_path, monkeypa
     _, predictions = predict.run(PredictConfig(run=tmp_path / "cv", data=new), show_progress=False)
     assert len(predictions.guids) == 6 and encoded == [10]  # one text extraction for both folds
     assert not list((tmp_path / "cv").glob("fold-*/predict-cache"))
+
+
+@pytest.mark.parametrize("folds", [0, 2])
+def test_refit_trains_on_every_label_for_the_selected_epochs_and_predict_uses_it(folds, signal_cache, tmp_path):
+    import pandas as pd
+
+    from msa.pipeline import rundir
+    from msa.stages import predict
+
+    run = tmp_path / "run"
+    result = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="concat", epochs=4, patience=1, folds=folds,
+                                            refit=True, out=run), log=lambda *_: None)
+    refit = rundir.read_json(run / "metrics.json")["refit"]
+    labelled = sum(1 for label in read_manifest(signal_cache).column("label") if label)
+    assert refit["items"] == labelled == 150 and refit["epochs"] == result.best_epoch
+    history = pd.read_csv(run / "refit" / "history.csv")
+    assert history.epoch.tolist() == list(range(1, result.best_epoch + 1))
+    assert not [c for c in history.columns if c.startswith("val_")]  # nothing is validated after selection
+    from_run = predict.predict(run, show_progress=False)
+    refit_alone = predict.predict(run / "refit", show_progress=False)
+    np.testing.assert_array_equal(from_run.probabilities, refit_alone.probabilities)
+    selected, _ = rundir.load_model(run / "fold-0" if folds else run)  # the selection model, which saw fewer labels
+    refitted, _ = rundir.load_model(run / "refit")
+    assert selected.keys() == refitted.keys() and not all(torch.equal(selected[k], refitted[k]) for k in selected)
+    (run / "refit" / "metrics.json").unlink()  # as when the refit was killed
+    with pytest.raises(rundir.RunDirError, match="refit is unfinished"):
+        predict.predict(run, show_progress=False)

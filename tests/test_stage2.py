@@ -181,6 +181,28 @@ def test_evaluate_matches_scikit_learn_and_reports_agreement_and_gate(signal_cac
     assert sum(report["errors by type"].values()) == len(bad)
 
 
+def test_evaluate_scores_new_labelled_data(signal_cache, tmp_path):
+    run = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="concat", out=tmp_path / "run", **FAST),
+                         log=lambda *_: None).run_dir
+    new_data = make_demo_dataset(tmp_path / "new", n_labelled=24, n_test=5, seed=11)
+    report = evaluate.run(EvaluateConfig(run=run, data=new_data))
+    predictions = predict.predict(run, new_data, split="all", show_progress=False)
+    truth = dict(line.split(",") for line in (new_data / "train.txt").read_text().splitlines()[1:])
+    predicted = dict(zip(predictions.guids, predictions.predicted))
+    y, p = [truth[g] for g in truth], [predicted[g] for g in truth]
+    assert report["metrics"]["n"] == 24 and report["metrics"]["accuracy"] == pytest.approx(accuracy_score(y, p))
+    bad = pd.read_csv(tmp_path / "run" / f"evaluation-{predict.data_tag(new_data)}" / "bad_cases.csv", dtype=str)
+    assert len(bad) == sum(a != b for a, b in zip(y, p)) and set(bad.guid) <= set(truth)
+    # A labels file picks (and labels) the items scored, and guids that are not in the data are named.
+    chosen = list(truth)[:10]
+    labels = tmp_path / "labels.txt"
+    labels.write_text("guid,tag\n" + "".join(f"{g},{truth[g]}\n" for g in chosen))
+    assert evaluate.run(EvaluateConfig(run=run, data=new_data, labels=labels))["metrics"]["n"] == 10
+    labels.write_text("guid,tag\n" + "".join(f"{g},{truth[g]}\n" for g in chosen) + "no-such-guid,positive\n")
+    with pytest.raises(ConfigError, match="1 guids are not in --data .*no-such-guid"):
+        evaluate.run(EvaluateConfig(run=run, data=new_data, labels=labels))
+
+
 def test_cli_train_head_sweep_predict_evaluate(signal_cache, tmp_path):
     runner = CliRunner(env={"COLUMNS": "200"})
     run_dir = tmp_path / "run"

@@ -152,6 +152,7 @@ class TrainHeadConfig:
     grad_clip: float = 0.0  # max gradient norm (0: off)
     device: Device = "auto"  # auto: cuda when there is one
     folds: int = 0  # K >= 2: K-fold cross-validation over every labelled item (0: the extract's val split)
+    refit: bool = False  # then train again on train+val for the selected epochs, into RUN/refit (what predict uses)
 
 
 def _shared(config_class: type, field: str) -> Any:
@@ -232,7 +233,8 @@ class PredictConfig:
 @dataclasses.dataclass
 class EvaluateConfig:
     run: Path  # the run to evaluate
-    labels: Path | None = None  # a guid,tag file; default: the run's validation predictions
+    data: Path | None = None  # new MVSA data to score (extracted as predict does); default: the run's own
+    labels: Path | None = None  # a guid,tag file; default: the run's val predictions, or --data's labelled items
     text_run: Path | None = None  # a text-only run, for the agreement analysis
     image_run: Path | None = None  # an image-only run, for the agreement analysis
     out: Path | None = None  # default: RUN/evaluation

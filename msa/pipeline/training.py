@@ -292,12 +292,13 @@ class FitState:
     best_metrics: dict | None = None
 
 
-def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, dict]], task: Task, select: str,
+def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, dict]] | None, task: Task, select: str,
         epochs: int, patience: int, run_dir: Path, on_best: Callable[[FitState, dict], None],
         resume_state: Path | None = None, stateful: dict | None = None, generator: torch.Generator | None = None,
         log=print, after_epoch: Callable[[FitState], None] | None = None) -> FitState:
     """The epoch loop. train_epoch(epoch) -> train figures; validate() -> (val metrics, outputs);
-    on_best(state, outputs) keeps the best model. With resume_state, every epoch ends by saving
+    on_best(state, outputs) keeps the best model; without validate (a refit on every label), the
+    last epoch is the best and patience does not apply. With resume_state, every epoch ends by saving
     `stateful` (objects with state_dict), every RNG state (the batch `generator` too) and the
     FitState there, and a run that finds the file resumes from it exactly. after_epoch(state) follows."""
     state = FitState()
@@ -312,20 +313,21 @@ def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, d
             break
         start = time.perf_counter()
         train = train_epoch(epoch)
-        metrics, outputs = validate()
+        metrics, outputs = validate() if validate else ({}, None)
         row = {"epoch": epoch, **{f"train_{k}": round(v, 5) for k, v in train.items() if k != "lr"},
-               **{f"val_{k}": round(metrics[k], 5) for k in ("loss", *task.history)}, "lr": train["lr"],
-               "seconds": round(time.perf_counter() - start, 3)}
+               **{f"val_{k}": round(metrics[k], 5) for k in ("loss", *task.history) if k in metrics},
+               "lr": train["lr"], "seconds": round(time.perf_counter() - start, 3)}
         rundir.append_history(run_dir, row, tensorboard)
-        score = metrics[select] if larger else -metrics[select]
+        score = (metrics[select] if larger else -metrics[select]) if validate else epoch
         state.epoch = epoch
         if state.best_score is None or score > state.best_score:
             state.best_score, state.best_epoch, state.stale, state.best_metrics = score, epoch, 0, metrics
             on_best(state, outputs)
         else:
             state.stale += 1
-        log(f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f}  val {select} {metrics[select]:.4f}  "
-            f"(best {state.best_metrics[select]:.4f} at {state.best_epoch})  {row['seconds']:.1f} s")
+        judged = f"val {select} {metrics[select]:.4f}  (best {state.best_metrics[select]:.4f} at {state.best_epoch})" \
+            if validate else "no validation (refit)"
+        log(f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f}  {judged}  {row['seconds']:.1f} s")
         if state.stale >= patience:
             log(f"early stop at epoch {epoch}: no better val {select} for {patience} epochs")
         if resume_state:

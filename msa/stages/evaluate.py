@@ -1,7 +1,8 @@
 """Evaluate a run: metrics, the bad cases, modality agreement, and the GMU gate.
 
-Without `--labels`, the run's validation predictions are evaluated; with a `guid,tag`
-file, the run predicts those items from its cache first.
+Without `--labels` or `--data`, the run's validation predictions are evaluated; with a
+`guid,tag` file and/or new MVSA data, the run predicts those items first (new data is
+extracted with the run's encoders, as `msa predict --data` does).
 """
 
 from __future__ import annotations
@@ -17,26 +18,51 @@ from msa.cache.manifest import read_manifest
 from msa.pipeline import rundir
 from msa.pipeline.config import ConfigError, EvaluateConfig
 from msa.pipeline.metrics import classification_metrics, regression_metrics
-from msa.pipeline.mvsa import read_label_file
+from msa.pipeline.mvsa import read_label_file, read_mvsa
 from msa.pipeline.tasks import task_of_metrics
-from msa.stages.predict import predict
+from msa.stages.predict import data_tag, predict
 
 
-def run_predictions(run_dir: Path, labels_file: Path | None) -> pd.DataFrame:
-    """guid, label, prediction, p_<class>... (and gate) for the items evaluated."""
-    if labels_file is None:
-        return pd.read_parquet(Path(run_dir) / rundir.VAL_PREDICTIONS)
-    wanted = {guid: label for guid, label, _ in read_label_file(Path(labels_file), labelled=True)}
-    predictions = predict(run_dir, split="all", show_progress=False)
+def run_predictions(run_dir: Path, labels_file: Path | None, data: Path | None = None) -> pd.DataFrame:
+    """guid, label, prediction, p_<class>... (and gate) for the items evaluated: the run's val
+    predictions; with `data`, its labelled items (or those of labels_file), predicted as predict
+    does; with labels_file alone, those items of the run's own data."""
+    if labels_file is None and data is None:
+        return val_predictions(Path(run_dir))
+    predictions = predict(run_dir, data, split="all", show_progress=False)
     table = rundir.predictions_table(predictions.guids, predictions.labels, predictions.probabilities,
                                      predictions.class_names, predictions.gate).to_pandas()
+    if labels_file is None:
+        wanted = {g: label for g, label in zip(predictions.guids, predictions.labels) if label is not None}
+        if not wanted:
+            raise ConfigError(f"--data {data}: no labelled items (train.txt lists none); give --labels FILE")
+    else:
+        wanted = {guid: label for guid, label, _ in read_label_file(Path(labels_file), labelled=True)}
     missing = sorted(set(wanted) - set(table["guid"]))
     if missing:
-        raise ConfigError(f"{labels_file}: {len(missing)} guids are not in the run's cache "
-                         f"(first: {', '.join(missing[:5])}); extract them first")
+        where = f"--data {data}" if data else "the run's cache"
+        raise ConfigError(f"{labels_file}: {len(missing)} guids are not in {where} "
+                          f"(first: {', '.join(missing[:5])}){'' if data else '; pass their data with --data'}")
     table = table[table["guid"].isin(wanted)].copy()
     table["label"] = table["guid"].map(wanted)
     return table.reset_index(drop=True)
+
+
+def val_predictions(run_dir: Path) -> pd.DataFrame:
+    """A run's val predictions; a cross-validation's are its folds' (every labelled item once)."""
+    folds = sorted(run_dir.glob("fold-*/" + rundir.VAL_PREDICTIONS))
+    if rundir.read_json(run_dir / rundir.CONFIG).get("kind") == "cross-validation" and folds:
+        return pd.concat([pd.read_parquet(f) for f in folds], ignore_index=True)
+    return pd.read_parquet(run_dir / rundir.VAL_PREDICTIONS)
+
+
+def item_texts(run_dir: Path, data: Path | None) -> dict[str, str]:
+    """guid -> post text, of --data or of the data the run was trained on."""
+    if data is not None:
+        items, _ = read_mvsa(Path(data))
+        return {item.guid: item.text for item in items}
+    manifest = read_manifest(rundir.read_json(Path(run_dir) / rundir.CONFIG)["cache"])
+    return dict(zip(manifest.guids, manifest.column("text")))
 
 
 def agreement(fused: pd.DataFrame, text: pd.DataFrame, image: pd.DataFrame) -> dict:
@@ -84,19 +110,17 @@ def gate_statistics(table: pd.DataFrame) -> dict:
 
 
 def run(cfg: EvaluateConfig) -> dict:
-    if cfg.labels is None and task_of_metrics(rundir.read_json(Path(cfg.run) / rundir.METRICS)).name == "regression":
+    own_val = cfg.labels is None and cfg.data is None
+    if own_val and task_of_metrics(rundir.read_json(Path(cfg.run) / rundir.METRICS)).name == "regression":
         return regression_report(cfg)
-    table = run_predictions(cfg.run, cfg.labels)
+    table = run_predictions(cfg.run, cfg.labels, cfg.data)
     class_names = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
     index = {name: i for i, name in enumerate(class_names)}
     metrics = classification_metrics(table["label"].map(index).to_numpy(),
                                      table["prediction"].map(index).to_numpy(), class_names)
-    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "evaluation"
+    out = Path(cfg.out) if cfg.out else default_output(cfg.run, cfg.data)
     out.mkdir(parents=True, exist_ok=True)
-
-    config = rundir.read_json(Path(cfg.run) / rundir.CONFIG)
-    manifest = read_manifest(config["cache"])
-    texts = dict(zip(manifest.guids, manifest.column("text")))
+    texts = item_texts(cfg.run, cfg.data)
     wrong = table[table["prediction"] != table["label"]].copy()
     wrong.insert(1, "text", wrong["guid"].map(texts))
     wrong["confidence"] = wrong[[f"p_{c}" for c in class_names]].max(axis=1)
@@ -109,17 +133,24 @@ def run(cfg: EvaluateConfig) -> dict:
         "bad cases": str(out / "bad_cases.csv"),
     }
     if cfg.text_run and cfg.image_run:
-        report["agreement"] = agreement(table, run_predictions(cfg.text_run, cfg.labels),
-                                        run_predictions(cfg.image_run, cfg.labels))
+        report["agreement"] = agreement(table, run_predictions(cfg.text_run, cfg.labels, cfg.data),
+                                        run_predictions(cfg.image_run, cfg.labels, cfg.data))
     if "gate" in table.columns:
         report["gate"] = gate_statistics(table)
     rundir.write_json(out / "evaluation.json", report)
     return report
 
 
+def default_output(run_dir: Path, data: Path | None) -> Path:
+    """RUN/evaluation for the run's own data; new data's beside it, named after the data."""
+    if data is None:
+        return Path(run_dir) / "evaluation"
+    return Path(run_dir) / f"evaluation-{data_tag(data)}"
+
+
 def regression_report(cfg: EvaluateConfig) -> dict:
     """Regression runs: the field's metrics on the validation predictions, and the largest errors."""
-    table = pd.read_parquet(Path(cfg.run) / rundir.VAL_PREDICTIONS)
+    table = val_predictions(Path(cfg.run))
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     table["error"] = table["prediction"] - table["score"]

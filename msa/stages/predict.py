@@ -122,7 +122,11 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
             device: str = "auto", show_progress: bool = True) -> Predictions:
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    kind = rundir.read_json(Path(run_dir) / rundir.CONFIG).get("kind")
+    config = rundir.read_json(Path(run_dir) / rundir.CONFIG)
+    if config.get("refit"):  # the model refit on every label stands for the run
+        run_dir = refit_model_dir(Path(run_dir))
+        config = rundir.read_json(run_dir / rundir.CONFIG)
+    kind = config.get("kind")
     if kind == "finetune":
         return _predict_finetuned(run_dir, data, split, device, show_progress)
     # A cross-validation predicts with its fold ensemble: the folds share one extraction and one load.
@@ -149,6 +153,14 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
         predictions.append(Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"],
                                        out.get("gate"), spec["class_names"], out.get("scores")))
     return ensemble(predictions) if len(predictions) > 1 else predictions[0]
+
+
+def refit_model_dir(run_dir: Path) -> Path:
+    refit = run_dir / "refit"
+    if not (refit / rundir.METRICS).is_file():
+        raise rundir.RunDirError(f"{refit} is unfinished (the refit was stopped); run train-head again with "
+                                 "--overwrite, or without --refit")
+    return refit
 
 
 def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str,
@@ -193,8 +205,13 @@ def default_output(run_dir: Path, data: Path | None, split: str, ensemble: bool 
     kind = "predictions-ensemble" if ensemble else "predictions"
     if data is None:
         return Path(run_dir) / f"{kind}-{split}.txt"
+    return Path(run_dir) / f"{kind}-{data_tag(data)}-{split}.txt"
+
+
+def data_tag(data: Path) -> str:
+    """A short name for a data folder in file names: its name and a digest of its path."""
     data = Path(data).resolve()
-    return Path(run_dir) / f"{kind}-{slug(data.name)}-{config_id({'data': str(data)}, 6)}-{split}.txt"
+    return f"{slug(data.name)}-{config_id({'data': str(data)}, 6)}"
 
 
 def ensemble(members: list[Predictions]) -> Predictions:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from msa.pipeline.training import (
 )
 
 KIND = "train-head"  # config.json's "kind": what wrote a run directory
+REFIT = "refit"  # RUN/refit: the model refit on every label, which predict uses for RUN
 CV_KIND = "cross-validation"  # a directory of fold runs
 FOLD_SEED = 42  # folds depend on the data alone, never on a run's seed: every run is judged on the same folds
 MODALITY_ORDER = ("text", "image")  # roles of two-modality heads: the first is the "text" role
@@ -222,7 +224,11 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     lock = rundir.claim(run_dir, CV_KIND if cfg.folds >= 2 else KIND, overwrite)
     try:
-        return cross_validate(cfg, data, run_dir, log) if cfg.folds >= 2 else train(cfg, data, run_dir, log)
+        result = cross_validate(cfg, data, run_dir, log) if cfg.folds >= 2 else train(cfg, data, run_dir, log)
+        if cfg.refit:
+            result.metrics["refit"] = refit(cfg, data, run_dir, result.best_epoch, log)
+            rundir.write_json(run_dir / rundir.METRICS, result.metrics)
+        return result
     finally:
         lock.release()
 
@@ -258,6 +264,54 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
 def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
           rows: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
     """One run into run_dir, on the extract's train/val split or on `rows` (train, val)."""
+    spec = write_run_config(cfg, data, run_dir)
+    train_rows, val_rows = rows or (data.manifest.rows_of_split("train"), data.manifest.rows_of_split("val"))
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise ConfigError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
+    model, train_epoch, load, lengths = prepare_training(cfg, data, spec, train_rows)
+
+    def validate() -> tuple[dict, dict]:
+        out = evaluate(model, val_rows, load(evaluation_order(val_rows, lengths, 256)), data.targets)
+        return {**data.task.metrics(data.targets[val_rows].numpy(), out), "loss": out["loss"]}, out
+
+    best = {}
+
+    def keep_best(state, out: dict) -> None:
+        best.update(state_dict=copy.deepcopy(model.state_dict()), out=out)
+
+    start = time.perf_counter()
+    state = fit(train_epoch, validate, data.task, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best, log=log)
+    seconds = time.perf_counter() - start
+    metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds}
+    rundir.save_model(run_dir, best["state_dict"], spec)
+    rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"], list(data.feature_sets))
+    plots.plot_run(run_dir, metrics)
+    rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
+    return TrainResult(run_dir, metrics, state.best_epoch, seconds, collapse_warnings(best["out"]))
+
+
+def refit(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, epochs: int, log=print) -> dict:
+    """The selected configuration trained again on every labelled item (train and val) for the
+    epochs selection found, into RUN/refit, a run directory of its own that predict uses for RUN.
+    The schedule is selection's (sized for --epochs), cut at the selected epoch; nothing is
+    validated, so RUN's metrics stay those of selection."""
+    refit_dir = run_dir / REFIT
+    if refit_dir.exists():  # a refit killed before it finished: start it again
+        shutil.rmtree(refit_dir)
+    spec = write_run_config(dataclasses.replace(cfg, refit=False, folds=0), data, refit_dir)  # a plain run
+    rows = np.flatnonzero(np.isin(data.manifest.column("split"), ("train", "val")))
+    model, train_epoch, _, _ = prepare_training(cfg, data, spec, rows)
+    log(f"refit on {len(rows)} labelled items for {epochs} epochs")
+    start = time.perf_counter()
+    fit(train_epoch, None, data.task, cfg.select, epochs, cfg.patience, refit_dir, lambda *_: None, log=log)
+    rundir.save_model(refit_dir, model.state_dict(), spec)
+    summary = {"epochs": epochs, "items": len(rows), "seconds": time.perf_counter() - start}
+    rundir.write_json(refit_dir / rundir.METRICS, {"task": data.task.name, "refit": summary})
+    return summary
+
+
+def write_run_config(cfg: TrainHeadConfig, data: TrainData, run_dir: Path) -> dict:
+    """config.json of a run, and the model spec it trains."""
     # With the extract options (and the caption config, for text made from captions), the run
     # directory alone can extract new data for prediction.
     feature_info = {m: {"name": fs.name, "fingerprint": fs.fingerprint, **fs.notes}
@@ -266,13 +320,14 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": KIND, "out": str(run_dir),
                                                 "modalities_used": list(data.feature_sets),
                                                 "feature_sets": feature_info})
-    train_rows, val_rows = rows or (data.manifest.rows_of_split("train"), data.manifest.rows_of_split("val"))
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise ConfigError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
+    return model_spec(cfg, data, feature_info)
+
+
+def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_rows: np.ndarray):
+    """The model and one epoch's training on train_rows: (model, train_epoch, load, lengths)."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     compute = resolve_compute(cfg.device, "fp32")
-    spec = model_spec(cfg, data, feature_info)
     model = build_model(spec).to(compute.device)
     counts = unfrozen(cfg)
     # fused: one kernel for all parameters; the default per-parameter loop was 24% of an epoch.
@@ -295,24 +350,7 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
         batches = shuffled_batches(train_rows, cfg.batch_size, generator, lengths)
         return train_one_epoch(model, batches, load, data.targets, loss_fn, step, data.task, generator, regularisers)
 
-    def validate() -> tuple[dict, dict]:
-        out = evaluate(model, val_rows, load(evaluation_order(val_rows, lengths, 256)), data.targets)
-        return {**data.task.metrics(data.targets[val_rows].numpy(), out), "loss": out["loss"]}, out
-
-    best = {}
-
-    def keep_best(state, out: dict) -> None:
-        best.update(state_dict=copy.deepcopy(model.state_dict()), out=out)
-
-    start = time.perf_counter()
-    state = fit(train_epoch, validate, data.task, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best, log=log)
-    seconds = time.perf_counter() - start
-    metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds}
-    rundir.save_model(run_dir, best["state_dict"], spec)
-    rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"], list(data.feature_sets))
-    plots.plot_run(run_dir, metrics)
-    rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
-    return TrainResult(run_dir, metrics, state.best_epoch, seconds, collapse_warnings(best["out"]))
+    return model, train_epoch, load, lengths
 
 
 def collapse_warnings(val: dict) -> list[str]:
