@@ -91,8 +91,8 @@ def caption(config: Path = config_option(), progress: bool = PROGRESS, **options
 @app.command("import-features")
 @one_line_errors
 def import_features(
-    file: Path = typer.Argument(..., help="Features file: a MultiBench-style pickle (train/valid/test, modality "
-                                          "arrays, labels, id), or the same as .npz / .h5."),
+    file: Path = typer.Argument(..., help="Features file: MMSA's aligned_50.pkl / unaligned_50.pkl, a MultiBench "
+                                          "pickle (train/valid/test, modality arrays, labels, id), or .npz / .h5."),
     cache: Path = typer.Option(default(ExtractConfig, "cache"), help="Cache directory to create."),
     config: Path = config_option(),
 ) -> None:

@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from msa.cache.features import FeatureSet
 from msa.cache.manifest import read_manifest
-from msa.models.heads import ModalityDims, create_head
+from msa.models.heads import ModalityDims, create_head, fit_standardisers
 from msa.models.lexicon import FEATURES, LexiconScorer
 from msa.pipeline.config import TrainHeadConfig
+from msa.pipeline.training import FeatureBank
 from msa.stages import extract, train_head
 
 
@@ -45,10 +48,13 @@ def test_the_linear_head_is_a_logistic_regression():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((600, 6)).astype(np.float32)
     y = (x @ rng.standard_normal((6, 3))).argmax(1)
+    unscaled = (x * [0.01, 1, 30, 100, 0.5, 5] + [3, -1, 50, 0, 2, -7]).astype(np.float32)  # as features come
     head = create_head("linear", {"a": ModalityDims(4, 4), "b": ModalityDims(2, 2)}, 3, 16, 0.0)
     assert sum(p.numel() for p in head.parameters()) == 6 * 3 + 3  # one linear layer, nothing else
+    bank = FeatureBank({"a": torch.from_numpy(unscaled[:, :4]), "b": torch.from_numpy(unscaled[:, 4:])}, {}, {})
+    fit_standardisers(head, bank.statistics(np.arange(600)))
     optimizer = torch.optim.LBFGS(head.parameters(), max_iter=200)
-    inputs = {"a": _modality(x[:, :4]), "b": _modality(x[:, 4:])}
+    inputs = {"a": _modality(unscaled[:, :4]), "b": _modality(unscaled[:, 4:])}
     targets = torch.from_numpy(y)
 
     def closure():
@@ -60,13 +66,11 @@ def test_the_linear_head_is_a_logistic_regression():
         return loss
 
     optimizer.step(closure)
-    # The same model in scikit-learn: each modality standardised per item, then a logistic regression.
-    standardised = np.concatenate([torch.nn.functional.layer_norm(torch.from_numpy(part), part.shape[-1:]).numpy()
-                                   for part in (x[:, :4], x[:, 4:])], axis=1)
-    reference = LogisticRegression(C=1.0, max_iter=2000).fit(standardised, y)
+    # The same model in scikit-learn: StandardScaler on the training rows, then a logistic regression.
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)).fit(unscaled, y)
     ours = head(inputs)["logits"].argmax(1).numpy()
-    assert (ours == reference.predict(standardised)).mean() > 0.98
-    np.testing.assert_allclose(head.classify.weight.detach().numpy(), reference.coef_, atol=0.05)
+    assert (ours == reference.predict(unscaled)).mean() > 0.98
+    np.testing.assert_allclose(head.classify.weight.detach().numpy(), reference[-1].coef_, atol=0.05)
 
 
 def _modality(values: np.ndarray):

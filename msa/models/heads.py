@@ -76,6 +76,32 @@ def token_projection(in_dim: int, out_dim: int) -> nn.Sequential:
     return projection(in_dim, out_dim, 0.0)
 
 
+class Standardise(nn.Module):
+    """Per-feature standardisation with statistics of the training rows (sklearn's
+    StandardScaler, as a module): pre-extracted features come unscaled (COVAREP and Facet
+    columns differ by orders of magnitude), and a LayerNorm across one step's features
+    lets the largest columns drown the rest. The statistics are buffers, saved with the
+    weights; `fit_standardisers` sets them before training."""
+
+    def __init__(self, modality: str, level: str, dim: int):
+        super().__init__()
+        self.modality, self.level = modality, level  # level: "tokens" or "pooled"
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def fit_standardisers(model: nn.Module, statistics: Callable[[str, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Set every Standardise module of the model from statistics(modality, level) -> (mean, std)."""
+    for module in model.modules():
+        if isinstance(module, Standardise):
+            mean, std = statistics(module.modality, module.level)
+            module.mean.copy_(mean)
+            module.std.copy_(std.clamp(min=1e-6))
+
+
 class FusionHead(nn.Module):
     """The contract of a head: the modality names in order, its width and dropout, and what it
     declares about itself to the stages that build and feed it."""
@@ -134,18 +160,19 @@ class ConcatHead(FusionHead):
 
 @register_head("linear")
 class LinearHead(FusionHead):
-    """The baseline every leaderboard should show: a logistic regression (one linear layer,
-    softmax) on the concatenated pooled features, each modality's standardised per item (a
-    LayerNorm without parameters: encoders' feature scales differ by orders of magnitude),
-    trained by the same loop as the others."""
+    """The baseline every leaderboard should show: one linear layer on the concatenated pooled
+    features, each feature standardised with the training rows' statistics (StandardScaler),
+    trained by the same loop as the others: a logistic regression for classes (softmax), a
+    linear regression for scores (with --weight-decay, a ridge)."""
 
     def __init__(self, dims, num_classes, hidden, dropout):
         super().__init__(dims, num_classes, hidden, dropout)
+        self.standardise = nn.ModuleDict({m: Standardise(m, "pooled", d.pooled) for m, d in dims.items()})
         self.classify = nn.Linear(sum(d.pooled for d in dims.values()), num_classes)
+        nn.init.zeros_(self.classify.weight)
 
     def forward(self, inputs):
-        features = [nn.functional.layer_norm(inputs[m].pooled, inputs[m].pooled.shape[-1:]) for m in self.names]
-        return {"logits": self.classify(torch.cat(features, dim=-1))}
+        return {"logits": self.classify(torch.cat([self.standardise[m](inputs[m].pooled) for m in self.names], -1))}
 
 
 @register_head("late")

@@ -173,3 +173,108 @@ def make_mosi_pickle(path: Path, sizes: dict[str, int] | None = None, steps: int
     with open(path, "wb") as f:
         pickle.dump(data, f)
     return Path(path)
+
+
+SIGNALS = ("means", "last", "interaction")
+MOSEI_LIKE_DIMS = {"text": 300, "audio": 74, "vision": 35}  # MultiBench's MOSI/MOSEI feature sizes
+MMSA_MOSI_DIMS = {"text": 768, "audio": 5, "vision": 20}  # MMSA's MOSI files (BERT text)
+MMSA_UNALIGNED_STEPS = {"text": 50, "audio": 375, "vision": 500}
+
+
+def signal_splits(signal: str, sizes: dict[str, int], steps: dict[str, int], dims: dict[str, int], seed: int,
+                  noise: float, pad: str) -> dict[str, dict]:
+    """Per split: {"features": {m: [N, T_m, D_m]}, "lengths": {m: [N]}, "scores": [N]}, with a score
+    planted as make_sequence_signal says; pad "start" (MultiBench) or "end" (MMSA)."""
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
+    rng = np.random.default_rng(seed)
+    offsets = {m: rng.normal(0, 3, size=d) for m, d in dims.items()}
+    scales = {m: 10 ** rng.uniform(-2, 2, size=d) for m, d in dims.items()}
+    weights = {m: rng.normal(size=3) for m in dims}  # columns 0-2 of each modality carry the signal
+    splits = {}
+    for split, n in sizes.items():
+        share = rng.uniform(0.5, 1.0, size=n)  # each item's length, as a share of every modality's steps
+        lengths = {m: np.maximum(3, np.ceil(share * steps[m])).astype(int) for m in dims}
+        real = {m: (np.arange(steps[m])[None, :] >= (steps[m] - lengths[m])[:, None]) if pad == "start"
+                else (np.arange(steps[m])[None, :] < lengths[m][:, None]) for m in dims}
+        # Each item has its own level per column, so the means vary between items.
+        raw = {m: rng.normal(size=(n, steps[m], d)) + rng.normal(size=(n, 1, d)) for m, d in dims.items()}
+        if signal == "last":  # the mean of the last 3 real steps
+            ends = {m: np.full(n, steps[m]) if pad == "start" else lengths[m] for m in dims}
+            last = {m: ends[m][:, None] - 3 + np.arange(3)[None, :] for m in dims}
+            summary = {m: np.take_along_axis(raw[m][:, :, :3], last[m][..., None], 1).mean(1) for m in dims}
+        else:
+            summary = {m: (raw[m][:, :, :3] * real[m][..., None]).sum(1) / lengths[m][:, None] for m in dims}
+        if signal == "interaction":  # each of two modalities alone, and their product
+            first, second = (summary[m] @ weights[m] / np.sqrt(3) for m in list(dims)[:2])
+            latent = 0.5 * (first + second) + first * second
+        else:
+            latent = sum(summary[m] @ weights[m] for m in dims) / np.sqrt(len(dims) * 3)
+        scores = np.clip(np.round(1.5 * latent + rng.normal(0, noise, size=n), 2), -3, 3)
+        features = {m: ((raw[m] + offsets[m]) * scales[m] * real[m][..., None]).astype(np.float32) for m in dims}
+        second_name = list(dims)[1]  # audio in the real files: -inf in a column that carries no signal
+        features[second_name][..., -1][(rng.random((n, steps[second_name])) < 0.02) & real[second_name]] = -np.inf
+        splits[split] = {"features": features, "lengths": lengths, "scores": scores}
+    return splits
+
+
+def make_sequence_signal(signal: str, sizes: dict[str, int] | None = None, steps: int = 20,
+                         dims: dict[str, int] | None = None, seed: int = 0, noise: float = 0.3) -> dict:
+    """MultiBench-layout splits ({"train" | "valid" | "test": {text, audio, vision [N, T, D], labels
+    [N, 1, 1], id}}) whose score is planted in one of three ways, on features as unscaled as real
+    ones (each column with its own offset and a scale from 0.01 to 100, left padding, -inf in audio):
+
+    means: a linear function of the per-modality means of a few columns (what a ridge regression
+        on mean-pooled features finds);
+    last: the same, of the means over each sequence's last 3 real steps (order matters);
+    interaction: a linear function of the text means and one of the audio means, plus their
+        product (a linear model finds the first part only).
+    """
+    sizes = sizes or {"train": 600, "valid": 150, "test": 150}
+    dims = dims or MOSEI_LIKE_DIMS
+    splits = signal_splits(signal, sizes, {m: steps for m in dims}, dims, seed, noise, pad="start")
+    return {split: {**part["features"], "labels": part["scores"].reshape(-1, 1, 1).astype(np.float32),
+                    "id": np.array([[f"{split}{i}", "0"] for i in range(len(part["scores"]))])}
+            for split, part in splits.items()}
+
+
+def make_mmsa_pickle(path: Path, aligned: bool = True, sizes: dict[str, int] | None = None,
+                     steps: dict[str, int] | None = None, dims: dict[str, int] | None = None, signal: str = "means",
+                     seed: int = 0) -> Path:
+    """A pickle in MMSA's layout (aligned_50.pkl, or unaligned_50.pkl with audio_lengths and
+    vision_lengths): per split id, raw_text, text [N, T, 768], text_bert [N, 3, T] (ids, mask,
+    segments), audio, vision, regression_labels [N], classification_labels, annotations;
+    sequences padded at the end, with a planted signal (make_sequence_signal's)."""
+    import pickle
+
+    sizes = sizes or {"train": 120, "valid": 40, "test": 40}
+    dims = dims or MMSA_MOSI_DIMS
+    steps = steps or ({m: 50 for m in dims} if aligned else MMSA_UNALIGNED_STEPS)
+    if aligned and len(set(steps.values())) != 1:
+        raise ValueError("an aligned file has one number of steps for every modality")
+    splits = signal_splits(signal, sizes, steps, dims, seed, 0.3, pad="end")
+    data = {}
+    for split, part in splits.items():
+        n, scores = len(part["scores"]), part["scores"]
+        text_lengths = part["lengths"]["text"]
+        token_mask = (np.arange(steps["text"])[None, :] < text_lengths[:, None]).astype(np.float32)
+        ids = np.where(token_mask > 0, np.arange(steps["text"])[None, :] + 100, 0).astype(np.float32)
+        entry = {"id": np.array([f"clip{split}{i // 3}$_${i % 3}" for i in range(n)], dtype=object),
+                 "raw_text": np.array([f"{WORDS_BY_SIGN[int(np.sign(s)) + 1]} words number {i}"
+                                       for i, s in enumerate(scores)], dtype=object),
+                 **part["features"],
+                 "text_bert": np.stack([ids, token_mask, np.zeros_like(token_mask)], axis=1),
+                 "regression_labels": scores.astype(np.float32),
+                 "classification_labels": (np.sign(scores) + 1).astype(np.float32),
+                 "annotations": np.array(["Negative", "Neutral", "Positive"], dtype=object)[
+                     (np.sign(scores) + 1).astype(int)]}
+        if not aligned:
+            entry["audio_lengths"] = part["lengths"]["audio"]
+            entry["vision_lengths"] = part["lengths"]["vision"]
+        data[split] = entry
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return Path(path)
+
+
+WORDS_BY_SIGN = ("sad bad", "plain so-so", "great fun")

@@ -62,8 +62,10 @@ TASKS = {
         history=("mae", "corr", "acc2", "acc7"),
         results=("mae", "corr", "acc2", "f1", "non0_acc2", "non0_f1", "acc5", "acc7", "loss", "best_epoch",
                  "train_seconds"),
-        leaderboard=(("mae", "MAE"), ("corr", "corr"), ("acc2", "Acc-2"), ("non0_acc2", "Non0-Acc-2"),
-                     ("acc7", "Acc-7")),
+        # Both of the field's binary conventions, named: Has0 (negative vs non-negative, every item)
+        # and Non0 (negative vs positive, items whose true score is not 0).
+        leaderboard=(("mae", "MAE"), ("corr", "Corr"), ("acc2", "Has0-Acc-2"), ("f1", "Has0-F1"),
+                     ("non0_acc2", "Non0-Acc-2"), ("non0_f1", "Non0-F1"), ("acc5", "Acc-5"), ("acc7", "Acc-7")),
         prediction_header="guid,score", metrics=_regression_metrics,
         summary=lambda m: (f"val MAE {m['mae']:.4f}  corr {m['corr']:.4f}  Acc-2 {m['acc2']:.4f}  "
                            f"Non0-Acc-2 {m['non0_acc2']:.4f}  Acc-7 {m['acc7']:.4f}")),

@@ -90,6 +90,19 @@ class FeatureBank:
             batch[name] = Modality(pooled[rows], tokens, mask, split)
         return batch
 
+    def statistics(self, rows: np.ndarray) -> Callable[[str, str], tuple[torch.Tensor, torch.Tensor]]:
+        """(modality, "pooled" | "tokens") -> per-feature mean and std over the rows (tokens: over
+        their real steps), for a head's Standardise modules."""
+        def of(name: str, level: str) -> tuple[torch.Tensor, torch.Tensor]:
+            index = torch.as_tensor(rows)
+            if level == "pooled":
+                values = self.pooled[name][index]
+            else:
+                values = self.tokens[name][index][self.masks[name][index]]  # real steps only
+            return values.mean(0), values.std(0, correction=0)  # as StandardScaler
+
+        return of
+
     def lengths(self) -> torch.Tensor | None:
         """[N] each item's tokens summed over modalities (fixed-length image tokens add the
         same to every item, so the order is the text's); None without tokens."""

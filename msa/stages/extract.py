@@ -214,12 +214,33 @@ def encode_lexicon(scorer: LexiconScorer, manifest: Manifest, rows: np.ndarray, 
                 on_batch("lexicon", len(batch))
 
 
+def imported_manifest(cfg: ExtractConfig) -> tuple[Manifest, ReadReport]:
+    """The manifest `msa import-features FILE` wrote for this file: its items' raw text (MMSA's
+    raw_text) can be encoded by any text model, beside the file's own features."""
+    try:
+        manifest = read_manifest(cfg.cache)
+    except FileNotFoundError:
+        raise ConfigError(f"--data {cfg.data} is a file: run `msa import-features {cfg.data} --cache {cfg.cache}` "
+                          "first, then extract its texts into that cache") from None
+    if Path(manifest.info.get("data_dir", "")) != Path(cfg.data).resolve():
+        raise ConfigError(f"{cfg.cache} holds {manifest.info.get('data_dir')}, not {cfg.data}")
+    unsupported = [m for m in cfg.modalities if m not in ("text", "lexicon")]
+    if unsupported:
+        raise ConfigError(f"--modalities {','.join(unsupported)}: an imported features file has no raw "
+                          f"{unsupported[0]} data to encode (text and lexicon read its raw_text)")
+    if not any(manifest.column("text")):
+        raise ConfigError(f"{cfg.data} holds no raw text (MMSA files carry it as raw_text) to encode")
+    return manifest, ReadReport(items_read=len(manifest))
+
+
 def prepare_manifest(cfg: ExtractConfig) -> tuple[Manifest, ReadReport]:
     """Read the data and write the manifest, unless an identical one is already cached.
 
     Reading checks every image (~7 s for MVSA's 4,011); when no file in the data folder
     changed size or time since the cached manifest was built, that is skipped.
     """
+    if Path(cfg.data).is_file():  # a features file imported by `msa import-features`: encode its raw text
+        return imported_manifest(cfg)
     signature = source_signature(cfg)
     # One process at a time reads, compares and rewrites the manifest (a few seconds at most).
     with FileLock(str(lock_path(cfg.cache, "manifest"))):

@@ -143,7 +143,8 @@ def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
     split_names = tuple(sorted({m for r in runs for m in train_head.unfrozen(r)}))
     # Runs that differ in --modalities share the data of every modality and take their part.
     modalities = runs[0].modalities if len({r.modalities for r in runs}) == 1 else ()
-    data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names, modalities)
+    data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names, modalities,
+                                      runs[0].task)
     for run_cfg in runs:
         result = train_head.run(run_cfg, data=data, log=lambda *_: None, overwrite=True)
         metric = task_of_metrics(result.metrics).leaderboard[0][0]

@@ -25,7 +25,7 @@ from msa.cache.features import (
 )
 from msa.cache.manifest import Manifest, manifest_columns, read_manifest
 from msa.models.build import build_model
-from msa.models.heads import HEADS, check_head
+from msa.models.heads import HEADS, check_head, fit_standardisers
 from msa.models.unfrozen import parameter_groups
 from msa.pipeline import plots, rundir
 from msa.pipeline.compute import resolve_compute
@@ -149,15 +149,22 @@ def unusable_message(cache: Path, published: list[PublishedSet], modality: str, 
 
 
 def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
-                    split_names: tuple[str, ...] = (), modalities: tuple[str, ...] = ()) -> TrainData:
+                    split_names: tuple[str, ...] = (), modalities: tuple[str, ...] = (),
+                    task_name: str = "auto") -> TrainData:
+    """task_name: auto reads the cache's own task; classification also serves imported
+    regression data, on the 3-class labels the import derived."""
     manifest = read_manifest(cache)
     feature_sets = select_feature_sets(cache, manifest, features, modalities)
     bank = FeatureBank.load(feature_sets, with_tokens, split_names)
-    task = TASKS[task_of(manifest.table.column_names)]
+    task = TASKS[task_of(manifest.table.column_names) if task_name == "auto" else task_name]
     if task.name == "regression":
+        if "score" not in manifest.table.column_names:
+            raise ConfigError(f"--task regression: {cache} holds class labels, no scores")
         targets = torch.tensor(manifest.column("score"), dtype=torch.float32)
     else:
         targets = class_targets(manifest.column("label"))
+        if not (targets >= 0).any():
+            raise ConfigError(f"--task classification: {cache} holds no class labels")
     return TrainData(manifest, feature_sets, bank, targets, task)
 
 
@@ -212,7 +219,7 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
     cfg = resolved(cfg)
     if data is None:
         data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens, tuple(unfrozen(cfg)),
-                               cfg.modalities)
+                               cfg.modalities, cfg.task)
     elif cfg.modalities and tuple(data.feature_sets) != tuple(cfg.modalities):
         data = data.restricted(cfg.modalities)
     if data.task.name != cfg.task:
@@ -328,7 +335,9 @@ def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_ro
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     compute = resolve_compute(cfg.device, "fp32")
-    model = build_model(spec).to(compute.device)
+    model = build_model(spec)
+    fit_standardisers(model, data.bank.statistics(train_rows))  # from the training rows only
+    model = model.to(compute.device)
     counts = unfrozen(cfg)
     # fused: one kernel for all parameters; the default per-parameter loop was 24% of an epoch.
     groups = (parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head, cfg.weight_decay, cfg.layer_decay)

@@ -1,0 +1,196 @@
+"""Sequence regression that learns (issue 14): heads against a ridge baseline on planted
+signals, the field's feature-file layouts (MMSA aligned / unaligned, MultiBench), the 5-seed
+protocol, and the tensor fusion reference model."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import RidgeCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from msa.cache.features import CacheError, FeatureSet
+from msa.cache.manifest import read_manifest
+from msa.models.heads import Modality, ModalityDims, create_head
+from msa.models.text import TextEncoder
+from msa.pipeline import rundir
+from msa.pipeline.config import ConfigError, ExtractConfig, PredictConfig, SweepConfig, TrainHeadConfig
+from msa.pipeline.demo import make_mmsa_pickle, make_sequence_signal
+from msa.pipeline.metrics import regression_metrics
+from msa.pipeline.mvsa import DataError
+from msa.stages import extract, import_features, predict, sweep, train_head
+
+SMALL = {"sizes": {"train": 400, "valid": 100, "test": 20}, "steps": 10, "dims": {"text": 24, "audio": 8, "vision": 6},
+         "seed": 3}
+
+
+def imported_signal(signal: str, root) -> tuple:
+    path = root / f"{signal}.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(make_sequence_signal(signal, **SMALL), f)
+    result = import_features.run(path, root / f"cache-{signal}")
+    return root / f"cache-{signal}", result
+
+
+def ridge_on_pooled(cache, feature_sets) -> dict:
+    manifest = read_manifest(cache)
+    pooled = np.concatenate([FeatureSet.open(p).load("pooled") for p in feature_sets.values()], axis=1)
+    scores = np.asarray(manifest.column("score"))
+    train, val = manifest.rows_of_split("train"), manifest.rows_of_split("val")
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(pooled[train], scores[train])
+    return regression_metrics(scores[val], model.predict(pooled[val]))
+
+
+@pytest.fixture(scope="module")
+def means_signal(tmp_path_factory):
+    return imported_signal("means", tmp_path_factory.mktemp("means"))
+
+
+@pytest.mark.parametrize("fusion", ["sum-lstm", "attention", "seq-concat", "tfn"])
+def test_every_sequence_head_matches_the_ridge_baseline_on_a_signal_in_the_means(fusion, means_signal, tmp_path):
+    cache, imported = means_signal
+    ridge = ridge_on_pooled(cache, imported.feature_sets)
+    result = train_head.run(TrainHeadConfig(cache=cache, fusion=fusion, epochs=15, out=tmp_path / fusion),
+                            log=lambda *_: None)
+    assert result.metrics["mae"] <= 1.10 * ridge["mae"] and result.metrics["corr"] >= 0.95 * ridge["corr"], \
+        (result.metrics["mae"], result.metrics["corr"], ridge["mae"], ridge["corr"])
+
+
+def test_on_an_interaction_of_two_modalities_a_sequence_head_beats_the_ridge_baseline(tmp_path):
+    cache, imported = imported_signal("interaction", tmp_path)
+    ridge = ridge_on_pooled(cache, imported.feature_sets)
+    result = train_head.run(TrainHeadConfig(cache=cache, fusion="tfn", epochs=15, out=tmp_path / "tfn"),
+                            log=lambda *_: None)
+    assert result.metrics["mae"] < 0.8 * ridge["mae"] and result.metrics["corr"] > ridge["corr"]
+
+
+def test_inputs_are_standardised_with_the_training_rows_statistics(means_signal, tmp_path):
+    cache, imported = means_signal
+    result = train_head.run(TrainHeadConfig(cache=cache, fusion="seq-concat", epochs=1, out=tmp_path / "run"),
+                            log=lambda *_: None)
+    state, _ = rundir.load_model(result.run_dir)
+    audio = FeatureSet.open(imported.feature_sets["audio"])
+    train = read_manifest(cache).rows_of_split("train")
+    real_steps = audio.load("tokens").astype(np.float32)[train][audio.load("mask")[train]]
+    np.testing.assert_allclose(state["head.encoders.audio.standardise.mean"].numpy(), real_steps.mean(0),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(state["head.encoders.audio.standardise.std"].numpy(), real_steps.std(0),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_tensor_fusion_is_the_outer_product_of_the_modality_vectors():
+    torch.manual_seed(0)
+    head = create_head("tfn", {m: ModalityDims(d, d) for m, d in (("text", 6), ("audio", 4), ("vision", 3))}, 1, 64,
+                       0.0, sequence_encoder="lstm").eval()
+    inputs = {m: Modality(torch.randn(5, d), torch.randn(5, 7, d), torch.ones(5, 7, dtype=torch.bool))
+              for m, d in (("text", 6), ("audio", 4), ("vision", 3))}
+    seen = {}
+    for m in ("text", "audio", "vision"):
+        head.reduce[m].register_forward_hook(lambda module, args, out, m=m: seen.__setitem__(m, out))
+    head.classify.register_forward_pre_hook(lambda module, args: seen.__setitem__("fused", args[0]))
+    head(inputs)
+    assert head.fusion_dim == 4 and seen["fused"].shape == (5, 5 ** 3)
+    for i in range(5):
+        vectors = [torch.cat([seen[m][i], torch.tensor([head.constant])]) for m in ("text", "audio", "vision")]
+        expected = torch.kron(torch.kron(vectors[0], vectors[1]), vectors[2])
+        torch.testing.assert_close(seen["fused"][i], expected)
+    with pytest.raises(ConfigError, match="outer product of 4 modalities"):
+        create_head("tfn", {m: ModalityDims(4, 4) for m in "abcd"}, 1, 1024, 0.0)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_mmsa_layouts_import_with_their_masks_labels_and_texts_and_train(aligned, tmp_path):
+    steps = {"text": 10, "audio": 10, "vision": 10} if aligned else {"text": 10, "audio": 30, "vision": 24}
+    path = make_mmsa_pickle(tmp_path / "mmsa.pkl", aligned=aligned, steps=steps,
+                            dims={"text": 16, "audio": 5, "vision": 20})
+    with open(path, "rb") as f:
+        raw = pickle.load(f)
+    result = import_features.run(path, tmp_path / "cache")
+    layout = "mmsa-aligned" if aligned else "mmsa-unaligned"
+    manifest = read_manifest(tmp_path / "cache")
+    assert result.layout == manifest.info["source_format"] == layout
+    assert manifest.info["dims"] == {"text": [10, 16], "audio": [steps["audio"], 5], "vision": [steps["vision"], 20]}
+    train = manifest.rows_of_split("train")
+    scores = np.asarray(manifest.column("score"))
+    np.testing.assert_allclose(scores[train], raw["train"]["regression_labels"], atol=1e-6)
+    assert [manifest.column("text")[r] for r in train[:3]] == list(raw["train"]["raw_text"][:3])
+    signs = np.sign(raw["train"]["regression_labels"]).astype(int) + 1
+    assert [manifest.column("label")[r] for r in train] == [("negative", "neutral", "positive")[s] for s in signs]
+    masks = {m: FeatureSet.open(p).load("mask")[train] for m, p in result.feature_sets.items()}
+    np.testing.assert_array_equal(masks["text"], raw["train"]["text_bert"][:, 1].astype(bool))
+    if aligned:
+        np.testing.assert_array_equal(masks["audio"], masks["text"])
+    else:
+        np.testing.assert_array_equal(masks["audio"].sum(1), raw["train"]["audio_lengths"])
+        np.testing.assert_array_equal(masks["vision"].sum(1), raw["train"]["vision_lengths"])
+        with pytest.raises(ConfigError, match="needs aligned sequences"):
+            train_head.run(TrainHeadConfig(cache=tmp_path / "cache", fusion="sum-lstm", out=tmp_path / "x"),
+                           log=lambda *_: None)
+    run = train_head.run(TrainHeadConfig(cache=tmp_path / "cache", fusion="attention", epochs=2, hidden=16,
+                                         out=tmp_path / "run"), log=lambda *_: None)
+    _, predictions = predict.run(PredictConfig(run=run.run_dir), show_progress=False)
+    assert len(predictions.guids) == 40 and np.all(np.abs(predictions.scores) <= 3)
+    # The 3-class labels serve a classification run on the same cache.
+    classes = train_head.run(TrainHeadConfig(cache=tmp_path / "cache", fusion="seq-concat", task="classification",
+                                             epochs=1, hidden=16, out=tmp_path / "classes"), log=lambda *_: None)
+    assert classes.metrics["task"] == "classification" and 0 <= classes.metrics["accuracy"] <= 1
+
+
+def test_the_raw_text_of_an_imported_file_is_encoded_by_any_text_model(tiny_models, tmp_path):
+    path = make_mmsa_pickle(tmp_path / "mmsa.pkl", sizes={"train": 30, "valid": 10, "test": 10},
+                            steps={"text": 8, "audio": 8, "vision": 8}, dims={"text": 16, "audio": 5, "vision": 6})
+    imported = import_features.run(path, tmp_path / "cache")
+    extracted = extract.run(ExtractConfig(data=path, cache=tmp_path / "cache", text_model=tiny_models["text"],
+                                          max_len=16, modalities=("text",), precision="fp32"), show_progress=False)
+    encoded = FeatureSet.open(extracted.feature_sets["text"].path)
+    direct = TextEncoder(tiny_models["text"], 16)
+    texts = read_manifest(tmp_path / "cache").column("text")
+    with torch.no_grad():
+        _, pooled = direct(*direct.collate(direct.tokenize(texts[:4])))
+    np.testing.assert_allclose(encoded.load("pooled")[:4], pooled.numpy(), atol=2e-3)  # stored as float16
+    with pytest.raises(CacheError, match="2 text feature sets"):  # the file's own text features and the new ones
+        train_head.run(TrainHeadConfig(cache=tmp_path / "cache", fusion="attention", out=tmp_path / "x"),
+                       log=lambda *_: None)
+    run = train_head.run(TrainHeadConfig(cache=tmp_path / "cache", fusion="attention", epochs=1, hidden=16,
+                                         features=(encoded.name,), out=tmp_path / "run"), log=lambda *_: None)
+    read = {m: info["name"] for m, info in rundir.read_json(run.run_dir / "config.json")["feature_sets"].items()}
+    assert read == {"text": encoded.name, "audio": imported.feature_sets["audio"].stem,
+                    "vision": imported.feature_sets["vision"].stem}
+    with pytest.raises(ConfigError, match="no raw image data"):
+        extract.run(ExtractConfig(data=path, cache=tmp_path / "cache", modalities=("image",)), show_progress=False)
+
+
+def test_a_wrong_layout_is_named_with_the_missing_key(tmp_path):
+    path = make_mmsa_pickle(tmp_path / "u.pkl", aligned=False, sizes={"train": 6, "valid": 3, "test": 3},
+                            steps={"text": 5, "audio": 7, "vision": 6}, dims={"text": 8, "audio": 5, "vision": 4})
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+    del data["valid"]["vision_lengths"]
+    with open(tmp_path / "no-lengths.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(DataError, match="split 'valid' has no 'vision_lengths' \\(an mmsa-unaligned file holds"):
+        import_features.run(tmp_path / "no-lengths.pkl", tmp_path / "c1")
+    for part in data.values():
+        del part["regression_labels"]
+    with open(tmp_path / "neither.pkl", "wb") as f:
+        pickle.dump(data, f)
+    with pytest.raises(DataError, match="neither 'labels' \\(MultiBench layout\\) nor 'regression_labels'"):
+        import_features.run(tmp_path / "neither.pkl", tmp_path / "c2")
+
+
+def test_the_five_seed_protocol_reports_every_metric_of_the_field(means_signal, tmp_path):
+    cache, _ = means_signal
+    seeds = (1111, 1112, 1113, 1114, 1115)
+    table = sweep.run(SweepConfig(base=TrainHeadConfig(cache=cache, epochs=2, hidden=16), out=tmp_path / "sweep",
+                                  fusions=("seq-concat",), seeds=seeds), show_progress=False)
+    board = sweep.leaderboard(table, [])
+    assert board["runs"].tolist() == [5]
+    for metric in ("mae", "corr", "acc2", "f1", "non0_acc2", "non0_f1", "acc5", "acc7"):
+        assert board[f"{metric}_mean"].iloc[0] == pytest.approx(table[metric].mean())
+        assert board[f"{metric}_std"].iloc[0] == pytest.approx(table[metric].std())
+    titles = [column.header for column in sweep.leaderboard_table(board, []).columns]
+    assert titles[1:9] == ["MAE", "Corr", "Has0-Acc-2", "Has0-F1", "Non0-Acc-2", "Non0-F1", "Acc-5", "Acc-7"]
