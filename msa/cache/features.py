@@ -67,14 +67,16 @@ def cache_of(path: Path) -> Path:
     return Path(path).parent.parent
 
 
-def shard_rows(n_rows: int, shard: tuple[int, int] | None) -> np.ndarray:
-    """Contiguous, disjoint row ranges, so each shard file allocates only its own chunks."""
+def shard_rows(n_rows: int, shard: tuple[int, int] | None, unit: int = 1) -> np.ndarray:
+    """Contiguous, disjoint row ranges, so each shard file allocates only its own chunks; they
+    start at multiples of `unit` (the batch size), so that images meet the encoder in the same
+    batches as in one process (CPU kernels may round differently for another batch)."""
     if shard is None:
         return np.arange(n_rows)
     index, count = shard
     if not 0 <= index < count:
         raise ConfigError(f"shard {index}/{count}: index must be in 0..{count - 1}")
-    bounds = np.linspace(0, n_rows, count + 1).round().astype(int)
+    bounds = np.minimum(np.linspace(0, -(-n_rows // unit), count + 1).round().astype(int) * unit, n_rows)
     return np.arange(bounds[index], bounds[index + 1])
 
 

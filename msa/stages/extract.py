@@ -24,6 +24,7 @@ from msa.cache.errors import BusyError, CacheError
 from msa.cache.features import FeatureWriter, feature_path, is_complete, shard_rows
 from msa.cache.fingerprint import FORMAT_VERSION, config_id, file_size, local_path, model_reference, slug
 from msa.cache.locks import lock_path
+from msa.cache.maintenance import merge_shards
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from msa.models.build import is_run_dir, run_text_options, text_encoder_of_run
 from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess, weights_identity
@@ -32,6 +33,7 @@ from msa.models.lexicon import LexiconScorer
 from msa.models.text import TextEncoder, model_identity
 from msa.pipeline.compute import Compute, prefetch, resolve_compute
 from msa.pipeline.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
+from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
 from msa.pipeline.progress import ItemProgress, console, rate_text
 
@@ -130,7 +132,12 @@ def resolve_captions(cfg: ExtractConfig, manifest: Manifest) -> CaptionSet | Non
 
 
 def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback | None = None) -> ExtractResult:
-    """Extract every configured modality; `on_batch(modality, rows_done)` follows each batch."""
+    """Extract every configured modality; `on_batch(modality, rows_done)` follows each batch.
+    Under torchrun, each rank encodes its share (`--shard RANK/WORLD_SIZE`) on its own
+    device, and rank 0 merges the shards and publishes each set once all ranks are done."""
+    rank = current_rank()
+    if rank is not None and cfg.shard is None:
+        return run_as_rank(cfg, rank, show_progress, on_batch)
     compute = resolve_compute(cfg.device, cfg.precision)
     # Recorded resolved: `msa predict` re-runs these options from any working directory.
     cfg = dataclasses.replace(cfg, data=Path(cfg.data).resolve(), text_model=local_path(cfg.text_model),
@@ -158,7 +165,8 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         # The model loads before the set's file exists: a model that fails to load leaves nothing behind.
         encoder = load_encoder(cfg, modality)
         try:
-            writer = FeatureWriter(path, fingerprint, manifest.guids, shard_rows(len(manifest), shard), notes)
+            rows = shard_rows(len(manifest), shard, cfg.batch_size)
+            writer = FeatureWriter(path, fingerprint, manifest.guids, rows, notes)
         except BusyError as err:
             console.print(f"[yellow]{err}; going on without it[/yellow]")
             results[modality] = FeatureSetResult(modality, name, path, "busy", 0, 0, 0.0)
@@ -182,6 +190,22 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         results[modality] = FeatureSetResult(modality, name, path, "resumed" if writer.resumed_rows else "encoded",
                                              writer.resumed_rows, len(pending), time.perf_counter() - start)
     return ExtractResult(manifest, report, results, Path(cfg.cache))
+
+
+def run_as_rank(cfg: ExtractConfig, rank: Rank, show_progress: bool, on_batch: BatchCallback | None) -> ExtractResult:
+    """One rank's share; a rank that dies leaves its shard to resume and nothing published."""
+    device = join(rank, cfg.device)
+    share = run(dataclasses.replace(cfg, shard=f"{rank.rank}/{rank.world_size}", device=device),
+                show_progress and rank.is_main, on_batch)
+    barrier()  # every shard finished
+    results = {}
+    for modality, result in share.feature_sets.items():
+        whole = feature_path(cfg.cache, result.name)
+        if rank.is_main and result.status != "cached":
+            merge_shards(Path(cfg.cache), result.name)
+        results[modality] = dataclasses.replace(result, path=whole)
+    barrier()  # published before any rank reports it
+    return dataclasses.replace(share, feature_sets=results)
 
 
 def load_encoder(cfg: ExtractConfig, modality: str):

@@ -1,0 +1,46 @@
+"""Running under torchrun: the rank a process is, and its process group (torch.distributed).
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a stage that sees WORLD_SIZE > 1 does its
+share and meets the others at barriers. gloo on CPU, nccl on CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Rank:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current_rank() -> Rank | None:
+    """This process's place under torchrun; None when run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return None
+    return Rank(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join(rank: Rank, device: str) -> str:
+    """Join the process group; returns the device this rank uses (cuda:LOCAL_RANK, or the CPU)."""
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(rank.local_rank)
+    if not torch.distributed.is_initialized():
+        # A rank that dies leaves the others waiting at a barrier: they give up after this long.
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return "cuda" if use_cuda else "cpu"
+
+
+def barrier() -> None:
+    torch.distributed.barrier()

@@ -1,0 +1,37 @@
+"""Stage 1 under torchrun: ranks share the work, rank 0 publishes (issue 15)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msa.cache.features import FeatureSet
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_torchrun_extract_on_two_cpu_ranks_gives_the_one_process_sets(extract_config, tmp_path):
+    cfg = extract_config()
+    options = ["-m", "msa", "-q", "extract", "--data", str(cfg.data), "--text-model", cfg.text_model, "--max-len", "16",
+               "--image-model", cfg.image_model, "--image-weights", cfg.image_weights, "--batch-size", "8",
+               "--precision", "fp32", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each: CPU kernels sum in another order with more
+    for launcher, cache in (([sys.executable], "alone"),
+                            ([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", "29517"], "ranks")):
+        done = subprocess.run([*launcher, *options, "--cache", str(tmp_path / cache)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    features = tmp_path / "ranks" / "features"
+    assert not list(features.glob("*shard*"))  # merged and removed by rank 0
+    alone = sorted((tmp_path / "alone" / "features").glob("*.h5"))
+    assert [p.name for p in alone] == sorted(p.name for p in features.glob("*.h5"))  # the same fingerprints
+    for path in alone:
+        for part in ("pooled", "tokens", "mask"):
+            np.testing.assert_array_equal(FeatureSet.open(features / path.name).load(part),
+                                          FeatureSet.open(path).load(part))
