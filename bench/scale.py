@@ -34,6 +34,15 @@ def timed(command: list[str], threads: int) -> float:
     return time.perf_counter() - start
 
 
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    return f"{name or platform.machine()}{' with AVX512-BF16' if 'avx512_bf16' in info else ''}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
@@ -57,7 +66,7 @@ def main() -> None:
         one = timed([sys.executable, *sweep, "--out", f"{tmp}/sweep1", "--workers", "1"], cores)
         two = timed([sys.executable, *sweep, "--out", f"{tmp}/sweep2", "--workers", "2"], cores)
         rows.append(("sweep, 12 pooled-head runs of 10 epochs", one, two))
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} cores, Python {platform.python_version()}")
+    print(f"machine: {cpu_name()}, {cores} cores, Python {platform.python_version()}")
     print("| work | 1 process | 2 ranks / workers | speed-up |")
     print("|---|---|---|---|")
     for work, one, two in rows:

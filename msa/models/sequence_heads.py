@@ -88,7 +88,7 @@ class SumLSTMHead(SequenceHead):
     """The lab baseline: the modalities' per-step outputs summed (aligned sequences), a fusion
     LSTM over the sum; its last state and the modality states, concatenated, through an MLP
     (the modality states keep each modality's own path: with the fused state alone, a signal
-    in the modalities' means was learned at 25% more val MAE)."""
+    in the modalities' means was learned markedly worse)."""
 
     needs_aligned = True  # one time axis for all modalities (MOSI's aligned features; not MVSA's)
 
@@ -115,7 +115,7 @@ class ModalityAttentionHead(SequenceHead):
     """A learned query attends over the modality states; each state, scaled by its weight (times
     the number of modalities: equal weights leave it as it was), and the scaled states
     concatenated through an MLP. Concatenated, not summed: a sum mixes the modalities' paths,
-    and on a signal spread over the modalities it cost 10-15% of val MAE. The weights per
+    and on a signal spread over the modalities it cost val MAE (bench/sequence_quality.py's data). The weights per
     modality are returned as `modality_weights` [B, M]."""
 
     def __init__(self, dims, num_classes, hidden, dropout, sequence_encoder: str = "lstm"):
@@ -158,7 +158,7 @@ class TensorFusionHead(SequenceHead):
 
     Two departures, measured on bench/sequence_quality.py's generated data: c = 4, not 1, so
     the unimodal and bimodal terms outweigh the three-way products at the start (with c = 1,
-    val MAE on a signal in the means was 40% above a ridge regression's), and z_m is a linear
+    a signal in the means was learned far worse than by a ridge regression), and z_m is a linear
     map of the encoder state, with dropout after the first fused layer, not before it."""
 
     max_fused = 250_000  # the outer product's size; past it, memory and the first layer explode
