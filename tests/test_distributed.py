@@ -35,3 +35,22 @@ def test_torchrun_extract_on_two_cpu_ranks_gives_the_one_process_sets(extract_co
         for part in ("pooled", "tokens", "mask"):
             np.testing.assert_array_equal(FeatureSet.open(features / path.name).load(part),
                                           FeatureSet.open(path).load(part))
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_a_rank_killed_mid_run_publishes_nothing_and_the_next_run_resumes(extract_config, tmp_path):
+    cfg = extract_config()
+    options = ["-q", "extract", "--data", str(cfg.data), "--cache", str(tmp_path / "cache"), "--text-model",
+               cfg.text_model, "--max-len", "16", "--image-model", cfg.image_model, "--image-weights",
+               cfg.image_weights, "--batch-size", "4", "--precision", "fp32", "--device", "cpu", "--modalities", "text"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", "29523"]
+    killed = subprocess.run([*launch, str(Path(__file__).with_name("kill_rank_one.py")), *options],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert killed.returncode != 0
+    features = tmp_path / "cache" / "features"
+    assert not [p for p in features.glob("*.h5") if ".shard-" not in p.name]  # nothing published
+    assert list(features.glob("*.shard-1-of-2.h5.partial"))  # the dead rank's share, left to resume
+    again = subprocess.run([*launch, "-m", "msa", *options], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not list(features.glob("*shard*")) and len(list(features.glob("*.h5"))) == 1

@@ -1,0 +1,23 @@
+"""`torchrun ... tests/kill_rank_one.py extract ...`: msa's CLI, with rank 1 killed (SIGKILL)
+after its second feature batch is written. For tests/test_distributed.py."""
+
+import os
+import signal
+
+from msa.cache import features
+
+if os.environ.get("RANK") == "1":
+    write = features.FeatureWriter.write
+    written = []
+
+    def write_then_die(self, *args, **kwargs):
+        write(self, *args, **kwargs)
+        written.append(1)
+        if len(written) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    features.FeatureWriter.write = write_then_die
+
+from msa.cli import app  # noqa: E402
+
+app(prog_name="msa")
