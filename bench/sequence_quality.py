@@ -22,29 +22,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import RidgeCV
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
-from msa.cache.features import FeatureSet
-from msa.cache.manifest import read_manifest
+from msa.pipeline.baselines import pooled_ridge
 from msa.pipeline.config import TrainHeadConfig
 from msa.pipeline.demo import SIGNALS, make_sequence_signal
-from msa.pipeline.metrics import regression_metrics
 from msa.stages import import_features, train_head
 
 HEADS = ("linear", "sum-lstm", "attention", "seq-concat", "tfn")
 SEQUENCE_HEADS = HEADS[1:]
-
-
-def ridge_baseline(cache: Path, feature_sets: dict[str, Path]) -> dict:
-    """Val metrics of StandardScaler + RidgeCV on the concatenated pooled (masked-mean) features."""
-    manifest = read_manifest(cache)
-    pooled = np.concatenate([FeatureSet.open(path).load("pooled") for path in feature_sets.values()], axis=1)
-    scores = np.asarray(manifest.column("score"))
-    train, val = manifest.rows_of_split("train"), manifest.rows_of_split("val")
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(pooled[train], scores[train])
-    return regression_metrics(scores[val], model.predict(pooled[val]))
 
 
 def measure(signal: str, seeds: list[int], epochs: int, root: Path) -> dict:
@@ -52,7 +37,7 @@ def measure(signal: str, seeds: list[int], epochs: int, root: Path) -> dict:
     with open(features_file, "wb") as f:
         pickle.dump(make_sequence_signal(signal), f)
     imported = import_features.run(features_file, root / f"cache-{signal}")
-    ridge = ridge_baseline(root / f"cache-{signal}", imported.feature_sets)
+    ridge = pooled_ridge(root / f"cache-{signal}", imported.feature_sets)
     rows = {"ridge (mean-pooled)": {"mae": [ridge["mae"]], "corr": [ridge["corr"]]}}
     for head in HEADS:
         runs = []

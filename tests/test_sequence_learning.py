@@ -9,18 +9,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from sklearn.linear_model import RidgeCV
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from msa.cache.features import CacheError, FeatureSet
 from msa.cache.manifest import read_manifest
 from msa.models.heads import Modality, ModalityDims, create_head
 from msa.models.text import TextEncoder
 from msa.pipeline import rundir
+from msa.pipeline.baselines import pooled_ridge
 from msa.pipeline.config import ConfigError, ExtractConfig, PredictConfig, SweepConfig, TrainHeadConfig
 from msa.pipeline.demo import make_mmsa_pickle, make_sequence_signal
-from msa.pipeline.metrics import regression_metrics
 from msa.pipeline.mvsa import DataError
 from msa.stages import extract, import_features, predict, sweep, train_head
 
@@ -36,15 +33,6 @@ def imported_signal(signal: str, root) -> tuple:
     return root / f"cache-{signal}", result
 
 
-def ridge_on_pooled(cache, feature_sets) -> dict:
-    manifest = read_manifest(cache)
-    pooled = np.concatenate([FeatureSet.open(p).load("pooled") for p in feature_sets.values()], axis=1)
-    scores = np.asarray(manifest.column("score"))
-    train, val = manifest.rows_of_split("train"), manifest.rows_of_split("val")
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(pooled[train], scores[train])
-    return regression_metrics(scores[val], model.predict(pooled[val]))
-
-
 @pytest.fixture(scope="module")
 def means_signal(tmp_path_factory):
     return imported_signal("means", tmp_path_factory.mktemp("means"))
@@ -53,7 +41,7 @@ def means_signal(tmp_path_factory):
 @pytest.mark.parametrize("fusion", ["sum-lstm", "attention", "seq-concat", "tfn"])
 def test_every_sequence_head_matches_the_ridge_baseline_on_a_signal_in_the_means(fusion, means_signal, tmp_path):
     cache, imported = means_signal
-    ridge = ridge_on_pooled(cache, imported.feature_sets)
+    ridge = pooled_ridge(cache, imported.feature_sets)
     result = train_head.run(TrainHeadConfig(cache=cache, fusion=fusion, epochs=15, out=tmp_path / fusion),
                             log=lambda *_: None)
     assert result.metrics["mae"] <= 1.10 * ridge["mae"] and result.metrics["corr"] >= 0.95 * ridge["corr"], \
@@ -62,7 +50,7 @@ def test_every_sequence_head_matches_the_ridge_baseline_on_a_signal_in_the_means
 
 def test_on_an_interaction_of_two_modalities_a_sequence_head_beats_the_ridge_baseline(tmp_path):
     cache, imported = imported_signal("interaction", tmp_path)
-    ridge = ridge_on_pooled(cache, imported.feature_sets)
+    ridge = pooled_ridge(cache, imported.feature_sets)
     result = train_head.run(TrainHeadConfig(cache=cache, fusion="tfn", epochs=15, out=tmp_path / "tfn"),
                             log=lambda *_: None)
     assert result.metrics["mae"] < 0.8 * ridge["mae"] and result.metrics["corr"] > ridge["corr"]

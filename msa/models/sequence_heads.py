@@ -115,8 +115,8 @@ class ModalityAttentionHead(SequenceHead):
     """A learned query attends over the modality states; each state, scaled by its weight (times
     the number of modalities: equal weights leave it as it was), and the scaled states
     concatenated through an MLP. Concatenated, not summed: a sum mixes the modalities' paths,
-    and on a signal spread over the modalities it cost val MAE (bench/sequence_quality.py's data). The weights per
-    modality are returned as `modality_weights` [B, M]."""
+    and on a signal spread over the modalities (bench/sequence_quality.py's data) it cost val
+    MAE. The weights per modality are returned as `modality_weights` [B, M]."""
 
     def __init__(self, dims, num_classes, hidden, dropout, sequence_encoder: str = "lstm"):
         super().__init__(dims, num_classes, hidden, dropout, sequence_encoder)
