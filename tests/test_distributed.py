@@ -54,3 +54,14 @@ def test_a_rank_killed_mid_run_publishes_nothing_and_the_next_run_resumes(extrac
     again = subprocess.run([*launch, "-m", "msa", *options], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert not list(features.glob("*shard*")) and len(list(features.glob("*.h5"))) == 1
+
+
+def test_stages_that_do_not_share_work_refuse_to_run_under_torchrun(monkeypatch, signal_cache, tmp_path):
+    from msa.pipeline.config import ConfigError, TrainHeadConfig
+    from msa.stages import train_head
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match="msa train-head does not share its work across torchrun's 2 processes"):
+        train_head.run(TrainHeadConfig(cache=signal_cache, out=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from msa.pipeline.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Rank:
@@ -44,3 +46,11 @@ def join(rank: Rank, device: str) -> str:
 
 def barrier() -> None:
     torch.distributed.barrier()
+
+
+def single_process_only(command: str) -> None:
+    """Stop a stage that does not share its work yet before its ranks race for the same files."""
+    rank = current_rank()
+    if rank is not None:
+        raise ConfigError(f"msa {command} does not share its work across torchrun's {rank.world_size} processes yet: "
+                          f"run it as one process (only `msa extract` runs under torchrun)")

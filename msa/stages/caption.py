@@ -25,6 +25,7 @@ from msa.cache.fingerprint import FORMAT_VERSION, file_size, local_path, model_r
 from msa.models.captioner import captioner_class, create_captioner, spread_captions
 from msa.pipeline.compute import prefetch, resolve_compute
 from msa.pipeline.config import CaptionConfig, ConfigError, to_json
+from msa.pipeline.distributed import single_process_only
 from msa.pipeline.mvsa import Item, bad_image_flag, read_mvsa
 from msa.pipeline.progress import ItemProgress, rate_text
 
@@ -55,6 +56,7 @@ def caption_fingerprint(cfg: CaptionConfig) -> dict:
 
 def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> CaptionResult:
     """Caption the images of `cfg.data` that the caption set lacks; `on_batch(n)` follows each batch."""
+    single_process_only("caption")
     if cfg.num_beams < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
         raise ConfigError("--num-beams, --max-new-tokens and --batch-size must be at least 1")
     start = time.perf_counter()

@@ -23,6 +23,7 @@ from msa.models.unfrozen import parameter_groups
 from msa.pipeline import plots, rundir
 from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import ConfigError, FinetuneConfig, to_json
+from msa.pipeline.distributed import single_process_only
 from msa.pipeline.mvsa import LABELS, read_mvsa
 from msa.pipeline.progress import ItemProgress
 from msa.pipeline.raw import IMAGE_AUGS, RawData, image_augmentation, raw_batches
@@ -66,6 +67,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
         on_epoch=None, overwrite: bool = False) -> Path:
     """Train end to end into cfg.out; with resume, continue from cfg.out/last.pt. `on_epoch(epoch)`
     follows each saved epoch. Returns the run directory, whose metrics.json is written last."""
+    single_process_only("finetune")
     run_dir = Path(cfg.out or Path("runs") / f"finetune-{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = resolved(cfg)
     if resume and not (run_dir / LAST).is_file():

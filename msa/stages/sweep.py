@@ -23,6 +23,7 @@ from rich.table import Table
 from msa.models.heads import HEADS, check_head
 from msa.pipeline import rundir
 from msa.pipeline.config import ConfigError, SweepConfig, TrainHeadConfig, to_json
+from msa.pipeline.distributed import single_process_only
 from msa.pipeline.progress import console, progress_bar
 from msa.pipeline.tasks import LARGER_IS_BETTER, TASKS, task_of_metrics
 from msa.stages import train_head
@@ -107,6 +108,7 @@ def claim_sweep(cfg: SweepConfig):
 
 
 def run(cfg: SweepConfig, show_progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
+    single_process_only("sweep")
     for fusion in cfg.fusions:
         check_head(fusion)
     lock = claim_sweep(cfg)

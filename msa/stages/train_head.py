@@ -30,6 +30,7 @@ from msa.models.unfrozen import parameter_groups
 from msa.pipeline import plots, rundir
 from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import ConfigError, TrainHeadConfig, to_json
+from msa.pipeline.distributed import single_process_only
 from msa.pipeline.folds import stratified_folds
 from msa.pipeline.mvsa import LABELS
 from msa.pipeline.tasks import TASKS, Task, task_named, training_loss
@@ -215,6 +216,7 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
     """Train one head; `data` lets a sweep reuse features already in memory. The run directory
     must be new or empty (or an msa run, replaced with `overwrite`); metrics.json, written
     last, marks it finished."""
+    single_process_only("train-head")
     check_head(cfg.fusion)  # before loading features, which can take seconds
     cfg = resolved(cfg)
     if data is None:
