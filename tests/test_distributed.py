@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from msa.cache.features import FeatureSet
 
@@ -65,3 +66,38 @@ def test_stages_that_do_not_share_work_refuse_to_run_under_torchrun(monkeypatch,
     with pytest.raises(ConfigError, match="msa train-head does not share its work across torchrun's 2 processes"):
         train_head.run(TrainHeadConfig(cache=signal_cache, out=tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_ddp_finetune_on_two_ranks_matches_one_process_with_the_same_global_batch_and_resumes(
+        messy_data_source, tiny_models, tmp_path):
+    from msa.pipeline import rundir
+
+    def command(out: Path) -> list[str]:
+        return ["-q", "finetune", "--data", str(messy_data_source), "--out", str(out),
+                "--text-model", tiny_models["text"], "--max-len", "16", "--image-model", "timm:test_efficientnet",
+                "--image-weights", tiny_models["image_weights"], "--hidden", "16", "--dropout", "0",
+                "--lora-rank", "2", "--unfreeze-text-layers", "0", "--unfreeze-image-stages", "0",
+                "--lr-encoder", "1e-2", "--lr-fusion", "1e-2", "--lr-head", "1e-2", "--batch-size", "8",
+                "--epochs", "2", "--patience", "5", "--device", "cpu", "--precision", "fp32",
+                "--limit", "19"]  # 16 train items: every global batch of 8 splits evenly
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", "29541"]
+    stop = str(Path(__file__).with_name("stop_after_first_epoch.py"))
+    for launcher, out in (([sys.executable, "-m", "msa"], "alone"), ([*launch, "-m", "msa"], "ranks"),
+                          ([*launch, stop], "stopped")):
+        done = subprocess.run([*launcher, *command(tmp_path / out)], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert (done.returncode == 0) == (out != "stopped"), done.stdout + done.stderr
+    # The stopped run (killed after epoch 1 on 2 ranks) resumes as one process: the state is world-size free.
+    done = subprocess.run([sys.executable, "-m", "msa", "-q", "finetune", "--resume", str(tmp_path / "stopped")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    alone, _ = rundir.load_model(tmp_path / "alone")
+    trained = [k for k in alone if "lora_" in k or k.startswith("head.")]
+    assert trained
+    for other in ("ranks", "stopped"):
+        weights, _ = rundir.load_model(tmp_path / other)
+        assert all(torch.allclose(alone[k], weights[k], atol=1e-5) for k in trained), other
+        assert len((tmp_path / other / "history.csv").read_text().splitlines()) == 1 + 2

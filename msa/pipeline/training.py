@@ -308,19 +308,21 @@ class FitState:
 def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, dict]] | None, task: Task, select: str,
         epochs: int, patience: int, run_dir: Path, on_best: Callable[[FitState, dict], None],
         resume_state: Path | None = None, stateful: dict | None = None, generator: torch.Generator | None = None,
-        log=print, after_epoch: Callable[[FitState], None] | None = None) -> FitState:
+        log=print, after_epoch: Callable[[FitState], None] | None = None, writes: bool = True) -> FitState:
     """The epoch loop. train_epoch(epoch) -> train figures; validate() -> (val metrics, outputs);
     on_best(state, outputs) keeps the best model; without validate (a refit on every label), the
     last epoch is the best and patience does not apply. With resume_state, every epoch ends by saving
     `stateful` (objects with state_dict), every RNG state (the batch `generator` too) and the
-    FitState there, and a run that finds the file resumes from it exactly. after_epoch(state) follows."""
+    FitState there, and a run that finds the file resumes from it exactly. after_epoch(state) follows.
+    writes=False (the other ranks of a distributed run) reads the resume state but writes nothing."""
     state = FitState()
     if resume_state and resume_state.is_file():
         state = load_resume_state(resume_state, stateful, generator)
-        rundir.truncate_history(run_dir, state.epoch)  # rows written after the saved state
+        if writes:
+            rundir.truncate_history(run_dir, state.epoch)  # rows written after the saved state
         log(f"resuming {run_dir} after epoch {state.epoch}")
     larger = LARGER_IS_BETTER[select]
-    tensorboard = rundir.tensorboard_writer(run_dir)
+    tensorboard = rundir.tensorboard_writer(run_dir) if writes else None
     for epoch in range(state.epoch + 1, epochs + 1):
         if state.stale >= patience:
             break
@@ -330,7 +332,8 @@ def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, d
         row = {"epoch": epoch, **{f"train_{k}": round(v, 5) for k, v in train.items() if k != "lr"},
                **{f"val_{k}": round(metrics[k], 5) for k in ("loss", *task.history) if k in metrics},
                "lr": train["lr"], "seconds": round(time.perf_counter() - start, 3)}
-        rundir.append_history(run_dir, row, tensorboard)
+        if writes:
+            rundir.append_history(run_dir, row, tensorboard)
         score = (metrics[select] if larger else -metrics[select]) if validate else epoch
         state.epoch = epoch
         if state.best_score is None or score > state.best_score:
@@ -343,7 +346,7 @@ def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, d
         log(f"epoch {epoch}/{epochs}  train loss {train['loss']:.4f}  {judged}  {row['seconds']:.1f} s")
         if state.stale >= patience:
             log(f"early stop at epoch {epoch}: no better val {select} for {patience} epochs")
-        if resume_state:
+        if resume_state and writes:
             save_resume_state(resume_state, state, stateful, generator)
         if after_epoch:
             after_epoch(state)

@@ -23,7 +23,7 @@ from msa.models.unfrozen import parameter_groups
 from msa.pipeline import plots, rundir
 from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import ConfigError, FinetuneConfig, to_json
-from msa.pipeline.distributed import single_process_only
+from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import LABELS, read_mvsa
 from msa.pipeline.progress import ItemProgress
 from msa.pipeline.raw import IMAGE_AUGS, RawData, image_augmentation, raw_batches
@@ -67,33 +67,51 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
         on_epoch=None, overwrite: bool = False) -> Path:
     """Train end to end into cfg.out; with resume, continue from cfg.out/last.pt. `on_epoch(epoch)`
     follows each saved epoch. Returns the run directory, whose metrics.json is written last."""
-    single_process_only("finetune")
+    rank = current_rank()
+    if rank is not None:  # torchrun: DistributedDataParallel, each rank on its own device
+        cfg = dataclasses.replace(cfg, device=join(rank, cfg.device))
+        if cfg.out is None:
+            raise ConfigError("under torchrun, give --out: every rank must write to the same run directory")
     run_dir = Path(cfg.out or Path("runs") / f"finetune-{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = resolved(cfg)
     if resume and not (run_dir / LAST).is_file():
         raise rundir.RunDirError(f"--resume {run_dir}: no {LAST} there, so nothing to resume")
-    lock = rundir.lock_run(run_dir) if resume else rundir.claim(run_dir, KIND, overwrite)
+    main = rank is None or rank.is_main
+    lock = None
+    if main:  # rank 0 owns the run directory; the others only read what it writes
+        lock = rundir.lock_run(run_dir) if resume else rundir.claim(run_dir, KIND, overwrite)
     try:
-        return _train(cfg, run_dir, resume, show_progress, log, on_epoch)
+        return _train(cfg, run_dir, resume, show_progress and main, log if main else (lambda *_: None), on_epoch,
+                      rank)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool, log, on_epoch) -> Path:
+def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool, log, on_epoch,
+           rank: Rank | None = None) -> Path:
     compute = resolve_compute(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
+    main = rank is None or rank.is_main
     spec = model_spec(cfg)
     model = build_model(spec).to(compute.device)
+    if rank is not None:
+        barrier()  # rank 0 has claimed the run directory (or failed, and the others stop here)
     if resume:
         manifest = read_manifest(run_dir)
     else:
         items, _ = read_mvsa(cfg.data, cfg.on_bad_image, cfg.on_duplicate)
         manifest = build_manifest(items[: cfg.limit] if cfg.limit else items, cfg.data, cfg.val_ratio,
                                   cfg.split_seed, cfg.on_bad_image)
-        write_manifest(manifest, run_dir)
-    rundir.write_json(run_dir / rundir.CONFIG, {**to_json(cfg), "kind": KIND, "out": str(run_dir),
-                                                "cache": str(run_dir)})
+        if main:
+            write_manifest(manifest, run_dir)
+    if main:
+        rundir.write_json(run_dir / rundir.CONFIG, {**to_json(cfg), "kind": KIND, "out": str(run_dir),
+                                                    "cache": str(run_dir)})
+    # Under torchrun every rank draws the same global batches (--batch-size) and trains on its
+    # share of each; DDP averages the gradients, so a step is the one process's step.
+    trained = model if rank is None else torch.nn.parallel.DistributedDataParallel(model)
     data = RawData.read(manifest, model.encoders["text"], cfg.clean_text)
     train_rows, val_rows = manifest.rows_of_split("train"), manifest.rows_of_split("val")
     if len(train_rows) == 0 or len(val_rows) == 0:
@@ -112,9 +130,11 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
 
     def train_epoch(epoch: int) -> dict:
         batches = shuffled_batches(train_rows, cfg.batch_size, generator, lengths)
-        with ItemProgress(f"epoch {epoch}", len(train_rows), show_progress) as advance:
-            return train_one_epoch(model, batches, lambda b: raw_batches(model, data, b, compute.device, augment,
-                                                                         advance),
+        if rank is not None:  # a batch too small to give every rank a row is left out
+            batches = [b[rank.rank::rank.world_size] for b in batches if len(b) >= rank.world_size]
+        with ItemProgress(f"epoch {epoch}", sum(len(b) for b in batches), show_progress) as advance:
+            return train_one_epoch(trained, batches, lambda b: raw_batches(model, data, b, compute.device, augment,
+                                                                           advance),
                                    data.targets, loss_fn, step, TASK, generator, Regularisers(cfg.rdrop_alpha))
 
     def validate() -> tuple[dict, dict]:
@@ -123,13 +143,25 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
         return {**TASK.metrics(data.targets[val_rows].numpy(), out), "loss": out["loss"]}, out
 
     def keep_best(state, out: dict) -> None:
-        rundir.save_model(run_dir, model.state_dict(), spec)
-        rundir.write_val_predictions(run_dir, TASK, manifest, val_rows, out)
+        if main:
+            rundir.save_model(run_dir, model.state_dict(), spec)
+            rundir.write_val_predictions(run_dir, TASK, manifest, val_rows, out)
 
+    def after_epoch(state) -> None:
+        if rank is not None:
+            barrier()  # rank 0 has saved the epoch's state before any rank goes on
+        if on_epoch:
+            on_epoch(state.epoch)
+
+    # Every rank validates every val item (the same weights give the same early-stopping
+    # decision everywhere); the state saved is world-size free, so a resume may use another.
     state = fit(train_epoch, validate, TASK, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best,
                 resume_state=run_dir / LAST, stateful={"model": model, **step.state_dicts()}, generator=generator,
-                log=log, after_epoch=(lambda state: on_epoch(state.epoch)) if on_epoch else None)
+                log=log, after_epoch=after_epoch, writes=main)
     metrics = {**state.best_metrics, "task": TASK.name, "best_epoch": state.best_epoch}
-    plots.plot_run(run_dir, metrics)
-    rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
+    if main:
+        plots.plot_run(run_dir, metrics)
+        rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
+    if rank is not None:
+        barrier()
     return run_dir
