@@ -1,5 +1,5 @@
 """Past one process on this machine: extract with 1 process and with 2 torchrun ranks, and a
-sweep with 1 and 2 local workers, timed in one run.
+sweep with 1 process, 2 local workers and 2 Ray workers, timed in one run.
 
     python bench/scale.py --data ../shared/datasets/mvsa-lab5 \
         --text-model ~/.cache/msa/offline-models/all-MiniLM-L6-v2 \
@@ -66,6 +66,14 @@ def main() -> None:
         one = timed([sys.executable, *sweep, "--out", f"{tmp}/sweep1", "--workers", "1"], cores)
         two = timed([sys.executable, *sweep, "--out", f"{tmp}/sweep2", "--workers", "2"], cores)
         rows.append(("sweep, 12 pooled-head runs of 10 epochs", one, two))
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print('no Ray here (pip install "msa[ray]"): the Ray row is left out')
+        else:
+            ray_two = timed([sys.executable, *sweep, "--out", f"{tmp}/sweep-ray", "--workers", "2", "--backend", "ray"],
+                            cores)
+            rows.append(("sweep as above, 2 Ray workers on a local Ray (start-up included)", one, ray_two))
     print(f"machine: {cpu_name()}, {cores} cores, Python {platform.python_version()}")
     print("| work | 1 process | 2 ranks / workers | speed-up |")
     print("|---|---|---|---|")

@@ -20,6 +20,7 @@ from msa.pipeline.config import (
     ExtractConfig,
     FinetuneConfig,
     PredictConfig,
+    SweepBackend,
     SweepConfig,
     TrainHeadConfig,
     default,
@@ -226,6 +227,10 @@ def sweep(
                                                                "into an earlier sweep's resumes it."),
     workers: int = typer.Option(default(SweepConfig, "workers"),
                                 help="Worker processes sharing the CPU threads (2 helps small heads on 2 cores)."),
+    backend: SweepBackend = typer.Option(default(SweepConfig, "backend"),
+                                         help="local: worker processes here; ray: tasks on a Ray cluster "
+                                              "(pip install \"msa[ray]\"), --workers of them."),
+    address: str = typer.Option(None, help="The Ray cluster (auto, ray://HOST:10001); default: start one here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain finished runs whose options changed."),
     config: Path = config_option(),
     progress: bool = PROGRESS,
@@ -240,7 +245,7 @@ def sweep(
         raise ConfigError(f"--fusion {','.join(unknown)}: unknown head; known: {', '.join(head_names())}")
     cfg = SweepConfig(base=from_options(TrainHeadConfig, options), out=out, fusions=tuple(names),
                       seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), grid=stage.parse_grid(grid or []),
-                      workers=workers)
+                      workers=workers, backend=backend, address=address)
     table = stage.run(cfg, show_progress=progress, overwrite=overwrite)
     console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))
     console.print(f"results: {out / 'results.csv'} ({len(table)} runs)")

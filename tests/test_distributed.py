@@ -101,3 +101,31 @@ def test_ddp_finetune_on_two_ranks_matches_one_process_with_the_same_global_batc
         weights, _ = rundir.load_model(tmp_path / other)
         assert all(torch.allclose(alone[k], weights[k], atol=1e-5) for k in trained), other
         assert len((tmp_path / other / "history.csv").read_text().splitlines()) == 1 + 2
+
+
+def test_a_sweep_on_a_local_ray_cluster_gives_the_local_backend_s_results(signal_cache, tmp_path):
+    pytest.importorskip("ray")
+    from msa.pipeline.config import SweepConfig, TrainHeadConfig
+    from msa.stages import sweep
+
+    base = TrainHeadConfig(cache=signal_cache, epochs=3)
+    tables = {backend: sweep.run(SweepConfig(base=base, out=tmp_path / backend, fusions=("concat", "late"),
+                                             seeds=(0, 1), workers=2, backend=backend), show_progress=False)
+              for backend in ("local", "ray")}
+    columns = ["run", "fusion", "seed", "accuracy", "macro_f1", "weighted_f1", "best_epoch"]
+    assert len(tables["ray"]) == 4
+    assert tables["ray"][columns].equals(tables["local"][columns])
+    assert (tmp_path / "ray" / "results.csv").is_file()
+    again = sweep.run(SweepConfig(base=base, out=tmp_path / "ray", fusions=("concat", "late"), seeds=(0, 1),
+                                  workers=2, backend="ray"), show_progress=False)  # finished runs are skipped
+    assert again[columns].equals(tables["ray"][columns])
+
+
+def test_without_ray_the_ray_backend_says_how_to_install_it(signal_cache, tmp_path, monkeypatch):
+    from msa.pipeline.config import ConfigError, SweepConfig, TrainHeadConfig
+    from msa.stages import sweep
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match='pip install "msa\\[ray\\]"'):
+        sweep.run(SweepConfig(base=TrainHeadConfig(cache=signal_cache, epochs=1), out=tmp_path / "s",
+                              fusions=("concat",), seeds=(0,), backend="ray"), show_progress=False)

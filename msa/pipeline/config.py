@@ -22,6 +22,7 @@ SequenceEncoder = Literal["lstm", "transformer"]
 OutputScaling = Literal["tanh", "sigmoid"]
 ImageAug = Literal["none", "weak", "strong"]
 Split = Literal["test", "val", "train", "all"]
+SweepBackend = Literal["local", "ray"]
 LayerCount = int | Literal["all"]  # top layers or stages of an encoder: a number, or all of them
 
 
@@ -213,6 +214,8 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0, 1, 2)  # seeds, comma-separated
     grid: dict[str, tuple] = dataclasses.field(default_factory=dict)  # TrainHeadConfig field -> values
     workers: int = 1  # processes sharing the CPU threads (2 cores: 12 pooled-head runs 30.8 s -> 26.8 s)
+    backend: SweepBackend = "local"  # local: worker processes here; ray: tasks on a Ray cluster (msa[ray])
+    address: str | None = None  # the Ray cluster's address (auto, ray://HOST:10001); default: start one here
 
 
 SPLITS = get_args(Split)

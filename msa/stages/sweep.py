@@ -124,7 +124,9 @@ def run(cfg: SweepConfig, show_progress: bool = True, overwrite: bool = False) -
                 def advance(name: str) -> None:
                     bar.update(task, advance=1, rate=name)
 
-                if cfg.workers > 1 and len(todo) > 1:
+                if cfg.backend == "ray":
+                    run_on_ray(todo, cfg.workers, cfg.address, advance)
+                elif cfg.workers > 1 and len(todo) > 1:
                     run_in_workers(todo, cfg.workers, advance)
                 else:
                     train_share(todo, torch.get_num_threads(), advance)
@@ -197,6 +199,40 @@ def run_in_workers(runs: list[TrainHeadConfig], workers: int, finished) -> None:
                 failed = [f for f in futures if f.done() and f.exception()]
                 if failed:
                     raise failed[0].exception() from None
+
+
+def _train_share_on_ray(runs: list[TrainHeadConfig], threads: int) -> list[str]:
+    names: list[str] = []
+    train_share(runs, threads, names.append)
+    return names
+
+
+def run_on_ray(runs: list[TrainHeadConfig], workers: int, address: str | None, finished) -> None:
+    """Runs dealt round-robin to `workers` Ray tasks, each loading the features once for its
+    share and asking for its CPU threads (and a GPU where the runs use one). The run
+    directories are written where the tasks run: on a cluster, put --out and the cache on a
+    filesystem every node mounts. Without --address, a Ray instance is started here."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError('--backend ray needs Ray: pip install "msa[ray]" (or pip install ray)') from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": max(workers, torch.get_num_threads())}))
+    try:
+        workers = min(workers, len(runs))
+        threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
+        gpus = 1 if any(r.device == "cuda" for r in runs) else 0
+        task = ray.remote(_train_share_on_ray).options(num_cpus=threads, num_gpus=gpus)
+        pending = [task.remote(runs[i::workers], threads) for i in range(workers)]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for name in ray.get(done[0]):  # a failed task raises its error here
+                finished(name)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def results_table(runs: list[TrainHeadConfig], grid: dict) -> pd.DataFrame:
