@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,14 @@ from msa.cache.features import FeatureSet
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
+def torchrun(ranks: int = 2) -> list[str]:
+    """torchrun on a free port: two suites at once (or a stale rendezvous) must not collide."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [str(TORCHRUN), "--nproc-per-node", str(ranks), "--master-port", str(port)]
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 def test_torchrun_extract_on_two_cpu_ranks_gives_the_one_process_sets(extract_config, tmp_path):
     cfg = extract_config()
@@ -24,7 +33,7 @@ def test_torchrun_extract_on_two_cpu_ranks_gives_the_one_process_sets(extract_co
                "--precision", "fp32", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread each: CPU kernels sum in another order with more
     for launcher, cache in (([sys.executable], "alone"),
-                            ([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", "29517"], "ranks")):
+                            (torchrun(), "ranks")):
         done = subprocess.run([*launcher, *options, "--cache", str(tmp_path / cache)], capture_output=True, text=True,
                               env=env, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -45,7 +54,7 @@ def test_a_rank_killed_mid_run_publishes_nothing_and_the_next_run_resumes(extrac
                cfg.text_model, "--max-len", "16", "--image-model", cfg.image_model, "--image-weights",
                cfg.image_weights, "--batch-size", "4", "--precision", "fp32", "--device", "cpu", "--modalities", "text"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", "29523"]
+    launch = torchrun()
     killed = subprocess.run([*launch, str(Path(__file__).with_name("kill_rank_one.py")), *options],
                             capture_output=True, text=True, env=env, timeout=300)
     assert killed.returncode != 0
@@ -83,7 +92,7 @@ def test_ddp_finetune_on_two_ranks_matches_one_process_with_the_same_global_batc
                 "--limit", "19"]  # 16 train items: every global batch of 8 splits evenly
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", "29541"]
+    launch = torchrun()
     stop = str(Path(__file__).with_name("stop_after_first_epoch.py"))
     for launcher, out in (([sys.executable, "-m", "msa"], "alone"), ([*launch, "-m", "msa"], "ranks"),
                           ([*launch, stop], "stopped")):
@@ -129,3 +138,22 @@ def test_without_ray_the_ray_backend_says_how_to_install_it(signal_cache, tmp_pa
     with pytest.raises(ConfigError, match='pip install "msa\\[ray\\]"'):
         sweep.run(SweepConfig(base=TrainHeadConfig(cache=signal_cache, epochs=1), out=tmp_path / "s",
                               fusions=("concat",), seeds=(0,), backend="ray"), show_progress=False)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_torchrun_caption_on_two_ranks_gives_the_one_process_captions(messy_data_source, tiny_models, tmp_path):
+    from msa.cache.captions import CaptionSet, caption_dir, list_caption_sets
+
+    options = ["-m", "msa", "-q", "caption", "--data", str(messy_data_source), "--model", tiny_models["captioner"],
+               "--batch-size", "4", "--device", "cpu", "--precision", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launcher, cache in (([sys.executable], "alone"),
+                            (torchrun(), "ranks")):
+        done = subprocess.run([*launcher, *options, "--cache", str(tmp_path / cache)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    (name,) = list_caption_sets(tmp_path / "alone")
+    assert list_caption_sets(tmp_path / "ranks") == [name]
+    assert not list(caption_dir(tmp_path / "ranks").glob("*.partial.jsonl"))  # the parts were folded in
+    alone, ranks = CaptionSet.load(tmp_path / "alone", name), CaptionSet.load(tmp_path / "ranks", name)
+    assert len(alone.captions) > 30 and ranks.captions == alone.captions  # every listed image, bad ones too

@@ -47,14 +47,14 @@ def caption_dir(cache: Path) -> Path:
 def list_caption_sets(cache: Path) -> list[str]:
     folder = caption_dir(cache)
     names = {p.name.removesuffix(".parquet") for p in folder.glob("*.parquet")}
-    names |= {p.name.removesuffix(".partial.jsonl") for p in folder.glob("*.partial.jsonl")}
+    names |= {p.name.removesuffix(".partial.jsonl").split(PART)[0] for p in folder.glob("*.partial.jsonl")}
     return sorted(names)
 
 
 def is_finished(cache: Path, name: str) -> bool:
     """Stored as Parquet, with no interrupted run's rows waiting to be folded in."""
-    parquet, partial = _paths(cache, name)
-    return parquet.is_file() and not partial.is_file()
+    parquet, _ = _paths(cache, name)
+    return parquet.is_file() and not _partials(cache, name)
 
 
 @dataclasses.dataclass
@@ -68,8 +68,11 @@ class CaptionSet:
 
     @classmethod
     def load(cls, cache: Path, name: str) -> CaptionSet:
-        parquet, partial = _paths(cache, name)
-        if not parquet.is_file() and not partial.is_file():
+        """The Parquet rows, and those of every partial file (an interrupted run's, or the parts
+        of torchrun's ranks)."""
+        parquet, _ = _paths(cache, name)
+        partials = _partials(cache, name)
+        if not parquet.is_file() and not partials:
             known = ", ".join(list_caption_sets(cache)) or "none"
             raise CacheError(f"no caption set {name} in {caption_dir(cache)} (known: {known}); run `msa caption`")
         fingerprint, notes, captions = {}, {}, {}
@@ -83,7 +86,7 @@ class CaptionSet:
             fingerprint, notes = meta["fingerprint"], meta["notes"]
             for row in table.to_pylist():
                 captions[row["guid"]] = Caption(row["caption"], row["flag"], row["image_bytes"])
-        if partial.is_file():
+        for partial in partials:
             header, rows = _read_partial(partial)
             if header:
                 fingerprint, notes = header["fingerprint"], header["notes"]
@@ -110,12 +113,14 @@ class CaptionSet:
 class CaptionWriter:
     """Appends captioned batches to the partial file; `finish()` folds them into the Parquet set."""
 
-    def __init__(self, cache: Path, name: str, fingerprint: dict, notes: dict):
-        """Holds the set's lock until close(): a second captioner of the same set gets BusyError."""
+    def __init__(self, cache: Path, name: str, fingerprint: dict, notes: dict, part: str | None = None):
+        """Holds the set's lock until close(): a second captioner of the same set gets BusyError.
+        `part` (a torchrun rank's) writes NAME.part-PART.partial.jsonl under a lock of its own;
+        the main writer's finish() folds every part in."""
         self.cache, self.name, self.fingerprint, self.notes = Path(cache), name, fingerprint, notes
-        self.parquet, self.partial = _paths(cache, name)
+        self.parquet, self.partial = _paths(cache, name, part)
         self.parquet.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = set_lock(cache, name)
+        self.lock = set_lock(cache, name if part is None else f"{name}{PART}{part}")
         try:
             _drop_torn_tail(self.partial)
             new = not self.partial.is_file() or self.partial.stat().st_size == 0
@@ -157,7 +162,8 @@ class CaptionWriter:
             tmp.unlink(missing_ok=True)
             raise write_error(self.parquet, err) from None
         os.replace(tmp, self.parquet)
-        self.partial.unlink()
+        for partial in _partials(self.cache, self.name):
+            partial.unlink()
         return CaptionSet(self.name, self.fingerprint, self.notes, captions)
 
     def close(self) -> None:
@@ -174,8 +180,19 @@ def caption_path(cache: Path, name: str) -> Path:
     return caption_dir(cache) / f"{name}.parquet"
 
 
-def _paths(cache: Path, name: str) -> tuple[Path, Path]:
-    return caption_path(cache, name), caption_dir(cache) / f"{name}.partial.jsonl"
+PART = ".part-"  # NAME.part-PART.partial.jsonl: one torchrun rank's rows
+
+
+def _paths(cache: Path, name: str, part: str | None = None) -> tuple[Path, Path]:
+    stem = name if part is None else f"{name}{PART}{part}"
+    return caption_path(cache, name), caption_dir(cache) / f"{stem}.partial.jsonl"
+
+
+def _partials(cache: Path, name: str) -> list[Path]:
+    """The set's partial files: the main one and the ranks' parts."""
+    folder = caption_dir(cache)
+    return sorted(p for p in [folder / f"{name}.partial.jsonl", *folder.glob(f"{name}{PART}*.partial.jsonl")]
+                  if p.is_file())
 
 
 def _drop_torn_tail(path: Path) -> None:

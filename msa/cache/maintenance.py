@@ -65,8 +65,14 @@ def remove(cache: Path, name: str) -> list[Path]:
 
 
 def _lock_name(path: Path) -> str:
-    """The lock a file's writer holds: feature files as their writer names it, captions NAME."""
-    return lock_name(path) if path.parent.name == FEATURES_DIR else path.name.split(".")[0]
+    """The lock a file's writer holds: feature files as their writer names it, captions NAME
+    (a torchrun rank's part: NAME.part-PART)."""
+    if path.parent.name == FEATURES_DIR:
+        return lock_name(path)
+    for suffix in (".partial.jsonl", ".parquet.tmp", ".parquet"):
+        if path.name.endswith(suffix):
+            return path.name.removesuffix(suffix)
+    return path.name.split(".")[0]
 
 
 def garbage(cache: Path) -> list[Finding]:

@@ -49,8 +49,8 @@ def barrier() -> None:
 
 
 def single_process_only(command: str) -> None:
-    """Stop a stage that does not share its work yet before its ranks race for the same files."""
+    """Stop a stage that does not share its work before its ranks race for the same files."""
     rank = current_rank()
     if rank is not None:
-        raise ConfigError(f"msa {command} does not share its work across torchrun's {rank.world_size} processes yet: "
-                          f"run it as one process (only `msa extract` runs under torchrun)")
+        raise ConfigError(f"msa {command} does not share its work across torchrun's {rank.world_size} processes: "
+                          "run it as one process (extract, caption and finetune run under torchrun)")

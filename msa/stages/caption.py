@@ -25,7 +25,7 @@ from msa.cache.fingerprint import FORMAT_VERSION, file_size, local_path, model_r
 from msa.models.captioner import captioner_class, create_captioner, spread_captions
 from msa.pipeline.compute import prefetch, resolve_compute
 from msa.pipeline.config import CaptionConfig, ConfigError, to_json
-from msa.pipeline.distributed import single_process_only
+from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import Item, bad_image_flag, read_mvsa
 from msa.pipeline.progress import ItemProgress, rate_text
 
@@ -56,7 +56,10 @@ def caption_fingerprint(cfg: CaptionConfig) -> dict:
 
 def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> CaptionResult:
     """Caption the images of `cfg.data` that the caption set lacks; `on_batch(n)` follows each batch."""
-    single_process_only("caption")
+    rank = current_rank()
+    if rank is not None:  # torchrun: each rank captions its share on its own device
+        cfg = dataclasses.replace(cfg, device=join(rank, cfg.device))
+        show_progress = show_progress and rank.is_main
     if cfg.num_beams < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
         raise ConfigError("--num-beams, --max-new-tokens and --batch-size must be at least 1")
     start = time.perf_counter()
@@ -74,6 +77,9 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
         return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items), 0, 0,
                              time.perf_counter() - start, stored)
     notes = {"caption_config": to_json(cfg), "precision": compute.precision}
+    if rank is not None:
+        return caption_as_rank(cfg, compute, rank, name, fingerprint, notes, items, pending, sizes, show_progress,
+                               on_batch, start)
     writer = CaptionWriter(cfg.cache, name, fingerprint, notes)
     bad = 0
     try:
@@ -89,6 +95,34 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
         writer.close()
     return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items) - len(pending), len(pending), bad,
                          time.perf_counter() - start, caption_set)
+
+
+def caption_as_rank(cfg: CaptionConfig, compute, rank: Rank, name: str, fingerprint: dict, notes: dict,
+                    items: list[Item], pending: list[Item], sizes: dict[str, int], show_progress: bool, on_batch,
+                    start: float) -> CaptionResult:
+    """One rank's share into its own part file; once every rank is done, rank 0 folds the
+    parts into the set. A rank that dies leaves its part (resumed by the next run) and no set."""
+    share = pending[rank.rank::rank.world_size]
+    writer = CaptionWriter(cfg.cache, name, fingerprint, notes, part=f"rank-{rank.rank}")
+    try:
+        unreadable = [item for item in share if bad_image_flag(item.flags)]
+        writer.write([i.guid for i in unreadable], [""] * len(unreadable), [BAD_IMAGE] * len(unreadable),
+                     [sizes[i.guid] for i in unreadable])
+        readable = [item for item in share if not bad_image_flag(item.flags)]
+        bad = len(unreadable) + (_caption(cfg, compute, readable, sizes, writer, show_progress, on_batch)
+                                 if readable else 0)
+    finally:
+        writer.close()
+    barrier()  # every part written
+    if rank.is_main:
+        folding = CaptionWriter(cfg.cache, name, fingerprint, notes)
+        try:
+            folding.finish()
+        finally:
+            folding.close()
+    barrier()  # the set is published before any rank reports it
+    return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items) - len(pending), len(share), bad,
+                         time.perf_counter() - start, CaptionSet.load(cfg.cache, name))
 
 
 def _caption(cfg: CaptionConfig, compute, items: list[Item], sizes: dict[str, int], writer: CaptionWriter,
