@@ -73,6 +73,8 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
               else CaptionSet(name, fingerprint, {}, {}))
     sizes = {item.guid: file_size(item.image_path) for item in items}
     pending = [item for item in items if not stored.covers(item.guid, sizes[item.guid])]
+    if rank is not None:
+        barrier()  # every rank has its list of pending items before any writes: they deal the same list
     if not pending and is_finished(cfg.cache, name):
         return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items), 0, 0,
                              time.perf_counter() - start, stored)
@@ -81,15 +83,8 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
         return caption_as_rank(cfg, compute, rank, name, fingerprint, notes, items, pending, sizes, show_progress,
                                on_batch, start)
     writer = CaptionWriter(cfg.cache, name, fingerprint, notes)
-    bad = 0
     try:
-        unreadable = [item for item in pending if bad_image_flag(item.flags)]
-        writer.write([i.guid for i in unreadable], [""] * len(unreadable), [BAD_IMAGE] * len(unreadable),
-                     [sizes[i.guid] for i in unreadable])
-        bad += len(unreadable)
-        readable = [item for item in pending if not bad_image_flag(item.flags)]
-        if readable:
-            bad += _caption(cfg, compute, readable, sizes, writer, show_progress, on_batch)
+        bad = caption_items(cfg, compute, pending, sizes, writer, show_progress, on_batch)
         caption_set = writer.finish()
     finally:
         writer.close()
@@ -105,12 +100,7 @@ def caption_as_rank(cfg: CaptionConfig, compute, rank: Rank, name: str, fingerpr
     share = pending[rank.rank::rank.world_size]
     writer = CaptionWriter(cfg.cache, name, fingerprint, notes, part=f"rank-{rank.rank}")
     try:
-        unreadable = [item for item in share if bad_image_flag(item.flags)]
-        writer.write([i.guid for i in unreadable], [""] * len(unreadable), [BAD_IMAGE] * len(unreadable),
-                     [sizes[i.guid] for i in unreadable])
-        readable = [item for item in share if not bad_image_flag(item.flags)]
-        bad = len(unreadable) + (_caption(cfg, compute, readable, sizes, writer, show_progress, on_batch)
-                                 if readable else 0)
+        bad = caption_items(cfg, compute, share, sizes, writer, show_progress, on_batch)
     finally:
         writer.close()
     barrier()  # every part written
@@ -123,6 +113,18 @@ def caption_as_rank(cfg: CaptionConfig, compute, rank: Rank, name: str, fingerpr
     barrier()  # the set is published before any rank reports it
     return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items) - len(pending), len(share), bad,
                          time.perf_counter() - start, CaptionSet.load(cfg.cache, name))
+
+
+def caption_items(cfg: CaptionConfig, compute, items: list[Item], sizes: dict[str, int], writer: CaptionWriter,
+                  show_progress: bool, on_batch) -> int:
+    """Caption `items` into the writer, unreadable images as empty flagged captions; returns
+    how many images were unreadable."""
+    unreadable = [item for item in items if bad_image_flag(item.flags)]
+    writer.write([i.guid for i in unreadable], [""] * len(unreadable), [BAD_IMAGE] * len(unreadable),
+                 [sizes[i.guid] for i in unreadable])
+    readable = [item for item in items if not bad_image_flag(item.flags)]
+    return len(unreadable) + (_caption(cfg, compute, readable, sizes, writer, show_progress, on_batch)
+                              if readable else 0)
 
 
 def _caption(cfg: CaptionConfig, compute, items: list[Item], sizes: dict[str, int], writer: CaptionWriter,

@@ -18,7 +18,7 @@ from msa.cache.manifest import read_manifest
 from msa.pipeline import rundir
 from msa.pipeline.config import ConfigError, EvaluateConfig
 from msa.pipeline.metrics import classification_metrics, regression_metrics
-from msa.pipeline.mvsa import read_label_file, read_mvsa
+from msa.pipeline.mvsa import read_label_file
 from msa.pipeline.tasks import task_of_metrics
 from msa.stages.predict import data_tag, predict
 
@@ -32,6 +32,7 @@ def run_predictions(run_dir: Path, labels_file: Path | None, data: Path | None =
     predictions = predict(run_dir, data, split="all", show_progress=False)
     table = rundir.predictions_table(predictions.guids, predictions.labels, predictions.probabilities,
                                      predictions.class_names, predictions.gate).to_pandas()
+    table.insert(1, "text", predictions.texts)
     if labels_file is None:
         wanted = {g: label for g, label in zip(predictions.guids, predictions.labels) if label is not None}
         if not wanted:
@@ -56,11 +57,8 @@ def val_predictions(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(run_dir / rundir.VAL_PREDICTIONS)
 
 
-def item_texts(run_dir: Path, data: Path | None) -> dict[str, str]:
-    """guid -> post text, of --data or of the data the run was trained on."""
-    if data is not None:
-        items, _ = read_mvsa(Path(data))
-        return {item.guid: item.text for item in items}
+def own_texts(run_dir: Path) -> dict[str, str]:
+    """guid -> post text of the data the run was trained on."""
     manifest = read_manifest(rundir.read_json(Path(run_dir) / rundir.CONFIG)["cache"])
     return dict(zip(manifest.guids, manifest.column("text")))
 
@@ -120,9 +118,9 @@ def run(cfg: EvaluateConfig) -> dict:
                                      table["prediction"].map(index).to_numpy(), class_names)
     out = Path(cfg.out) if cfg.out else default_output(cfg.run, cfg.data)
     out.mkdir(parents=True, exist_ok=True)
-    texts = item_texts(cfg.run, cfg.data)
+    if "text" not in table.columns:  # the run's val predictions carry no texts
+        table.insert(1, "text", table["guid"].map(own_texts(cfg.run)))
     wrong = table[table["prediction"] != table["label"]].copy()
-    wrong.insert(1, "text", wrong["guid"].map(texts))
     wrong["confidence"] = wrong[[f"p_{c}" for c in class_names]].max(axis=1)
     wrong = wrong.sort_values("confidence", ascending=False)
     wrong.to_csv(out / "bad_cases.csv", index=False)

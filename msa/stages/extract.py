@@ -201,7 +201,8 @@ def run_as_rank(cfg: ExtractConfig, rank: Rank, show_progress: bool, on_batch: B
     results = {}
     for modality, result in share.feature_sets.items():
         whole = feature_path(cfg.cache, result.name)
-        if rank.is_main and result.status != "cached":
+        # Not "this rank's shard was new": a rerun may find its own shard done and another resumed.
+        if rank.is_main and result.status != "busy" and not whole.is_file():
             merge_shards(Path(cfg.cache), result.name)
         results[modality] = dataclasses.replace(result, path=whole)
     barrier()  # published before any rank reports it

@@ -49,6 +49,7 @@ class Predictions:
     gate: np.ndarray | None
     class_names: list[str]
     scores: np.ndarray | None = None  # regression runs: the predicted score [N]
+    texts: list[str] | None = None  # the items' post texts, from the manifest read anyway
 
     @property
     def predicted(self) -> list[str]:
@@ -146,12 +147,13 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
     bank = FeatureBank.load(feature_sets, model.uses_tokens, tuple(spec["unfrozen"]))
     rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
     batches = evaluation_order(rows, bank.lengths() if model.uses_tokens else None, 256)
-    guids, labels = manifest.guids, manifest.column("label")
+    guids, labels, texts = manifest.guids, manifest.column("label"), manifest.column("text")
     predictions = []
     for model, spec in models:
         out = evaluate(model, rows, cached_batches(bank, batches, model.uses_tokens, compute.device), None)
         predictions.append(Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"],
-                                       out.get("gate"), spec["class_names"], out.get("scores")))
+                                       out.get("gate"), spec["class_names"], out.get("scores"),
+                                       [texts[r] for r in rows]))
     return ensemble(predictions) if len(predictions) > 1 else predictions[0]
 
 
@@ -179,9 +181,9 @@ def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str
     batches = list(torch.from_numpy(rows).split(cfg.batch_size * 2))
     with ItemProgress("predict", len(rows), show_progress) as advance:
         out = evaluate(model, rows, raw_batches(model, raw, batches, compute.device, advance=advance), None, compute)
-    guids, labels = manifest.guids, manifest.column("label")
+    guids, labels, texts = manifest.guids, manifest.column("label"), manifest.column("text")
     return Predictions([guids[r] for r in rows], [labels[r] for r in rows], out["probabilities"], None,
-                       spec["class_names"])
+                       spec["class_names"], texts=[texts[r] for r in rows])
 
 
 def write_predictions_file(predictions: Predictions, path: Path, probs: bool = False) -> Path:
