@@ -23,13 +23,14 @@ from msa.pipeline.tasks import task_of_metrics
 from msa.stages.predict import data_tag, predict
 
 
-def run_predictions(run_dir: Path, labels_file: Path | None, data: Path | None = None) -> pd.DataFrame:
+def run_predictions(run_dir: Path, labels_file: Path | None, data: Path | None = None,
+                    cache: Path | None = None) -> pd.DataFrame:
     """guid, label, prediction, p_<class>... (and gate) for the items evaluated: the run's val
     predictions; with `data`, its labelled items (or those of labels_file), predicted as predict
     does; with labels_file alone, those items of the run's own data."""
     if labels_file is None and data is None:
         return val_predictions(Path(run_dir))
-    predictions = predict(run_dir, data, split="all", show_progress=False)
+    predictions = predict(run_dir, data, split="all", cache=cache, show_progress=False)
     table = rundir.predictions_table(predictions.guids, predictions.labels, predictions.probabilities,
                                      predictions.class_names, predictions.gate).to_pandas()
     table.insert(1, "text", predictions.texts)
@@ -111,7 +112,9 @@ def run(cfg: EvaluateConfig) -> dict:
     own_val = cfg.labels is None and cfg.data is None
     if own_val and task_of_metrics(rundir.read_json(Path(cfg.run) / rundir.METRICS)).name == "regression":
         return regression_report(cfg)
-    table = run_predictions(cfg.run, cfg.labels, cfg.data)
+    # New data is extracted once, into the evaluated run's predict cache, for the unimodal runs too.
+    shared_cache = Path(cfg.run) / "predict-cache" if cfg.data else None
+    table = run_predictions(cfg.run, cfg.labels, cfg.data, shared_cache)
     class_names = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
     index = {name: i for i, name in enumerate(class_names)}
     metrics = classification_metrics(table["label"].map(index).to_numpy(),
@@ -131,8 +134,8 @@ def run(cfg: EvaluateConfig) -> dict:
         "bad cases": str(out / "bad_cases.csv"),
     }
     if cfg.text_run and cfg.image_run:
-        report["agreement"] = agreement(table, run_predictions(cfg.text_run, cfg.labels, cfg.data),
-                                        run_predictions(cfg.image_run, cfg.labels, cfg.data))
+        report["agreement"] = agreement(table, run_predictions(cfg.text_run, cfg.labels, cfg.data, shared_cache),
+                                        run_predictions(cfg.image_run, cfg.labels, cfg.data, shared_cache))
     if "gate" in table.columns:
         report["gate"] = gate_statistics(table)
     rundir.write_json(out / "evaluation.json", report)
