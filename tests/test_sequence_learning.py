@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -86,6 +87,8 @@ def test_tensor_fusion_is_the_outer_product_of_the_modality_vectors():
         vectors = [torch.cat([seen[m][i], torch.tensor([head.constant])]) for m in ("text", "audio", "vision")]
         expected = torch.kron(torch.kron(vectors[0], vectors[1]), vectors[2])
         torch.testing.assert_close(seen["fused"][i], expected)
+    # The unimodal path starts silent: at initialisation the output is the fused network's alone.
+    assert not head.unimodal.weight.any() and not head.unimodal.bias.any()
     with pytest.raises(ConfigError, match="outer product of 4 modalities"):
         create_head("tfn", {m: ModalityDims(4, 4) for m in "abcd"}, 1, 1024, 0.0)
 
@@ -182,3 +185,27 @@ def test_the_five_seed_protocol_reports_every_metric_of_the_field(means_signal, 
         assert board[f"{metric}_std"].iloc[0] == pytest.approx(table[metric].std())
     titles = [column.header for column in sweep.leaderboard_table(board, []).columns]
     assert titles[1:9] == ["MAE", "Corr", "Has0-Acc-2", "Has0-F1", "Non0-Acc-2", "Non0-F1", "Acc-5", "Acc-7"]
+
+
+@pytest.mark.parametrize("task, classes", [("classification-2", ["negative", "positive"]),
+                                           ("classification-7", ["-3", "-2", "-1", "0", "1", "2", "3"])])
+def test_two_and_seven_class_tasks_train_on_classes_of_the_scores(task, classes, means_signal, tmp_path):
+    cache, _ = means_signal
+    manifest = read_manifest(cache)
+    result = train_head.run(TrainHeadConfig(cache=cache, fusion="seq-concat", task=task, epochs=2, hidden=32,
+                                            out=tmp_path / "run"), log=lambda *_: None)
+    assert result.metrics["task"] == task and 0 <= result.metrics["accuracy"] <= 1
+    table = pd.read_parquet(result.run_dir / rundir.VAL_PREDICTIONS)
+    assert [c.removeprefix("p_") for c in table.columns if c.startswith("p_")] == classes
+    scores = np.asarray(manifest.column("score"))[manifest.rows_of_split("val")]
+    expected = (np.where(scores >= 0, "positive", "negative") if task == "classification-2"
+                else np.round(np.clip(scores, -3, 3)).astype(int).astype(str))
+    assert table["label"].tolist() == expected.tolist()
+    _, predictions = predict.run(PredictConfig(run=result.run_dir), show_progress=False)
+    assert predictions.class_names == classes and predictions.probabilities.shape[1] == len(classes)
+
+
+def test_a_class_task_of_scores_on_a_cache_without_scores_is_a_named_error(signal_cache, tmp_path):
+    with pytest.raises(ConfigError, match="--task classification-7 derives its classes from scores"):
+        train_head.run(TrainHeadConfig(cache=signal_cache, task="classification-7", out=tmp_path / "run"),
+                       log=lambda *_: None)

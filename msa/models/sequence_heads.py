@@ -156,10 +156,13 @@ class TensorFusionHead(SequenceHead):
     text with an LSTM and mean-pools audio and vision through an MLP; here every modality has
     the same sequence encoder (--sequence-encoder), whose state includes its inputs' mean.
 
-    Two departures, measured on bench/sequence_quality.py's generated data: c = 4, not 1, so
+    Three departures, measured on bench/sequence_quality.py's generated data: c = 4, not 1, so
     the unimodal and bimodal terms outweigh the three-way products at the start (with c = 1,
-    a signal in the means was learned far worse than by a ridge regression), and z_m is a linear
-    map of the encoder state, with dropout after the first fused layer, not before it."""
+    a signal in the means was learned far worse than by a ridge regression); z_m is a linear
+    map of the encoder state, with dropout after the first fused layer, not before it; and a
+    linear map of the concatenated modality states, initialised to zero, adds to the output.
+    Without that path the means signal's val MAE was 1.14x the ridge's (1.03x with it); a path
+    initialised at random took over and lost the interaction signal (0.483 vs 0.426)."""
 
     max_fused = 250_000  # the outer product's size; past it, memory and the first layer explode
     constant = 4.0
@@ -174,6 +177,9 @@ class TensorFusionHead(SequenceHead):
         self.reduce = nn.ModuleDict({m: nn.Linear(hidden, self.fusion_dim) for m in dims})
         self.classify = nn.Sequential(nn.Linear(fused, hidden), nn.ReLU(), nn.Dropout(dropout),
                                       nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.unimodal = nn.Linear(hidden * len(dims), num_classes)
+        nn.init.zeros_(self.unimodal.weight)
+        nn.init.zeros_(self.unimodal.bias)
 
     def forward(self, inputs):
         _, states = self.states(inputs)
@@ -182,4 +188,5 @@ class TensorFusionHead(SequenceHead):
             z = self.reduce[m](states[m])
             z = torch.cat([z, torch.full_like(z[:, :1], self.constant)], dim=-1)  # [B, d + 1]
             fused = z if fused is None else (fused.unsqueeze(-1) * z.unsqueeze(1)).flatten(1)
-        return {"logits": self.classify(fused)}
+        unimodal = self.unimodal(torch.cat([states[m] for m in self.names], dim=-1))
+        return {"logits": self.classify(fused) + unimodal}

@@ -15,7 +15,7 @@ OnBadImage = Literal["blank", "skip", "fail"]
 OnDuplicate = Literal["first-if-same", "first", "error"]
 TextSource = Literal["raw", "caption", "raw+caption"]
 Backend = Literal["transformers", "lavis"]
-Task = Literal["auto", "classification", "regression"]
+Task = Literal["auto", "classification", "regression", "classification-2", "classification-7"]
 Loss = Literal["ce", "weighted-ce", "focal", "l1", "mse", "huber"]
 Select = Literal["macro_f1", "accuracy", "loss", "mae", "corr"]
 SequenceEncoder = Literal["lstm", "transformer"]
@@ -129,7 +129,7 @@ class TrainHeadConfig:
     dropout: float = 0.1  # dropout in the head
     hidden: int = 256  # width of the head
     seed: int = 0  # seeds the initialisation and the batch order
-    task: Task = "auto"  # auto: regression where the items carry float scores
+    task: Task = "auto"  # auto: regression where items carry float scores; classification-2/-7: classes of scores
     modalities: tuple[str, ...] = ()  # a subset of the cache's modalities; default: every modality it holds
     sequence_encoder: SequenceEncoder = "lstm"  # per-modality encoder of the sequence heads
     output_scaling: OutputScaling = "tanh"  # how a regression output is bounded to [-3, 3]

@@ -23,8 +23,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from msa.pipeline.mvsa import LABELS
-
 CONFIG = "config.json"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
@@ -157,12 +155,13 @@ def write_val_predictions(run_dir: Path, task, manifest, rows: np.ndarray, out: 
     head says about its decision (gate; weight_<modality> for the attention head)."""
     all_guids = manifest.guids
     guids = [all_guids[r] for r in rows]
-    if task.name == "regression":
+    if task.is_regression:
         scores = manifest.column("score")
         table = score_table(guids, np.array([scores[r] for r in rows]), out["scores"])
     else:
-        labels = manifest.column("label")
-        table = predictions_table(guids, [labels[r] for r in rows], out["probabilities"], list(LABELS), out.get("gate"))
+        labels = task.labels(manifest)
+        table = predictions_table(guids, [labels[r] for r in rows], out["probabilities"], list(task.classes),
+                                  out.get("gate"))
     if "modality_weights" in out:
         for i, modality in enumerate(modalities):
             table = table.append_column(f"weight_{modality}", pa.array(out["modality_weights"][:, i].astype(float)))

@@ -1,6 +1,7 @@
-"""The two tasks, each declared once: what differs between classifying sentiment classes
-(MVSA) and regressing a score (CMU-MOSI) in outputs, losses, metrics, selection,
-predictions and reports. Stages look a task up in TASKS instead of testing its name.
+"""The tasks, each declared once: what differs between classifying sentiment classes (MVSA's
+three; MOSI's 2 or 7 from the scores) and regressing a score (CMU-MOSI) in outputs, losses,
+metrics, selection, predictions and reports. Stages look a task up in TASKS instead of testing
+its name.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class Task:
     prediction_header: str  # the first line of a predictions file
     metrics: Callable[[np.ndarray, dict], dict]  # (targets [N], evaluate()'s output) -> val metrics
     summary: Callable[[dict], str]  # one line of the main metrics
+    classes: tuple[str, ...] = ()  # class names in output order; () for regression
+    # Each manifest row's class name (None: unlabelled) from the label column or the score column.
+    labels: Callable[[object], list[str | None]] | None = None
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.classes
 
     @property
     def default_loss(self) -> str:
@@ -39,10 +47,25 @@ class Task:
         return self.selects[0]
 
 
-def _classification_metrics(targets: np.ndarray, out: dict) -> dict:
-    metrics = classification_metrics(targets, out["probabilities"].argmax(1), list(LABELS))
-    metrics["neutral_f1"] = metrics["per_class"].get("neutral", {}).get("f1")
-    return metrics
+def _classification_metrics(classes: tuple[str, ...]) -> Callable[[np.ndarray, dict], dict]:
+    def metrics_of(targets: np.ndarray, out: dict) -> dict:
+        metrics = classification_metrics(targets, out["probabilities"].argmax(1), list(classes))
+        metrics["neutral_f1"] = metrics["per_class"].get("neutral", {}).get("f1")
+        return metrics
+    return metrics_of
+
+
+def _classes_of_scores(classify: Callable[[float], str]) -> Callable[[object], list[str | None]]:
+    def labels(manifest) -> list[str | None]:
+        return [None if score is None or np.isnan(score) else classify(score) for score in manifest.column("score")]
+    return labels
+
+
+# MOSI's class tasks from its scores, as the field derives them (and as metrics.py scores Acc-2 /
+# Acc-7): 2 classes negative (< 0) / positive (>= 0), the Has0 convention, so every item trains;
+# 7 classes the score clipped to [-3, 3] and rounded.
+TWO_CLASSES = ("negative", "positive")
+SEVEN_CLASSES = tuple(str(k) for k in range(-3, 4))
 
 
 def _regression_metrics(targets: np.ndarray, out: dict) -> dict:
@@ -55,8 +78,9 @@ TASKS = {
         selects=("macro_f1", "accuracy", "loss"), history=("accuracy", "macro_f1"),
         results=("accuracy", "macro_f1", "weighted_f1", "neutral_f1", "loss", "best_epoch", "train_seconds"),
         leaderboard=(("macro_f1", "macro-F1"), ("accuracy", "accuracy"), ("neutral_f1", "neutral F1")),
-        prediction_header="guid,tag", metrics=_classification_metrics,
-        summary=lambda m: f"val accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"),
+        prediction_header="guid,tag", metrics=_classification_metrics(LABELS),
+        summary=lambda m: f"val accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}",
+        classes=LABELS, labels=lambda manifest: manifest.column("label")),
     "regression": Task(
         name="regression", outputs=1, losses=("l1", "mse", "huber"), selects=("mae", "corr", "loss"),
         history=("mae", "corr", "acc2", "acc7"),
@@ -70,6 +94,13 @@ TASKS = {
         summary=lambda m: (f"val MAE {m['mae']:.4f}  corr {m['corr']:.4f}  Acc-2 {m['acc2']:.4f}  "
                            f"Non0-Acc-2 {m['non0_acc2']:.4f}  Acc-7 {m['acc7']:.4f}")),
 }
+for _name, _classes, _classify in (
+        ("classification-2", TWO_CLASSES, lambda s: TWO_CLASSES[int(s >= 0)]),
+        ("classification-7", SEVEN_CLASSES, lambda s: str(int(np.round(np.clip(s, -3, 3)))))):
+    TASKS[_name] = dataclasses.replace(
+        TASKS["classification"], name=_name, outputs=len(_classes), results=TASKS["classification"].results[:3] +
+        TASKS["classification"].results[4:], leaderboard=(("macro_f1", "macro-F1"), ("accuracy", "accuracy")),
+        metrics=_classification_metrics(_classes), classes=_classes, labels=_classes_of_scores(_classify))
 
 # Selection metrics: name -> True if larger is better.
 LARGER_IS_BETTER = {"macro_f1": True, "accuracy": True, "loss": False, "mae": False, "corr": True}

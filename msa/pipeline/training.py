@@ -111,9 +111,9 @@ class FeatureBank:
         return torch.stack([m.sum(1) for m in self.masks.values()]).sum(0)
 
 
-def class_targets(labels: list[str | None]) -> torch.Tensor:
-    """[N] class indices in LABELS order, -1 for unlabelled items."""
-    index = {name: i for i, name in enumerate(LABELS)}
+def class_targets(labels: list[str | None], classes: tuple[str, ...] = LABELS) -> torch.Tensor:
+    """[N] class indices in the order of `classes`, -1 for unlabelled items."""
+    index = {name: i for i, name in enumerate(classes)}
     return torch.tensor([index.get(label, -1) if label else -1 for label in labels])
 
 

@@ -8,6 +8,7 @@ text to max_len); image decoding runs in a background thread while the encoder r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -31,6 +32,7 @@ from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess
 from msa.models.lexicon import FEATURES as LEXICON_FEATURES
 from msa.models.lexicon import LexiconScorer
 from msa.models.text import TextEncoder, model_identity
+from msa.pipeline import autotune
 from msa.pipeline.compute import Compute, prefetch, resolve_compute
 from msa.pipeline.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
@@ -40,8 +42,10 @@ from msa.pipeline.progress import ItemProgress, console, rate_text
 MODALITIES = ("text", "image", "lexicon")
 MODEL_NAMES = {"lexicon": "vader-emoji"}  # the name a lexicon set carries in place of a model's
 # torch.compile costs ~50 s here and makes EfficientNet-Lite0 2.8x faster on this CPU
-# (22.8 -> 63 img/s): it pays off from about a thousand images.
+# (22.8 -> 63 img/s): it pays off from about a thousand images. Below that it is not tried;
+# above it, --precision auto measures whether it pays.
 COMPILE_MIN_IMAGES = 1000
+MEASURED_ITEMS = 16  # --precision auto times each variant on the first items (bf16 on AVX2: ~3 texts/s)
 SHOWN_BAD_ITEMS = 5  # in the summary; CACHE/bad_items.csv lists every one
 STATUS_MEANING = {"cached": "complete before this run, no encoder work", "encoded": "encoded by this run",
                   "resumed": "an interrupted run's rows kept, the rest encoded now",
@@ -151,7 +155,12 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         cfg = dataclasses.replace(cfg, captions=captions.name)
     results = {}
     for modality in cfg.modalities:
-        fingerprint = feature_fingerprint(cfg, modality, manifest.manifest_id, compute,
+        # The encoder loads once, for a measurement or for encoding.
+        encoder_of = functools.cache(functools.partial(load_encoder, cfg, modality))
+        rows = shard_rows(len(manifest), shard, cfg.batch_size)
+        decision = tuned_variant(cfg, modality, manifest, rows, compute, encoder_of)
+        modality_compute = dataclasses.replace(compute, precision=decision.variant.precision) if decision else compute
+        fingerprint = feature_fingerprint(cfg, modality, manifest.manifest_id, modality_compute,
                                           captions if modality == "text" else None)
         model = {"text": cfg.text_model, "image": cfg.image_model, **MODEL_NAMES}[modality]
         name = feature_set_name(modality, model, fingerprint)
@@ -162,10 +171,11 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         notes = {"extract_config": to_json(cfg)}
         if captions and modality == "text":
             notes["caption_config"] = captions.notes["caption_config"]
+        if decision:
+            notes["autotune"] = decision.record()
         # The model loads before the set's file exists: a model that fails to load leaves nothing behind.
-        encoder = load_encoder(cfg, modality)
+        encoder = encoder_of()
         try:
-            rows = shard_rows(len(manifest), shard, cfg.batch_size)
             writer = FeatureWriter(path, fingerprint, manifest.guids, rows, notes)
         except BusyError as err:
             console.print(f"[yellow]{err}; going on without it[/yellow]")
@@ -178,11 +188,12 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         with writer:
             pending = writer.pending_rows()
             if modality == "text":
-                encode_texts(encoder, manifest, pending, writer, compute, cfg.batch_size, show_progress, on_batch,
-                             captions, cfg.text_source, cfg.text_split_layer)
+                encode_texts(encoder, manifest, pending, writer, modality_compute, cfg.batch_size, show_progress,
+                             on_batch, captions, cfg.text_source, cfg.text_split_layer)
             elif modality == "image":
-                use_compile = cfg.compile or (compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES)
-                encode_images(encoder, manifest, pending, writer, compute, cfg.batch_size,
+                use_compile = cfg.compile or (decision.variant.compile if decision else
+                                              compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES)
+                encode_images(encoder, manifest, pending, writer, modality_compute, cfg.batch_size,
                               show_progress, on_batch, use_compile, cfg.image_split_stage)
             else:
                 encode_lexicon(encoder, manifest, pending, writer, show_progress, on_batch)
@@ -207,6 +218,56 @@ def run_as_rank(cfg: ExtractConfig, rank: Rank, show_progress: bool, on_batch: B
         results[modality] = dataclasses.replace(result, path=whole)
     barrier()  # published before any rank reports it
     return dataclasses.replace(share, feature_sets=results)
+
+
+def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: np.ndarray, compute: Compute,
+                  encoder_of: Callable) -> autotune.Decision | None:
+    """--precision auto on a CPU: the precision (and, for images, compile) that measured fastest
+    on this machine for this model (msa.pipeline.autotune); None where nothing is measured.
+    Decided for all the set's rows, not the pending ones: a resumed run finds the same set."""
+    if cfg.precision != "auto" or compute.device.type != "cpu" or modality not in ("text", "image"):
+        return None
+    sample = rows[:MEASURED_ITEMS]
+
+    def timed_variant(forward: Callable, inputs) -> Callable:
+        def measure_now(variants: list[autotune.Variant]) -> dict[str, autotune.Measurement]:
+            console.print(f"[dim]{modality}: measuring {', '.join(v.name for v in variants)} on this machine "
+                          "(once per machine and model)[/dim]")
+            return autotune.measure(forward, inputs(), variants)
+        return measure_now
+
+    if modality == "text":
+        def text_inputs():
+            encoder = encoder_of()
+            texts = manifest.column("text")
+            return encoder.collate(encoder.tokenize([texts[r] for r in sample]))
+
+        def text_forward(variant):
+            encoder = encoder_of().to(compute.device)
+            return lambda batch: _in_precision(variant.precision, compute, lambda: encoder(*batch)[1])
+
+        key = f"text|{model_identity(cfg.text_model)}|max_len={cfg.max_len}"
+        return autotune.decide(key, compute.device, len(rows), False, timed_variant(text_forward, text_inputs))
+
+    def image_inputs():
+        encoder = encoder_of()
+        sources = manifest.image_sources()
+        pixels = torch.from_numpy(np.stack([encoder.preprocess.load(sources[r]) for r in sample]))
+        return encoder.preprocess.normalise(pixels).contiguous(memory_format=torch.channels_last)
+
+    def image_forward(variant):
+        encoder = encoder_of().to(compute.device, memory_format=torch.channels_last)
+        forward = _compiled(encoder) if variant.compile else encoder
+        return lambda images: _in_precision(variant.precision, compute, lambda: forward(images)[1])
+
+    key = f"image|{cfg.image_model}|{weights_identity(cfg.image_model, cfg.image_weights)}"
+    compile_may_pay = not cfg.compile and len(rows) >= COMPILE_MIN_IMAGES
+    return autotune.decide(key, compute.device, len(rows), compile_may_pay, timed_variant(image_forward, image_inputs))
+
+
+def _in_precision(precision: str, compute: Compute, forward: Callable):
+    with dataclasses.replace(compute, precision=precision).autocast():
+        return forward()
 
 
 def load_encoder(cfg: ExtractConfig, modality: str):

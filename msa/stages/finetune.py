@@ -24,7 +24,7 @@ from msa.pipeline import plots, rundir
 from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import ConfigError, FinetuneConfig, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
-from msa.pipeline.mvsa import LABELS, read_mvsa
+from msa.pipeline.mvsa import read_mvsa
 from msa.pipeline.progress import ItemProgress
 from msa.pipeline.raw import IMAGE_AUGS, RawData, image_augmentation, raw_batches
 from msa.pipeline.tasks import TASKS, training_loss
@@ -45,7 +45,7 @@ TASK = TASKS["classification"]
 
 def model_spec(cfg: FinetuneConfig) -> dict:
     """What rebuilds this run's model (msa.models.build)."""
-    return {"kind": "end-to-end", "task": TASK.name, "outputs": TASK.outputs, "class_names": list(LABELS),
+    return {"kind": "end-to-end", "task": TASK.name, "outputs": TASK.outputs, "class_names": list(TASK.classes),
             **{k: getattr(cfg, k) for k in ("fusion", "hidden", "dropout", "text_model", "max_len", "pooling",
                                             "image_model", "image_weights", "unfreeze_text_layers",
                                             "unfreeze_image_stages", "lora_rank")},

@@ -32,7 +32,6 @@ from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import ConfigError, TrainHeadConfig, to_json
 from msa.pipeline.distributed import single_process_only
 from msa.pipeline.folds import stratified_folds
-from msa.pipeline.mvsa import LABELS
 from msa.pipeline.tasks import TASKS, Task, task_named, training_loss
 from msa.pipeline.training import (
     FeatureBank,
@@ -158,14 +157,16 @@ def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
     feature_sets = select_feature_sets(cache, manifest, features, modalities)
     bank = FeatureBank.load(feature_sets, with_tokens, split_names)
     task = TASKS[task_of(manifest.table.column_names) if task_name == "auto" else task_name]
-    if task.name == "regression":
+    if task.is_regression:
         if "score" not in manifest.table.column_names:
             raise ConfigError(f"--task regression: {cache} holds class labels, no scores")
         targets = torch.tensor(manifest.column("score"), dtype=torch.float32)
     else:
-        targets = class_targets(manifest.column("label"))
+        if task.name != "classification" and "score" not in manifest.table.column_names:
+            raise ConfigError(f"--task {task.name} derives its classes from scores; {cache} holds class labels only")
+        targets = class_targets(task.labels(manifest), task.classes)
         if not (targets >= 0).any():
-            raise ConfigError(f"--task classification: {cache} holds no class labels")
+            raise ConfigError(f"--task {task.name}: {cache} holds no class labels")
     return TrainData(manifest, feature_sets, bank, targets, task)
 
 
@@ -190,7 +191,7 @@ def resolved(cfg: TrainHeadConfig) -> TrainHeadConfig:
         raise ConfigError(f"--select must be one of {', '.join(task.selects)} for {task.name}")
     if cfg.loss not in task.losses:
         raise ConfigError(f"--loss {cfg.loss} is not a {task.name} loss; use one of {', '.join(task.losses)}")
-    if task.name == "regression" and cfg.rdrop_alpha > 0:
+    if task.is_regression and cfg.rdrop_alpha > 0:
         raise ConfigError("--rdrop-alpha compares class distributions; it does not apply to regression")
     return cfg
 
@@ -208,7 +209,7 @@ def model_spec(cfg: TrainHeadConfig, data: TrainData, feature_info: dict) -> dic
     """What rebuilds this run's model (msa.models.build)."""
     return {"kind": "head", "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
             "task": cfg.task, "outputs": data.task.outputs, "sequence_encoder": cfg.sequence_encoder,
-            "output_scaling": cfg.output_scaling, "unfrozen": unfrozen(cfg), "class_names": list(LABELS),
+            "output_scaling": cfg.output_scaling, "unfrozen": unfrozen(cfg), "class_names": list(data.task.classes),
             "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()}, "feature_sets": feature_info}
 
 
@@ -247,9 +248,10 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
     labelled item, the extract's train and val alike), in RUN/fold-k; RUN/metrics.json holds the
     mean and std over folds, and predict averages the folds' probabilities."""
     labelled = np.flatnonzero(np.isin(data.manifest.column("split"), ("train", "val")))  # test items carry none
-    every_label, guids = data.manifest.column("label"), data.manifest.guids
+    guids = data.manifest.guids
     # Regression scores are not classes: one stratum, so the folds are a seeded shuffle.
-    labels = [every_label[r] if data.task.name == "classification" else "score" for r in labelled]
+    every_label = ["score"] * len(guids) if data.task.is_regression else data.task.labels(data.manifest)
+    labels = [every_label[r] for r in labelled]
     folds = stratified_folds(labels, cfg.folds, FOLD_SEED)
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": CV_KIND, "out": str(run_dir),
                                                 "modalities_used": list(data.feature_sets), "fold_seed": FOLD_SEED})
@@ -296,7 +298,7 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"], list(data.feature_sets))
     plots.plot_run(run_dir, metrics)
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
-    return TrainResult(run_dir, metrics, state.best_epoch, seconds, collapse_warnings(best["out"]))
+    return TrainResult(run_dir, metrics, state.best_epoch, seconds, collapse_warnings(best["out"], data.task.classes))
 
 
 def refit(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, epochs: int, log=print) -> dict:
@@ -364,10 +366,10 @@ def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_ro
     return model, train_epoch, load, lengths
 
 
-def collapse_warnings(val: dict) -> list[str]:
+def collapse_warnings(val: dict, classes: tuple[str, ...]) -> list[str]:
     """A classifier whose best epoch predicts one class for every val item learned nothing useful."""
     predicted = sorted(set(val["probabilities"].argmax(1).tolist())) if val["probabilities"].size else []
     if len(predicted) != 1:
         return []
-    return [f"the best epoch predicts {LABELS[predicted[0]]} for every val item (the head collapsed to one class); "
+    return [f"the best epoch predicts {classes[predicted[0]]} for every val item (the head collapsed to one class); "
             "try --loss weighted-ce, a lower --lr or more --epochs"]

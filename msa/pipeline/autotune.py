@@ -1,0 +1,173 @@
+"""Precision and compile chosen by measurement, not assumed from the CPU's name (issue 16).
+
+On an AVX2-only CPU bf16 runs the encoders 6-9x slower than fp32; with AVX512-BF16 or AMX
+it runs them 3.5-4.5x faster. So `--precision auto` on a CPU times each candidate variant
+(fp32, bf16, and each with torch.compile where the run is long enough for compiling to pay)
+on the first real batch, keeps the fastest whose pooled features stay within cosine 0.999 of
+fp32, and stores the measurements per machine and model in a small JSON file, so later runs
+decide from them without paying again. The stage records the decision in its fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from msa.pipeline.compute import CPU_BF16_ENV
+
+# Where decisions are kept; tests point it at a temporary file.
+DECISIONS_ENV = "MSA_AUTOTUNE_FILE"
+MIN_COSINE = 0.999  # pooled features of a variant against fp32's, mean over the measured items
+# The CPU flags that change which precision is fast; a machine with other flags measures again.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    precision: str  # fp32 | bf16
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.precision + ("+compile" if self.compile else "")
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        precision, _, compiled = name.partition("+")
+        return cls(precision, compiled == "compile")
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    items_per_second: float  # the forward pass alone, once warm
+    setup_seconds: float  # the first call's extra time (torch.compile's compilation)
+    cosine: float  # pooled features against fp32, mean over items
+
+    def seconds_for(self, items: int) -> float:
+        return self.setup_seconds + items / self.items_per_second
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    variant: Variant
+    chosen_by: str  # "measured" (this run), "cached" (an earlier run's measurements), or the env override
+    measurements: dict[str, Measurement]
+
+    def record(self) -> dict:
+        """What a feature set's notes keep: the choice and the figures behind it."""
+        return {"variant": self.variant.name, "chosen_by": self.chosen_by,
+                "measurements": {name: dataclasses.asdict(m) for name, m in self.measurements.items()}}
+
+
+def decisions_file() -> Path:
+    return Path(os.environ.get(DECISIONS_ENV) or Path.home() / ".cache" / "msa" / "autotune.json")
+
+
+def machine_key(device: torch.device) -> str:
+    """The CPU model, its speed-relevant flags, the threads and torch: what the timings depend on."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux: the processor name alone
+        pass
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    speed_flags = "+".join(f for f in SPEED_FLAGS if f in flags)
+    return f"{device.type}|{name}|{speed_flags}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def candidates(device: torch.device, compile_worth_trying: bool) -> list[Variant]:
+    """fp32 and bf16 on CPUs (bf16 is kept only if it measures faster), each compiled too when
+    the run is long enough for a compile (tens of seconds) to pay."""
+    precisions = ["fp32"]
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        precisions.append("bf16")
+    return [Variant(p, c) for c in ((False, True) if compile_worth_trying else (False,)) for p in precisions]
+
+
+def measure(variant_forward: Callable[[Variant], Callable], batch, variants: list[Variant],
+            repeats: int = 2) -> dict[str, Measurement]:
+    """Time each variant's forward on one batch; variant_forward(v) returns a callable
+    batch -> pooled features [B, D] running in v's precision (compiled when v says so)."""
+    pooled, timings = {}, {}
+    for variant in variants:
+        forward = variant_forward(variant)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            first = forward(batch)
+            first_seconds = time.perf_counter() - start
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                forward(batch)
+                seconds.append(time.perf_counter() - start)
+        pooled[variant.name] = first.float()
+        best = min(seconds)
+        timings[variant.name] = (len(first) / best, max(0.0, first_seconds - best))
+    reference = pooled[Variant("fp32").name]
+    return {name: Measurement(rate, setup, float(torch.nn.functional.cosine_similarity(
+        pooled[name], reference, dim=1).mean())) for name, (rate, setup) in timings.items()}
+
+
+def choose(measurements: dict[str, Measurement], items: int) -> Variant:
+    """The variant that encodes `items` soonest (setup included) among those close to fp32."""
+    close = {name: m for name, m in measurements.items() if m.cosine >= MIN_COSINE}
+    return Variant.parse(min(close, key=lambda name: close[name].seconds_for(items)))
+
+
+def decide(model_key: str, device: torch.device, items: int, compile_worth_trying: bool,
+           measure_now: Callable[[list[Variant]], dict[str, Measurement]]) -> Decision:
+    """The variant for encoding `items` with this model here: from the machine's stored
+    measurements when they cover the candidates, else measured now (measure_now(variants)) and
+    stored. MSA_CPU_BF16=0/1 skips measuring (the suite plays each CPU class with it)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if device.type == "cpu" and forced in ("0", "1"):
+        return Decision(Variant("bf16" if forced == "1" else "fp32", compile_worth_trying), CPU_BF16_ENV, {})
+    wanted = candidates(device, compile_worth_trying)
+    key = f"{machine_key(device)}|{model_key}"
+    path = decisions_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # two extracts measuring at once would each slow the other
+        stored = read_decisions(path)
+        known = {name: Measurement(**{k: float(v) for k, v in m.items()}) for name, m in stored.get(key, {}).items()}
+        missing = [v for v in wanted if v.name not in known]
+        chosen_by = "cached"
+        if missing:
+            known.update(measure_now([Variant("fp32"), *[v for v in missing if v != Variant("fp32")]]))
+            stored[key] = {name: dataclasses.asdict(m) for name, m in known.items()}
+            write_decisions(path, stored)
+            chosen_by = "measured"
+    usable = {v.name: known[v.name] for v in wanted}
+    return Decision(choose(usable, items), chosen_by, usable)
+
+
+def read_decisions(path: Path) -> dict:
+    """The stored measurements; an unreadable file, or an entry of another shape, is measured
+    again, never trusted."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    fields = {f.name for f in dataclasses.fields(Measurement)}
+    return {key: {name: m for name, m in entry.items() if isinstance(m, dict) and set(m) == fields}
+            for key, entry in data.items() if isinstance(entry, dict)} if isinstance(data, dict) else {}
+
+
+def write_decisions(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
