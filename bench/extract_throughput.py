@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,9 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from msa.cache.features import FeatureSet
 from msa.models.image import build_image_encoder
 from msa.models.text import TextEncoder
-from msa.pipeline.compute import Compute, resolve_compute
+from msa.pipeline import autotune
+from msa.pipeline.autotune import Variant
+from msa.pipeline.compute import Compute
 from msa.pipeline.config import ExtractConfig
 from msa.pipeline.mvsa import read_mvsa
 from msa.stages import extract
@@ -93,8 +96,9 @@ def image_variants(args, paths: list[str]) -> dict:
 
 
 def auto_verdict(results: dict, auto_variant: str, rate_key: str) -> dict:
-    """Which variant `--precision auto` (and extract's compile rule) runs here, the fastest measured,
-    and whether they are the same (or within 5%)."""
+    """Which variant `--precision auto` chose here (part 1's extract measured it), the fastest
+    measured, and whether they are the same (or within 5%). The rates here leave compile time out:
+    at part 2's item count, auto may rightly prefer eager to a compile that would not pay."""
     rates = {name: r[rate_key] for name, r in results.items() if isinstance(r, dict) and rate_key in r}
     fastest = max(rates, key=rates.get)
     return {"auto runs": auto_variant, "fastest": fastest,
@@ -136,7 +140,8 @@ def text_variants(args, texts: list[str]) -> dict:
 
 
 def whole_extract(args, n: int) -> dict:
-    """Default settings, a fresh cache; steady rate measured after the first batch (warm-up, compile)."""
+    """Default settings, a fresh cache and a fresh decisions file (so --precision auto measures
+    here and now); steady rate measured after the first batch (warm-up, compile)."""
     stamps: dict[str, list[tuple[float, int]]] = {"text": [], "image": []}
 
     def on_batch(modality: str, rows: int) -> None:
@@ -144,12 +149,14 @@ def whole_extract(args, n: int) -> dict:
 
     torch._dynamo.reset()
     with tempfile.TemporaryDirectory() as cache:
+        os.environ[autotune.DECISIONS_ENV] = str(Path(cache) / "autotune.json")
         cfg = ExtractConfig(data=args.data, cache=Path(cache), text_model=args.text_model, max_len=args.max_len,
                             image_model=args.image_model, image_weights=args.image_weights,
                             batch_size=args.batch_size, limit=n)
         start = time.perf_counter()
         result = extract.run(cfg, show_progress=False, on_batch=on_batch)
         total = time.perf_counter() - start
+        decisions = {m: FeatureSet.open(r.path).notes.get("autotune") for m, r in result.feature_sets.items()}
         start = time.perf_counter()
         extract.run(cfg, show_progress=False)
         second = time.perf_counter() - start
@@ -158,29 +165,30 @@ def whole_extract(args, n: int) -> dict:
         (t0, _), (t1, _) = marks[0], marks[-1]
         rows = sum(r for _, r in marks[1:])
         out[modality] = {"items/s steady": rows / (t1 - t0), "seconds": result.feature_sets[modality].seconds,
-                         "compiled": modality == "image" and n >= extract.COMPILE_MIN_IMAGES}
+                         "auto chose": decisions[modality]}
     return out
 
 
-def bare_forward(args, n: int, compute: Compute, texts: list[str], paths: list[str]) -> dict:
-    """The encoders alone, as extract runs them by default, on pre-decoded, pre-tokenised inputs."""
+def bare_forward(args, n: int, texts: list[str], paths: list[str], text_variant: Variant,
+                 image_variant: Variant) -> dict:
+    """The encoders alone, in the variants extract chose, on pre-decoded, pre-tokenised inputs."""
     text_encoder = TextEncoder(args.text_model, args.max_len)
     ids = text_encoder.tokenize(texts[:n])
     text_batches = [text_encoder.collate([ids[j] for j in batch])
                     for batch in text_encoder.length_sorted_batches(ids, args.batch_size)]
-    text_rate, _ = timed(lambda b: _with(compute, text_encoder, *b)[1], text_batches)
+    text_rate, _ = timed(lambda b: _with(text_variant.precision, text_encoder, *b)[1], text_batches)
     image_encoder = build_image_encoder(args.image_model, args.image_weights).to(memory_format=torch.channels_last)
     torch._dynamo.reset()
-    forward = torch.compile(image_encoder, dynamic=False) if n >= extract.COMPILE_MIN_IMAGES else image_encoder
+    forward = torch.compile(image_encoder, dynamic=False) if image_variant.compile else image_encoder
     pixels = torch.from_numpy(np.stack([image_encoder.preprocess.load(p) for p in paths[:n]]))
     images = [image_encoder.preprocess.normalise(b).contiguous(memory_format=torch.channels_last)
               for b in pixels.split(args.batch_size)]
-    image_rate, _ = timed(lambda x: _with(compute, forward, x)[1], images)
+    image_rate, _ = timed(lambda x: _with(image_variant.precision, forward, x)[1], images)
     return {"text items/s": text_rate, "image items/s": image_rate}
 
 
-def _with(compute: Compute, fn, *inputs):
-    with compute.autocast():
+def _with(precision: str, fn, *inputs):
+    with autocast(precision):
         return fn(*inputs)
 
 
@@ -200,23 +208,14 @@ def main() -> None:
     items, _ = read_mvsa(args.data)
     texts = [i.text for i in items]
     paths = [i.image_path for i in items if not i.flags]
-    compute = resolve_compute()
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}", "default precision": compute.precision}
-    print(f"machine: {report['machine']}; default precision here: {compute.precision}", flush=True)
+    report = {"machine": autotune.machine_key(torch.device("cpu"))}
+    print(f"machine: {report['machine']}", flush=True)
 
-    image = image_variants(args, paths[: args.variants_n])
-    # The variant extract runs on a data set of MVSA's size (it compiles from COMPILE_MIN_IMAGES).
-    image["verdict"] = auto_verdict(image, f"{compute.precision} channels_last compile", "img/s")
-    report["part 2: image encoder"] = image
-    print(json.dumps(image, indent=1), flush=True)
-    text = text_variants(args, texts[: args.variants_n])
-    text["verdict"] = auto_verdict(text, f"length-sorted {compute.precision}", "texts/s")
-    report["part 2: text encoder"] = text
-    print(json.dumps(text, indent=1), flush=True)
-
-    bare = bare_forward(args, args.extract_n, compute, texts, paths)
+    # Part 1 first: its extract measures the variants (--precision auto) on a fresh decisions file.
     whole = whole_extract(args, args.extract_n)
+    chosen = {m: Variant.parse(whole[m]["auto chose"]["variant"]) for m in ("text", "image")}
+    print(f"--precision auto chose: text {chosen['text'].name}, image {chosen['image'].name}", flush=True)
+    bare = bare_forward(args, args.extract_n, texts, paths, chosen["text"], chosen["image"])
     report["part 1: whole extract"] = whole
     report["part 1: bare forward"] = bare
     report["part 1: ratio"] = {
@@ -224,6 +223,16 @@ def main() -> None:
         "image": whole["image"]["items/s steady"] / bare["image items/s"],
     }
     print(json.dumps({k: report[k] for k in report if k.startswith("part 1")}, indent=1), flush=True)
+
+    image = image_variants(args, paths[: args.variants_n])
+    image_name = f"{chosen['image'].precision} channels_last" + (" compile" if chosen["image"].compile else "")
+    image["verdict"] = auto_verdict(image, image_name, "img/s")
+    report["part 2: image encoder"] = image
+    print(json.dumps(image, indent=1), flush=True)
+    text = text_variants(args, texts[: args.variants_n])
+    text["verdict"] = auto_verdict(text, f"length-sorted {chosen['text'].precision}", "texts/s")
+    report["part 2: text encoder"] = text
+    print(json.dumps(text, indent=1), flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from msa.models.heads import HEADS
+from msa.models.sequence_heads import SequenceHead
 from msa.pipeline.config import SweepConfig, TrainHeadConfig
 from msa.stages import sweep, train_head
 
@@ -56,7 +57,9 @@ def main() -> None:
         print(f"{fusion}: 20 epochs in {result.seconds:.1f} s (val macro-F1 {result.metrics['macro_f1']:.4f})",
               flush=True)
 
-    fusions = tuple(sorted(set(HEADS) - set(ABLATIONS_LAST))) + tuple(ABLATIONS_LAST)
+    # MVSA's heads: the sequence heads (msa.models.sequence_heads) are for MOSI-style data.
+    mvsa_heads = {name for name, head in HEADS.items() if not issubclass(head, SequenceHead)}
+    fusions = tuple(sorted(mvsa_heads - set(ABLATIONS_LAST))) + tuple(ABLATIONS_LAST)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     start = time.perf_counter()
     table = sweep.run(SweepConfig(base=TrainHeadConfig(cache=args.cache), out=args.out / "sweep", fusions=fusions,

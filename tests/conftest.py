@@ -8,10 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from msa.pipeline.autotune import DECISIONS_ENV
 from msa.pipeline.config import ExtractConfig
 from msa.pipeline.demo import make_demo_dataset, make_tiny_captioner, make_tiny_image_weights, make_tiny_text_model
 
 TINY_IMAGE_MODEL = "timm:test_efficientnet"
+
+
+@pytest.fixture(autouse=True)
+def private_autotune_file(tmp_path, monkeypatch) -> Path:
+    """Measured precision decisions go to the test's own file, never the user's ~/.cache."""
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv(DECISIONS_ENV, str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,14 @@
 """`torchrun ... tests/kill_rank_one.py extract ...`: msa's CLI, with rank 1 killed (SIGKILL)
-after its second feature batch is written. For tests/test_distributed.py."""
+after its second feature batch is written (texts written every 4 rows, not 512, so that
+a small share has a second write). For tests/test_distributed.py."""
 
 import os
 import signal
 
 from msa.cache import features
+from msa.stages import extract
 
+extract.TEXT_WRITE_WINDOW = 4
 if os.environ.get("RANK") == "1":
     write = features.FeatureWriter.write
     written = []

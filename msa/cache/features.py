@@ -226,14 +226,16 @@ class FeatureWriter:
         rows in any order."""
         order = np.argsort(rows)
         rows = np.asarray(rows)[order]  # h5py writes need increasing indices
+        # A run of consecutive rows is written as one slice: a list of rows is one selection per row.
+        where = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and rows[-1] - rows[0] + 1 == len(rows) else rows
         try:
             if "pooled" not in self.file:
                 self._create_datasets(pooled, tokens, split)
-            self.file["pooled"][rows] = pooled[order].astype(np.float16)
-            self.file["tokens"][rows] = tokens[order].astype(np.float16)
-            self.file["mask"][rows] = mask[order].astype(bool)
+            self.file["pooled"][where] = pooled[order].astype(np.float16)
+            self.file["tokens"][where] = tokens[order].astype(np.float16)
+            self.file["mask"][where] = mask[order].astype(bool)
             if split is not None:
-                self.file["split"][rows] = split[order].astype(np.float32)
+                self.file["split"][where] = split[order].astype(np.float32)
             self.file["done"][rows] = 1
             self.file.flush()
         except H5_ERRORS as err:

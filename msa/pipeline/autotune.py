@@ -100,13 +100,14 @@ def candidates(device: torch.device, compile_worth_trying: bool) -> list[Variant
 
 
 def measure(variant_forward: Callable[[Variant], Callable], batch, variants: list[Variant],
-            repeats: int = 2) -> dict[str, Measurement]:
+            repeats: int = 2, inference: bool = True) -> dict[str, Measurement]:
     """Time each variant's forward on one batch; variant_forward(v) returns a callable
-    batch -> pooled features [B, D] running in v's precision (compiled when v says so)."""
+    batch -> pooled features [B, D] running in v's precision (compiled when v says so).
+    inference=False leaves autograd on, for timing training steps."""
     pooled, timings = {}, {}
     for variant in variants:
         forward = variant_forward(variant)
-        with torch.inference_mode():
+        with torch.inference_mode(inference):
             start = time.perf_counter()
             first = forward(batch)
             first_seconds = time.perf_counter() - start

@@ -142,6 +142,7 @@ class TrainHeadConfig:
     aux_weight: float = 0.1  # weight of a head's auxiliary loss (the aligned head's contrastive term)
     select: Select | None = None  # the val metric that picks the epoch; default macro_f1 (regression: mae)
     patience: int = 5  # epochs without improvement before stopping
+    precision: Precision = "auto"  # auto: bf16 autocast where a few timed training steps say it is faster
     # Unfrozen encoder tops, run on the split activations cached by extract (0: features only).
     unfreeze_text_layers: LayerCount = 0  # train the top K text layers, or all (needs extract --text-split-layer K)
     unfreeze_image_stages: LayerCount = 0  # train the last K image stages, or all (needs extract --image-split-stage K)

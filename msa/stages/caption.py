@@ -22,16 +22,18 @@ from msa.cache.captions import (
     list_caption_sets,
 )
 from msa.cache.fingerprint import FORMAT_VERSION, file_size, local_path, model_reference
-from msa.models.captioner import captioner_class, create_captioner, spread_captions
-from msa.pipeline.compute import prefetch, resolve_compute
+from msa.models.captioner import DTYPES, captioner_class, create_captioner, spread_captions
+from msa.pipeline import autotune
+from msa.pipeline.compute import Compute, prefetch, resolve_compute
 from msa.pipeline.config import CaptionConfig, ConfigError, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import Item, bad_image_flag, read_mvsa
-from msa.pipeline.progress import ItemProgress, rate_text
+from msa.pipeline.progress import ItemProgress, console, rate_text
 
 # Compiling BLIP's ViT costs ~30 s here and saves ~0.2 s an image (1.02 -> 1.34 img/s,
 # bench/caption_throughput.py part 2).
 COMPILE_MIN_IMAGES = 200
+MEASURED_IMAGES = 2  # --precision auto times BLIP's ViT on this many (bf16 on AVX2: several s each)
 
 
 @dataclasses.dataclass
@@ -79,6 +81,10 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
         return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items), 0, 0,
                              time.perf_counter() - start, stored)
     notes = {"caption_config": to_json(cfg), "precision": compute.precision}
+    decision = tuned_precision(cfg, compute, pending)
+    if decision:
+        compute = dataclasses.replace(compute, precision=decision.variant.precision)
+        notes.update(precision=compute.precision, autotune=decision.record())
     if rank is not None:
         return caption_as_rank(cfg, compute, rank, name, fingerprint, notes, items, pending, sizes, show_progress,
                                on_batch, start)
@@ -90,6 +96,34 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
         writer.close()
     return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items) - len(pending), len(pending), bad,
                          time.perf_counter() - start, caption_set)
+
+
+def tuned_precision(cfg: CaptionConfig, compute: Compute, pending: list[Item]) -> autotune.Decision | None:
+    """--precision auto on a CPU: BLIP's weights in bf16 or fp32, whichever measured faster here
+    (msa.pipeline.autotune), timed on the ViT, ~3/4 of captioning's time, with two images."""
+    readable = [item.image_path for item in pending if not bad_image_flag(item.flags)][:MEASURED_IMAGES]
+    if cfg.precision != "auto" or compute.device.type != "cpu" or cfg.backend != "transformers" or not readable:
+        return None
+
+    def measure_now(variants: list[autotune.Variant]) -> dict[str, autotune.Measurement]:
+        console.print(f"[dim]caption: measuring {', '.join(v.name for v in variants)} on this machine "
+                      "(once per machine and model)[/dim]")
+        captioner = create_captioner(cfg, dataclasses.replace(compute, precision="fp32"), False)
+        pixels, _ = captioner.prepare(readable)
+        vision = captioner.model.vision_model
+
+        def forward(variant: autotune.Variant):
+            dtype = DTYPES[variant.precision]
+            vision.to(dtype)
+            return lambda batch: vision(pixel_values=batch.to(dtype)).pooler_output
+
+        try:
+            return autotune.measure(forward, pixels, variants, repeats=1)
+        finally:
+            captioner.close()
+
+    key = f"caption|{captioner_class(cfg.backend).identity(cfg)}"
+    return autotune.decide(key, compute.device, len(pending), False, measure_now)
 
 
 def caption_as_rank(cfg: CaptionConfig, compute, rank: Rank, name: str, fingerprint: dict, notes: dict,

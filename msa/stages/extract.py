@@ -45,6 +45,7 @@ MODEL_NAMES = {"lexicon": "vader-emoji"}  # the name a lexicon set carries in pl
 # (22.8 -> 63 img/s): it pays off from about a thousand images. Below that it is not tried;
 # above it, --precision auto measures whether it pays.
 COMPILE_MIN_IMAGES = 1000
+TEXT_WRITE_WINDOW = 512  # rows of text buffered per write: ~100 MB of float16 tokens at max_len 128
 MEASURED_ITEMS = 16  # --precision auto times each variant on the first items (bf16 on AVX2: ~3 texts/s)
 SHOWN_BAD_ITEMS = 5  # in the summary; CACHE/bad_items.csv lists every one
 STATUS_MEANING = {"cached": "complete before this run, no encoder work", "encoded": "encoded by this run",
@@ -63,6 +64,7 @@ class FeatureSetResult:
     resumed_rows: int  # rows an interrupted run had already written
     encoded_rows: int  # rows encoded by this run
     seconds: float
+    variant: str = ""  # precision (+compile) it ran in, and how --precision auto chose it: "bf16 (measured)"
 
     @property
     def cached(self) -> bool:
@@ -104,7 +106,7 @@ def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, com
         preprocess = image_preprocess(cfg.image_model)
         return {**common, "model": cfg.image_model,
                 "weights": weights_identity(cfg.image_model, cfg.image_weights),
-                "preprocess": dataclasses.asdict(preprocess), "jpeg_draft": True,
+                "preprocess": dataclasses.asdict(preprocess), "jpeg_draft": True, "resize": "torch-antialias",
                 "split_stage": cfg.image_split_stage}
     if modality == "lexicon":  # scores of the raw post text; no precision involved
         return {**common, "precision": "fp32", "model": MODEL_NAMES["lexicon"], "weights": LexiconScorer.identity(),
@@ -185,21 +187,24 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
             console.print(f"[yellow]{name} was damaged: set aside as {writer.set_aside.name} and encoded "
                           "again[/yellow]")
         start = time.perf_counter()
+        pending = writer.pending_rows()
+        use_compile = modality == "image" and (cfg.compile or (
+            decision.variant.compile if decision else
+            compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES))
         with writer:
-            pending = writer.pending_rows()
             if modality == "text":
                 encode_texts(encoder, manifest, pending, writer, modality_compute, cfg.batch_size, show_progress,
                              on_batch, captions, cfg.text_source, cfg.text_split_layer)
             elif modality == "image":
-                use_compile = cfg.compile or (decision.variant.compile if decision else
-                                              compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES)
                 encode_images(encoder, manifest, pending, writer, modality_compute, cfg.batch_size,
                               show_progress, on_batch, use_compile, cfg.image_split_stage)
             else:
                 encode_lexicon(encoder, manifest, pending, writer, show_progress, on_batch)
             writer.finish()
+        variant = "" if modality == "lexicon" else modality_compute.precision + ("+compile" if use_compile else "")
         results[modality] = FeatureSetResult(modality, name, path, "resumed" if writer.resumed_rows else "encoded",
-                                             writer.resumed_rows, len(pending), time.perf_counter() - start)
+                                             writer.resumed_rows, len(pending), time.perf_counter() - start,
+                                             f"{variant} ({decision.chosen_by})" if decision else variant)
     return ExtractResult(manifest, report, results, Path(cfg.cache))
 
 
@@ -378,29 +383,43 @@ def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, wri
     else:
         token_ids = encoder.tokenize(posts)
     with ItemProgress("text", len(rows), show_progress) as advance:
-        for batch in encoder.length_sorted_batches(token_ids, batch_size):
-            input_ids, attention_mask = encoder.collate([token_ids[i] for i in batch])
-            with torch.inference_mode(), compute.autocast():
-                if split_layer:
-                    tokens, pooled, split = encoder.forward_with_split(
-                        input_ids.to(compute.device), attention_mask.to(compute.device), split_layer)
-                else:
-                    tokens, pooled = encoder(input_ids.to(compute.device), attention_mask.to(compute.device))
-            length = tokens.shape[1]
-            stored_tokens = np.zeros((len(batch), encoder.max_len, encoder.dim), dtype=np.float16)
-            # Pad positions hold zeros, not the model's output for pad tokens: what is
-            # stored then does not depend on which texts shared a batch.
-            stored_tokens[:, :length] = (tokens.float() * attention_mask.unsqueeze(-1).to(tokens.device)).cpu().numpy()
-            stored_mask = np.zeros((len(batch), encoder.max_len), dtype=bool)
-            stored_mask[:, :length] = attention_mask.numpy().astype(bool)
-            stored_split = None
-            if split_layer:
-                stored_split = np.zeros((len(batch), encoder.max_len, split.shape[-1]), dtype=np.float32)
-                stored_split[:, :length] = (split.float() * attention_mask.unsqueeze(-1).to(split.device)).cpu().numpy()
-            writer.write(rows[batch], pooled.float().cpu().numpy(), stored_tokens, stored_mask, stored_split)
-            advance(len(batch))
+        # Length-sorted within windows of rows, each window written at once: one batch's rows lie
+        # scattered over the set, and writing them batch by batch took a quarter of the run.
+        for window in np.split(np.arange(len(rows)), range(TEXT_WRITE_WINDOW, len(rows), TEXT_WRITE_WINDOW)):
+            batches = encoder.length_sorted_batches([token_ids[i] for i in window], batch_size)
+            outputs = []
+            for batch in batches:
+                outputs.append(encode_text_batch(encoder, [token_ids[i] for i in window[batch]], compute, split_layer))
+                advance(len(batch))
+            pooled, tokens, mask, split = (None if outputs[0][part] is None else
+                                           np.concatenate([output[part] for output in outputs]) for part in range(4))
+            writer.write(rows[window[np.concatenate(batches)]], pooled, tokens, mask, split)
             if on_batch:
-                on_batch("text", len(batch))
+                on_batch("text", len(window))
+
+
+def encode_text_batch(encoder: TextEncoder, ids: list[list[int]], compute: Compute,
+                      split_layer: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(pooled, tokens, mask, split) of one batch, tokens padded to max_len for storing."""
+    input_ids, attention_mask = encoder.collate(ids)
+    with torch.inference_mode(), compute.autocast():
+        if split_layer:
+            tokens, pooled, split = encoder.forward_with_split(
+                input_ids.to(compute.device), attention_mask.to(compute.device), split_layer)
+        else:
+            tokens, pooled = encoder(input_ids.to(compute.device), attention_mask.to(compute.device))
+    length = tokens.shape[1]
+    stored_tokens = np.zeros((len(ids), encoder.max_len, encoder.dim), dtype=np.float16)
+    # Pad positions hold zeros, not the model's output for pad tokens: what is
+    # stored then does not depend on which texts shared a batch.
+    stored_tokens[:, :length] = (tokens.float() * attention_mask.unsqueeze(-1).to(tokens.device)).cpu().numpy()
+    stored_mask = np.zeros((len(ids), encoder.max_len), dtype=bool)
+    stored_mask[:, :length] = attention_mask.numpy().astype(bool)
+    stored_split = None
+    if split_layer:
+        stored_split = np.zeros((len(ids), encoder.max_len, split.shape[-1]), dtype=np.float32)
+        stored_split[:, :length] = (split.float() * attention_mask.unsqueeze(-1).to(split.device)).cpu().numpy()
+    return pooled.float().cpu().numpy(), stored_tokens, stored_mask, stored_split
 
 
 def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, writer: FeatureWriter,
@@ -470,9 +489,9 @@ def summary_tables(result: ExtractResult) -> list[Table]:
         data.add_row("", f"all {len(report.bad_items)}: {Path(result.manifest_dir) / BAD_ITEMS_FILE}")
     statuses = sorted({r.status for r in result.feature_sets.values()})
     features = Table(title="Feature sets", caption="; ".join(f"{s}: {STATUS_MEANING[s]}" for s in statuses))
-    for column in ("modality", "name", "status", "rows encoded", "items/s"):
+    for column in ("modality", "name", "status", "rows encoded", "items/s", "variant"):
         features.add_column(column)
     for r in result.feature_sets.values():
         rate = rate_text(r.encoded_rows, r.seconds, "")[:-2]
-        features.add_row(r.modality, r.name, r.status, str(r.encoded_rows), rate)
+        features.add_row(r.modality, r.name, r.status, str(r.encoded_rows), rate, r.variant)
     return [data, features]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -27,8 +28,8 @@ from msa.cache.manifest import Manifest, manifest_columns, read_manifest
 from msa.models.build import build_model
 from msa.models.heads import HEADS, check_head, fit_standardisers
 from msa.models.unfrozen import parameter_groups
-from msa.pipeline import plots, rundir
-from msa.pipeline.compute import resolve_compute
+from msa.pipeline import autotune, plots, rundir
+from msa.pipeline.compute import Compute, resolve_compute
 from msa.pipeline.config import ConfigError, TrainHeadConfig, to_json
 from msa.pipeline.distributed import single_process_only
 from msa.pipeline.folds import stratified_folds
@@ -279,9 +280,10 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     train_rows, val_rows = rows or (data.manifest.rows_of_split("train"), data.manifest.rows_of_split("val"))
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise ConfigError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
-    model, train_epoch, load, lengths = prepare_training(cfg, data, spec, train_rows)
+    model, train_epoch, load, lengths, (compute, decision) = prepare_training(cfg, data, spec, train_rows)
 
     def validate() -> tuple[dict, dict]:
+        # In fp32 whatever the training precision: the val predictions equal what `msa predict` gives.
         out = evaluate(model, val_rows, load(evaluation_order(val_rows, lengths, 256)), data.targets)
         return {**data.task.metrics(data.targets[val_rows].numpy(), out), "loss": out["loss"]}, out
 
@@ -293,7 +295,10 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     start = time.perf_counter()
     state = fit(train_epoch, validate, data.task, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best, log=log)
     seconds = time.perf_counter() - start
-    metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds}
+    metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds,
+               "precision": compute.precision}
+    if decision:
+        metrics["autotune"] = decision.record()
     rundir.save_model(run_dir, best["state_dict"], spec)
     rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"], list(data.feature_sets))
     plots.plot_run(run_dir, metrics)
@@ -311,7 +316,7 @@ def refit(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, epochs: int, log
         shutil.rmtree(refit_dir)
     spec = write_run_config(dataclasses.replace(cfg, refit=False, folds=0), data, refit_dir)  # a plain run
     rows = np.flatnonzero(np.isin(data.manifest.column("split"), ("train", "val")))
-    model, train_epoch, _, _ = prepare_training(cfg, data, spec, rows)
+    model, train_epoch, *_ = prepare_training(cfg, data, spec, rows)
     log(f"refit on {len(rows)} labelled items for {epochs} epochs")
     start = time.perf_counter()
     fit(train_epoch, None, data.task, cfg.select, epochs, cfg.patience, refit_dir, lambda *_: None, log=log)
@@ -335,13 +340,18 @@ def write_run_config(cfg: TrainHeadConfig, data: TrainData, run_dir: Path) -> di
 
 
 def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_rows: np.ndarray):
-    """The model and one epoch's training on train_rows: (model, train_epoch, load, lengths)."""
+    """The model and one epoch's training on train_rows: (model, train_epoch, load, lengths,
+    (compute, how --precision auto chose its precision or None))."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    compute = resolve_compute(cfg.device, "fp32")
+    compute = resolve_compute(cfg.device, "fp32" if cfg.precision == "auto" else cfg.precision)
     model = build_model(spec)
     fit_standardisers(model, data.bank.statistics(train_rows))  # from the training rows only
     model = model.to(compute.device)
+    loss_fn = training_loss(data.task, cfg, data.targets[train_rows].numpy(), compute.device)
+    decision = training_precision(cfg, data, spec, model, loss_fn, train_rows, compute)
+    if decision:
+        compute = dataclasses.replace(compute, precision=decision.variant.precision)
     counts = unfrozen(cfg)
     # fused: one kernel for all parameters; the default per-parameter loop was 24% of an epoch.
     groups = (parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head, cfg.weight_decay, cfg.layer_decay)
@@ -350,7 +360,6 @@ def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_ro
     steps_per_epoch = -(-len(train_rows) // (cfg.batch_size * cfg.grad_accum))
     step = Optimisation(optimizer, warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio), compute,
                         cfg.grad_accum, cfg.grad_clip)
-    loss_fn = training_loss(data.task, cfg, data.targets[train_rows].numpy(), compute.device)
     regularisers = Regularisers(cfg.rdrop_alpha, cfg.modality_dropout, cfg.aux_weight)
     # Batches depend on the model alone, not on whether a sweep loaded tokens for other runs;
     # a text top runs transformer layers, so it gets length buckets too.
@@ -363,7 +372,42 @@ def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_ro
         batches = shuffled_batches(train_rows, cfg.batch_size, generator, lengths)
         return train_one_epoch(model, batches, load, data.targets, loss_fn, step, data.task, generator, regularisers)
 
-    return model, train_epoch, load, lengths
+    return model, train_epoch, load, lengths, (compute, decision)
+
+
+MEASURED_STEPS = 3  # --precision auto times this many training steps per precision (after a warm-up one)
+
+
+def training_precision(cfg: TrainHeadConfig, data: TrainData, spec: dict, model: torch.nn.Module, loss_fn,
+                       train_rows: np.ndarray, compute: Compute) -> autotune.Decision | None:
+    """--precision auto on a CPU: bf16 autocast or fp32, whichever trained this head faster on
+    this machine (msa.pipeline.autotune), timed on a copy of the model with the random state
+    restored after, so a run is the same whether its decision was measured or stored."""
+    if cfg.precision != "auto" or compute.device.type != "cpu":
+        return None
+    rows = torch.from_numpy(train_rows[: cfg.batch_size])
+    _, inputs = next(cached_batches(data.bank, [rows], model.uses_tokens, compute.device))
+    targets = data.targets[rows].to(compute.device)
+
+    def measure_now(variants: list[autotune.Variant]) -> dict[str, autotune.Measurement]:
+        with torch.random.fork_rng():
+            trial = copy.deepcopy(model).eval()  # no dropout: the variants compute the same function
+
+            def forward(variant: autotune.Variant):
+                def training_step(batch):
+                    with dataclasses.replace(compute, precision=variant.precision).autocast():
+                        logits = trial(batch)["logits"].float()
+                    loss_fn(logits, targets).mean().backward()
+                    trial.zero_grad(set_to_none=True)
+                    return logits.detach()
+                return training_step
+
+            return autotune.measure(forward, inputs, variants, repeats=MEASURED_STEPS, inference=False)
+
+    shapes = {m: [d["pooled"], d["token"]] for m, d in spec["dims"].items()}
+    key = (f"train|{cfg.fusion}|{json.dumps(shapes)}|batch={cfg.batch_size}|hidden={cfg.hidden}|"
+           f"unfrozen={json.dumps(spec['unfrozen'])}|tokens={model.uses_tokens}")
+    return autotune.decide(key, compute.device, cfg.epochs * len(train_rows), False, measure_now)
 
 
 def collapse_warnings(val: dict, classes: tuple[str, ...]) -> list[str]:

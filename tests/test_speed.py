@@ -1,0 +1,139 @@
+"""Speed chosen by measurement (issue 16): --precision auto times the variants on this machine,
+records its choice, and reuses a stored decision instead of measuring again."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msa.cache.features import FeatureSet
+from msa.models.image import ImagePreprocess
+from msa.pipeline import autotune
+from msa.pipeline.autotune import Measurement, Variant
+from msa.pipeline.compute import CPU_BF16_ENV
+from msa.pipeline.config import CaptionConfig
+from msa.stages import caption, extract
+
+
+def test_the_fastest_variant_close_to_fp32_is_chosen_counting_compile_time():
+    measured = {"fp32": Measurement(100.0, 0.0, 1.0), "bf16": Measurement(400.0, 0.0, 0.99),  # too far from fp32
+                "fp32+compile": Measurement(300.0, 50.0, 0.99999)}
+    assert autotune.choose(measured, items=1_000) == Variant("fp32")  # 10 s eager against 53 s compiled
+    assert autotune.choose(measured, items=100_000) == Variant("fp32", compile=True)  # 1,000 s against 383 s
+    measured["bf16"] = Measurement(400.0, 0.0, 0.9995)
+    assert autotune.choose(measured, items=1_000) == Variant("bf16")
+
+
+def test_auto_precision_is_measured_recorded_in_the_fingerprint_and_reused(extract_config, monkeypatch, tmp_path,
+                                                                          private_autotune_file):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)  # measure, as a user's machine does
+    measured_variants = []
+    real_measure = autotune.measure
+
+    def measure(forward, batch, variants, repeats=2):
+        measured_variants.append([v.name for v in variants])
+        found = real_measure(forward, batch, variants, repeats)
+        # bf16 made the faster one, whatever this CPU is: the choice must follow the measurement.
+        return {**found, "bf16": Measurement(found["fp32"].items_per_second * 2, 0.0, found["bf16"].cosine)}
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    first = extract.run(extract_config(precision="auto", modalities=("text", "image")), show_progress=False)
+    assert measured_variants == [["fp32", "bf16"], ["fp32", "bf16"]]  # once per model; compile: under 1,000 images
+    for modality in ("text", "image"):
+        feature_set = FeatureSet.open(first.feature_sets[modality].path)
+        record = feature_set.notes["autotune"]
+        assert record["chosen_by"] == "measured" and record["variant"] == "bf16"
+        assert feature_set.fingerprint["precision"] == "bf16"
+        assert record["measurements"]["bf16"]["cosine"] >= autotune.MIN_COSINE
+    stored = json.loads(private_autotune_file.read_text())
+    assert len(stored) == 2 and all(set(entry) == {"fp32", "bf16"} for entry in stored.values())
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("a stored decision was measured again")
+
+    monkeypatch.setattr(autotune, "measure", must_not_measure)
+    second = extract.run(extract_config(cache=tmp_path / "other-cache", precision="auto", modalities=("text",)),
+                         show_progress=False)
+    feature_set = FeatureSet.open(second.feature_sets["text"].path)
+    assert feature_set.notes["autotune"]["chosen_by"] == "cached" and feature_set.fingerprint["precision"] == "bf16"
+    assert second.feature_sets["text"].name == first.feature_sets["text"].name  # the same identity
+
+
+def test_a_variant_far_from_fp32_is_not_chosen_however_fast(extract_config, monkeypatch):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(autotune, "measure", lambda forward, batch, variants, repeats=2: {
+        "fp32": Measurement(10.0, 0.0, 1.0), "bf16": Measurement(1000.0, 0.0, 0.98)})
+    result = extract.run(extract_config(precision="auto", modalities=("text",)), show_progress=False)
+    feature_set = FeatureSet.open(result.feature_sets["text"].path)
+    assert feature_set.fingerprint["precision"] == "fp32" and feature_set.notes["autotune"]["variant"] == "fp32"
+
+
+def test_a_damaged_decisions_file_is_measured_again(monkeypatch, private_autotune_file):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    private_autotune_file.write_text('{"cpu|x": {"fp32": {"items_per_second": "fast"}}, "broken": ')
+    calls = []
+
+    def measure_now(variants):
+        calls.append(variants)
+        return {"fp32": Measurement(10.0, 0.0, 1.0), "bf16": Measurement(20.0, 0.0, 0.9999)}
+
+    decision = autotune.decide("model", torch.device("cpu"), 100, False, measure_now)
+    assert calls and decision.chosen_by == "measured" and decision.variant == Variant("bf16")
+    again = autotune.decide("model", torch.device("cpu"), 100, False, measure_now)
+    assert len(calls) == 1 and again.chosen_by == "cached" and again.variant == Variant("bf16")
+
+
+@pytest.mark.parametrize("native_bf16", ["0", "1"])
+def test_the_cpu_class_override_decides_without_measuring(native_bf16, monkeypatch):
+    monkeypatch.setenv(CPU_BF16_ENV, native_bf16)
+    decision = autotune.decide("model", torch.device("cpu"), 100, False, lambda variants: pytest.fail("measured"))
+    assert decision.variant.precision == ("bf16" if native_bf16 == "1" else "fp32")
+
+
+@pytest.mark.parametrize("size, mode", [((640, 480), "RGB"), ((300, 900), "RGB"), ((120, 90), "RGB"),
+                                        ((500, 400), "L")])
+def test_image_loading_matches_pils_resize_and_crop(size, mode, tmp_path):
+    """The decode path resizes with torch's antialiased uint8 kernel: PIL's result within 2 levels."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (size[1] // 10 + 1, size[0] // 10 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR).convert(mode)  # smooth, like photos
+    path = tmp_path / "image.jpg"
+    image.save(path, quality=95)
+    preprocess = ImagePreprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
+    with Image.open(path) as img:
+        img.draft("RGB", (256, 256))
+        img = img.convert("RGB")
+        scale = 256 / min(img.size)
+        resized_size = (max(224, round(img.size[0] * scale)), max(224, round(img.size[1] * scale)))
+        img = img.resize(resized_size, Image.Resampling.BICUBIC)
+        left, top = (resized_size[0] - 224) // 2, (resized_size[1] - 224) // 2
+        expected = np.asarray(img.crop((left, top, left + 224, top + 224))).transpose(2, 0, 1)
+    loaded = preprocess.load(str(path))
+    assert loaded.shape == (3, 224, 224) and loaded.dtype == np.uint8
+    assert np.abs(loaded.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_caption_precision_is_measured_once_and_recorded(messy_data_source, tiny_models, monkeypatch, tmp_path):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    measured = []
+    real_measure = autotune.measure
+
+    def measure(forward, batch, variants, repeats=2):
+        measured.append([v.name for v in variants])
+        return real_measure(forward, batch, variants, repeats)
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    cfg = CaptionConfig(data=messy_data_source, cache=tmp_path / "cache", model=tiny_models["captioner"],
+                        batch_size=4, device="cpu", precision="auto")
+    first = caption.run(cfg, show_progress=False).caption_set.notes
+    assert measured == [["fp32", "bf16"]]
+    assert first["autotune"]["chosen_by"] == "measured" and first["precision"] == first["autotune"]["variant"]
+    assert set(first["autotune"]["measurements"]) == {"fp32", "bf16"}
+    again = caption.run(dataclasses.replace(cfg, cache=tmp_path / "other"), show_progress=False).caption_set.notes
+    assert measured == [["fp32", "bf16"]] and again["autotune"]["chosen_by"] == "cached"
+    assert again["precision"] == first["precision"]
