@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from msa.pipeline import autotune
 from msa.pipeline.config import CaptionConfig
 from msa.stages import caption
 
@@ -50,6 +52,7 @@ def timed_run(cfg: CaptionConfig) -> dict:
     words = [len(c.text.split()) for c in result.caption_set.captions.values() if c.text]
     return {"images": result.captioned, "seconds": round(total, 1), "captions/s": round(result.captioned / total, 3),
             "captions/s after first batch": after_first and round(after_first, 3),
+            "precision": result.caption_set.notes["precision"],
             "mean words per caption": round(sum(words) / max(len(words), 1), 1)}
 
 
@@ -83,28 +86,49 @@ def main() -> None:
     parser.add_argument("--batched-n", type=int, default=256, help="images for each batched variant")
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="only batch 16 in fp32, bf16 weights and --precision auto (with the verdict)")
     args = parser.parse_args()
 
     report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}", "max_new_tokens": args.max_new_tokens}
     print(report["machine"], flush=True)
-    variants = {
+    precisions = {
+        "batch 16 greedy, fp32": dict(batch_size=16, compile=False, limit=args.batched_n // 4),
+        "batch 16 greedy, bf16 weights": dict(batch_size=16, compile=False, limit=args.batched_n // 4,
+                                              precision="bf16"),
+        "batch 16 greedy, --precision auto": dict(batch_size=16, compile=False, limit=args.batched_n // 4,
+                                                  precision="auto"),
+    }
+    variants = precisions if args.precision_only else {
         "one at a time, fp32": dict(batch_size=1, compile=False, limit=args.single_n),
         "batch 16 greedy, fp32": dict(batch_size=16, compile=False, limit=args.batched_n // 4),
         "batch 16 greedy, fp32, compiled ViT (the default from 200 images)": dict(batch_size=16, compile=True,
                                                                                    limit=args.batched_n),
         "batch 16 beam 3, fp32, compiled ViT": dict(batch_size=16, compile=True, num_beams=3,
                                                     limit=args.batched_n // 4),
+        **{k: v for k, v in precisions.items() if k != "batch 16 greedy, fp32"},
     }
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ[autotune.DECISIONS_ENV] = str(Path(tmp) / "autotune.json")  # auto measures here and now
         model = make_random_blip_base(Path(tmp) / "blip-base-random", args.vocab)
         for i, (label, options) in enumerate(variants.items()):
+            options = {"precision": "fp32", **options}
             cfg = CaptionConfig(data=args.data, cache=Path(tmp) / f"cache-{i}", model=str(model), device="cpu",
-                                precision="fp32", max_new_tokens=args.max_new_tokens, **options)
+                                max_new_tokens=args.max_new_tokens, **options)
             report[label] = timed_run(cfg)
             print(label, json.dumps(report[label]), flush=True)
-        report["part 2: vision encoder alone, img/s at batch 16"] = vision_alone(model)
-        print(json.dumps(report["part 2: vision encoder alone, img/s at batch 16"]), flush=True)
+        if not args.precision_only:
+            report["part 2: vision encoder alone, img/s at batch 16"] = vision_alone(model)
+            print(json.dumps(report["part 2: vision encoder alone, img/s at batch 16"]), flush=True)
+    rates = {p: report[label]["captions/s after first batch"] for p, label in
+             (("fp32", "batch 16 greedy, fp32"), ("bf16", "batch 16 greedy, bf16 weights"))}
+    chosen = report["batch 16 greedy, --precision auto"]["precision"]
+    report["verdict"] = {"auto chose": chosen, "fastest": max(rates, key=rates.get),
+                         "auto is fastest (within 5%)": rates[chosen] >= 0.95 * max(rates.values())}
+    print(json.dumps(report["verdict"]), flush=True)
+    if args.precision_only:
+        return
     single = report["one at a time, fp32"]["captions/s"]
     report["speed-up over one at a time"] = {k: round(v["captions/s"] / single, 2) for k, v in report.items()
                                              if isinstance(v, dict) and "captions/s" in v}

@@ -1,7 +1,8 @@
 """Stage 2 speed and quality on a real cache (the README's stage 2 figures come from here).
 
-1. A pooled-feature head (concat) and a token-level head (co-attn), 20 epochs each,
-   early stopping off, on the cache's train split.
+1. Each token-level head and concat in fp32 and in bf16 autocast, --epochs 6 with early
+   stopping off: seconds and val macro-F1 of each, which precision `--precision auto` chose
+   (measured here, on a fresh decisions file) and whether it is the faster (or within 5%).
 2. A sweep of every head x 3 seeds with default options, the same as
    `msa sweep --cache CACHE --fusion <all heads> --seeds 1,2,3 --out OUT`;
    its leaderboard (val macro-F1 and accuracy, mean ± std over seeds) is printed as a
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,10 +24,12 @@ import torch
 
 from msa.models.heads import HEADS
 from msa.models.sequence_heads import SequenceHead
+from msa.pipeline import autotune
 from msa.pipeline.config import SweepConfig, TrainHeadConfig
 from msa.stages import sweep, train_head
 
 ABLATIONS_LAST = ["text-only", "image-only"]
+PRECISION_HEADS = ("concat", "cross-attn", "hierarchical", "co-attn", "early")
 
 
 def markdown(board) -> str:
@@ -45,17 +48,28 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)  # timings of a fresh sweep, not of skipped runs
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    print(f"machine: {autotune.machine_key(torch.device('cpu'))}", flush=True)
 
-    report = {}
-    for fusion in ("concat", "co-attn"):
-        data = train_head.load_train_data(args.cache, (), HEADS[fusion].uses_tokens)
-        cfg = TrainHeadConfig(cache=args.cache, fusion=fusion, epochs=20, patience=20,
-                              out=args.out / f"single-{fusion}")
-        result = train_head.run(cfg, data=data, log=lambda *_: None)
-        report[f"{fusion}: 20 epochs on {len(data.manifest.rows_of_split('train'))} train items, s"] = result.seconds
-        print(f"{fusion}: 20 epochs in {result.seconds:.1f} s (val macro-F1 {result.metrics['macro_f1']:.4f})",
-              flush=True)
+    os.environ[autotune.DECISIONS_ENV] = str(args.out / "autotune.json")  # auto measures here and now
+    report = {"machine": autotune.machine_key(torch.device("cpu")), "precision": {}}
+    data = train_head.load_train_data(args.cache, (), True)
+    print("| head | fp32 s | bf16 s | fp32 val macro-F1 | bf16 val macro-F1 | auto chose | auto is fastest (5%) |")
+    print("|---|---|---|---|---|---|---|")
+    for fusion in PRECISION_HEADS:
+        row = {}
+        for precision in ("fp32", "bf16", "auto"):
+            cfg = TrainHeadConfig(cache=args.cache, fusion=fusion, epochs=6, patience=6, seed=1, precision=precision,
+                                  out=args.out / f"{fusion}-{precision}")
+            result = train_head.run(cfg, data=data, log=lambda *_: None)
+            row[precision] = {"seconds": result.seconds, "macro_f1": result.metrics["macro_f1"],
+                              "precision": result.metrics["precision"]}
+        chosen = row["auto"]["precision"]
+        fastest = min(("fp32", "bf16"), key=lambda p: row[p]["seconds"])
+        row["auto is fastest (within 5%)"] = row[chosen]["seconds"] <= 1.05 * row[fastest]["seconds"]
+        report["precision"][fusion] = row
+        print(f"| {fusion} | {row['fp32']['seconds']:.1f} | {row['bf16']['seconds']:.1f} | "
+              f"{row['fp32']['macro_f1']:.3f} | {row['bf16']['macro_f1']:.3f} | {chosen} | "
+              f"{'yes' if row['auto is fastest (within 5%)'] else 'NO'} |", flush=True)
 
     # MVSA's heads: the sequence heads (msa.models.sequence_heads) are for MOSI-style data.
     mvsa_heads = {name for name, head in HEADS.items() if not issubclass(head, SequenceHead)}

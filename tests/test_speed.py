@@ -13,11 +13,11 @@ from PIL import Image
 
 from msa.cache.features import FeatureSet
 from msa.models.image import ImagePreprocess
-from msa.pipeline import autotune
+from msa.pipeline import autotune, rundir
 from msa.pipeline.autotune import Measurement, Variant
 from msa.pipeline.compute import CPU_BF16_ENV
-from msa.pipeline.config import CaptionConfig
-from msa.stages import caption, extract
+from msa.pipeline.config import CaptionConfig, TrainHeadConfig
+from msa.stages import caption, extract, train_head
 
 
 def test_the_fastest_variant_close_to_fp32_is_chosen_counting_compile_time():
@@ -137,3 +137,25 @@ def test_caption_precision_is_measured_once_and_recorded(messy_data_source, tiny
     again = caption.run(dataclasses.replace(cfg, cache=tmp_path / "other"), show_progress=False).caption_set.notes
     assert measured == [["fp32", "bf16"]] and again["autotune"]["chosen_by"] == "cached"
     assert again["precision"] == first["precision"]
+
+
+def test_train_head_precision_is_measured_once_and_the_run_is_the_same_either_way(signal_cache, monkeypatch, tmp_path):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    measured = []
+    real_measure = autotune.measure
+
+    def measure(*args, **kwargs):
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    runs = [train_head.run(TrainHeadConfig(cache=signal_cache, fusion="co-attn", epochs=2, hidden=32, seed=3,
+                                           out=tmp_path / name), log=lambda *_: None) for name in ("first", "second")]
+    assert len(measured) == 1  # the second run decided from the stored timings
+    first, second = (run.metrics["autotune"] for run in runs)
+    assert (first["chosen_by"], second["chosen_by"]) == ("measured", "cached")
+    assert runs[0].metrics["precision"] == runs[1].metrics["precision"] == first["variant"]
+    # Measuring trained a copy of the model with the random state restored: the runs are equal.
+    weights = [rundir.load_model(run.run_dir)[0] for run in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert runs[0].metrics["macro_f1"] == runs[1].metrics["macro_f1"]

@@ -62,8 +62,8 @@ class ExtractConfig:
     val_ratio: float = 0.2  # stratified share of labelled items held out for validation
     split_seed: int = 42  # seed of the stratified train/val split
     device: Device = "auto"  # auto: cuda when there is one
-    precision: Precision = "auto"  # auto: bf16/fp16 only where the hardware makes it fast
-    compile: bool = False  # always torch.compile the image encoder (auto from 1,000 images on CPU)
+    precision: Precision = "auto"  # auto: on CPU the fastest of fp32/bf16 (and compile) measured here; CUDA: bf16/fp16
+    compile: bool = False  # always torch.compile the image encoder (else: from 1,000 images on CPU, if measured faster)
     batch_size: int = 32  # items per encoder batch
     limit: int | None = None  # only the first N listed items: a quick trial
     shard: str | None = None  # "i/n": encode the i-th of n disjoint shares (0-based); join with `msa cache merge`
@@ -88,7 +88,7 @@ class CaptionConfig:
     max_new_tokens: int = 20  # the longest caption, in tokens
     prompt: str | None = None  # e.g. "a picture of": conditions the caption, stripped from the stored text
     device: Device = "auto"  # auto: cuda when there is one
-    precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPUs without fast bf16
+    precision: Precision = "auto"  # auto: on CPU BLIP's weights in the faster of fp32/bf16 measured here; CUDA: fp16
     compile: bool | None = None  # torch.compile the vision encoder; None: when 200+ images are pending on CPU
     lavis_python: str | None = None  # the interpreter of the environment lavis is installed in
     limit: int | None = None  # only the first N listed items

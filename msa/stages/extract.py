@@ -412,7 +412,8 @@ def encode_text_batch(encoder: TextEncoder, ids: list[list[int]], compute: Compu
     stored_tokens = np.zeros((len(ids), encoder.max_len, encoder.dim), dtype=np.float16)
     # Pad positions hold zeros, not the model's output for pad tokens: what is
     # stored then does not depend on which texts shared a batch.
-    stored_tokens[:, :length] = (tokens.float() * attention_mask.unsqueeze(-1).to(tokens.device)).cpu().numpy()
+    padding = (attention_mask == 0).unsqueeze(-1).to(tokens.device)
+    stored_tokens[:, :length] = tokens.masked_fill(padding, 0).to(torch.float16).cpu().numpy()
     stored_mask = np.zeros((len(ids), encoder.max_len), dtype=bool)
     stored_mask[:, :length] = attention_mask.numpy().astype(bool)
     stored_split = None
