@@ -152,7 +152,7 @@ def test_train_head_precision_is_measured_once_and_the_run_is_the_same_either_wa
     runs = [train_head.run(TrainHeadConfig(cache=signal_cache, fusion="co-attn", epochs=2, hidden=32, seed=3,
                                            out=tmp_path / name), log=lambda *_: None) for name in ("first", "second")]
     assert len(measured) == 1  # the second run decided from the stored timings
-    first, second = (run.metrics["autotune"] for run in runs)
+    first, second = (rundir.read_json(run.run_dir / train_head.AUTOTUNE_RECORD) for run in runs)
     assert (first["chosen_by"], second["chosen_by"]) == ("measured", "cached")
     assert runs[0].metrics["precision"] == runs[1].metrics["precision"] == first["variant"]
     # Measuring trained a copy of the model with the random state restored: the runs are equal.

@@ -297,8 +297,8 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     seconds = time.perf_counter() - start
     metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds,
                "precision": compute.precision}
-    if decision:
-        metrics["autotune"] = decision.record()
+    if decision:  # how fast, not how good: beside the metrics, not in them
+        rundir.write_json(run_dir / AUTOTUNE_RECORD, decision.record())
     rundir.save_model(run_dir, best["state_dict"], spec)
     rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"], list(data.feature_sets))
     plots.plot_run(run_dir, metrics)
@@ -375,6 +375,7 @@ def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_ro
     return model, train_epoch, load, lengths, (compute, decision)
 
 
+AUTOTUNE_RECORD = "autotune.json"  # in a run: how --precision auto chose its training precision
 MEASURED_STEPS = 3  # --precision auto times this many training steps per precision (after a warm-up one)
 
 
