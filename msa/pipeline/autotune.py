@@ -22,6 +22,7 @@ import torch
 from filelock import FileLock
 
 from msa.pipeline.compute import CPU_BF16_ENV
+from msa.pipeline.progress import console
 
 # Where decisions are kept; tests point it at a temporary file.
 DECISIONS_ENV = "MSA_AUTOTUNE_FILE"
@@ -130,11 +131,12 @@ def choose(measurements: dict[str, Measurement], items: int) -> Variant:
     return Variant.parse(min(close, key=lambda name: close[name].seconds_for(items)))
 
 
-def decide(model_key: str, device: torch.device, items: int, compile_worth_trying: bool,
+def decide(what: str, model_key: str, device: torch.device, items: int, compile_worth_trying: bool,
            measure_now: Callable[[list[Variant]], dict[str, Measurement]]) -> Decision:
-    """The variant for encoding `items` with this model here: from the machine's stored
-    measurements when they cover the candidates, else measured now (measure_now(variants)) and
-    stored. MSA_CPU_BF16=0/1 skips measuring (the suite plays each CPU class with it)."""
+    """The variant for `what` (a stage's work, named in the message) on `items` with this model
+    here: from the machine's stored measurements when they cover the candidates, else measured
+    now (measure_now(variants)) and stored. MSA_CPU_BF16=0/1 skips measuring (the suite plays
+    each CPU class with it)."""
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
     if device.type == "cpu" and forced in ("0", "1"):
         return Decision(Variant("bf16" if forced == "1" else "fp32", compile_worth_trying), CPU_BF16_ENV, {})
@@ -148,7 +150,10 @@ def decide(model_key: str, device: torch.device, items: int, compile_worth_tryin
         missing = [v for v in wanted if v.name not in known]
         chosen_by = "cached"
         if missing:
-            known.update(measure_now([Variant("fp32"), *[v for v in missing if v != Variant("fp32")]]))
+            variants = [Variant("fp32"), *[v for v in missing if v != Variant("fp32")]]
+            console.print(f"[dim]{what}: measuring {', '.join(v.name for v in variants)} on this machine "
+                          "(once per machine and model)[/dim]")
+            known.update(measure_now(variants))
             stored[key] = {name: dataclasses.asdict(m) for name, m in known.items()}
             write_decisions(path, stored)
             chosen_by = "measured"

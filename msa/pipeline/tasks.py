@@ -94,13 +94,22 @@ TASKS = {
         summary=lambda m: (f"val MAE {m['mae']:.4f}  corr {m['corr']:.4f}  Acc-2 {m['acc2']:.4f}  "
                            f"Non0-Acc-2 {m['non0_acc2']:.4f}  Acc-7 {m['acc7']:.4f}")),
 }
-for _name, _classes, _classify in (
-        ("classification-2", TWO_CLASSES, lambda s: TWO_CLASSES[int(s >= 0)]),
-        ("classification-7", SEVEN_CLASSES, lambda s: str(int(np.round(np.clip(s, -3, 3)))))):
-    TASKS[_name] = dataclasses.replace(
-        TASKS["classification"], name=_name, outputs=len(_classes), results=TASKS["classification"].results[:3] +
-        TASKS["classification"].results[4:], leaderboard=(("macro_f1", "macro-F1"), ("accuracy", "accuracy")),
-        metrics=_classification_metrics(_classes), classes=_classes, labels=_classes_of_scores(_classify))
+
+
+def _classes_of_scores_task(name: str, classes: tuple[str, ...], classify: Callable[[float], str]) -> Task:
+    """A classification task on classes derived from the scores (no neutral class to report)."""
+    three = TASKS["classification"]
+    return dataclasses.replace(three, name=name, outputs=len(classes),
+                               results=tuple(r for r in three.results if r != "neutral_f1"),
+                               leaderboard=(("macro_f1", "macro-F1"), ("accuracy", "accuracy")),
+                               metrics=_classification_metrics(classes), classes=classes,
+                               labels=_classes_of_scores(classify))
+
+
+TASKS["classification-2"] = _classes_of_scores_task("classification-2", TWO_CLASSES,
+                                                    lambda s: TWO_CLASSES[int(s >= 0)])
+TASKS["classification-7"] = _classes_of_scores_task("classification-7", SEVEN_CLASSES,
+                                                    lambda s: str(int(np.round(np.clip(s, -3, 3)))))
 
 # Selection metrics: name -> True if larger is better.
 LARGER_IS_BETTER = {"macro_f1": True, "accuracy": True, "loss": False, "mae": False, "corr": True}

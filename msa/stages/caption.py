@@ -28,7 +28,7 @@ from msa.pipeline.compute import Compute, prefetch, resolve_compute
 from msa.pipeline.config import CaptionConfig, ConfigError, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import Item, bad_image_flag, read_mvsa
-from msa.pipeline.progress import ItemProgress, console, rate_text
+from msa.pipeline.progress import ItemProgress, rate_text
 
 # Compiling BLIP's ViT costs ~30 s here and saves ~0.2 s an image (1.02 -> 1.34 img/s,
 # bench/caption_throughput.py part 2).
@@ -106,8 +106,6 @@ def tuned_precision(cfg: CaptionConfig, compute: Compute, pending: list[Item]) -
         return None
 
     def measure_now(variants: list[autotune.Variant]) -> dict[str, autotune.Measurement]:
-        console.print(f"[dim]caption: measuring {', '.join(v.name for v in variants)} on this machine "
-                      "(once per machine and model)[/dim]")
         captioner = create_captioner(cfg, dataclasses.replace(compute, precision="fp32"), False)
         pixels, _ = captioner.prepare(readable)
         vision = captioner.model.vision_model
@@ -123,7 +121,7 @@ def tuned_precision(cfg: CaptionConfig, compute: Compute, pending: list[Item]) -
             captioner.close()
 
     key = f"caption|{captioner_class(cfg.backend).identity(cfg)}"
-    return autotune.decide(key, compute.device, len(pending), False, measure_now)
+    return autotune.decide("caption", key, compute.device, len(pending), False, measure_now)
 
 
 def caption_as_rank(cfg: CaptionConfig, compute, rank: Rank, name: str, fingerprint: dict, notes: dict,

@@ -234,12 +234,8 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
         return None
     sample = rows[:MEASURED_ITEMS]
 
-    def timed_variant(forward: Callable, inputs) -> Callable:
-        def measure_now(variants: list[autotune.Variant]) -> dict[str, autotune.Measurement]:
-            console.print(f"[dim]{modality}: measuring {', '.join(v.name for v in variants)} on this machine "
-                          "(once per machine and model)[/dim]")
-            return autotune.measure(forward, inputs(), variants)
-        return measure_now
+    def timed_variant(forward: Callable, inputs: Callable) -> Callable:
+        return lambda variants: autotune.measure(forward, inputs(), variants)
 
     if modality == "text":
         def text_inputs():
@@ -252,7 +248,7 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
             return lambda batch: _in_precision(variant.precision, compute, lambda: encoder(*batch)[1])
 
         key = f"text|{model_identity(cfg.text_model)}|max_len={cfg.max_len}"
-        return autotune.decide(key, compute.device, len(rows), False, timed_variant(text_forward, text_inputs))
+        return autotune.decide("text", key, compute.device, len(rows), False, timed_variant(text_forward, text_inputs))
 
     def image_inputs():
         encoder = encoder_of()
@@ -267,7 +263,8 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
 
     key = f"image|{cfg.image_model}|{weights_identity(cfg.image_model, cfg.image_weights)}"
     compile_may_pay = not cfg.compile and len(rows) >= COMPILE_MIN_IMAGES
-    return autotune.decide(key, compute.device, len(rows), compile_may_pay, timed_variant(image_forward, image_inputs))
+    return autotune.decide("image", key, compute.device, len(rows), compile_may_pay,
+                           timed_variant(image_forward, image_inputs))
 
 
 def _in_precision(precision: str, compute: Compute, forward: Callable):
