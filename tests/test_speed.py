@@ -16,8 +16,8 @@ from msa.models.image import ImagePreprocess
 from msa.pipeline import autotune, rundir
 from msa.pipeline.autotune import Measurement, Variant
 from msa.pipeline.compute import CPU_BF16_ENV
-from msa.pipeline.config import CaptionConfig, TrainHeadConfig
-from msa.stages import caption, extract, train_head
+from msa.pipeline.config import CaptionConfig, FinetuneConfig, TrainHeadConfig
+from msa.stages import caption, extract, finetune, train_head
 
 
 def test_the_fastest_variant_close_to_fp32_is_chosen_counting_compile_time():
@@ -153,10 +153,31 @@ def test_train_head_precision_is_measured_once_and_the_run_is_the_same_either_wa
     runs = [train_head.run(TrainHeadConfig(cache=signal_cache, fusion="co-attn", epochs=2, hidden=32, seed=3,
                                            out=tmp_path / name), log=lambda *_: None) for name in ("first", "second")]
     assert len(measured) == 1  # the second run decided from the stored timings
-    first, second = (rundir.read_json(run.run_dir / train_head.AUTOTUNE_RECORD) for run in runs)
+    first, second = (rundir.read_json(run.run_dir / rundir.AUTOTUNE) for run in runs)
     assert (first["chosen_by"], second["chosen_by"]) == ("measured", "cached")
     assert runs[0].metrics["precision"] == runs[1].metrics["precision"] == first["variant"]
     # Measuring trained a copy of the model with the random state restored: the runs are equal.
     weights = [rundir.load_model(run.run_dir)[0] for run in runs]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert runs[0].metrics["macro_f1"] == runs[1].metrics["macro_f1"]
+
+
+def test_finetune_precision_is_measured_recorded_and_reused(messy_data_source, tiny_models, monkeypatch, tmp_path):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    measured = []
+    real_measure = autotune.measure
+
+    def measure(*args, **kwargs):
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    cfg = FinetuneConfig(data=messy_data_source, out=tmp_path / "first", text_model=tiny_models["text"], max_len=16,
+                         image_model="timm:test_efficientnet", image_weights=tiny_models["image_weights"], hidden=16,
+                         unfreeze_text_layers=1, epochs=1, batch_size=8, device="cpu", precision="auto")
+    records = []
+    for out in ("first", "second"):
+        run_dir = finetune.run(dataclasses.replace(cfg, out=tmp_path / out), show_progress=False, log=lambda *_: None)
+        records.append(rundir.read_json(run_dir / rundir.AUTOTUNE))
+    assert len(measured) == 1 and [r["chosen_by"] for r in records] == ["measured", "cached"]
+    assert records[0]["variant"] == records[1]["variant"] and set(records[0]["measurements"]) == {"fp32", "bf16"}

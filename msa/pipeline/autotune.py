@@ -10,6 +10,7 @@ decide from them without paying again. The stage records the decision in its fin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from msa.pipeline.compute import CPU_BF16_ENV
+from msa.pipeline.compute import CPU_BF16_ENV, Compute
 from msa.pipeline.progress import console
 
 # Where decisions are kept; tests point it at a temporary file.
@@ -123,6 +124,29 @@ def measure(variant_forward: Callable[[Variant], Callable], batch, variants: lis
     reference = pooled[Variant("fp32").name]
     return {name: Measurement(rate, setup, float(torch.nn.functional.cosine_similarity(
         pooled[name], reference, dim=1).mean())) for name, (rate, setup) in timings.items()}
+
+
+def timed_training_steps(model: torch.nn.Module, inputs, targets: torch.Tensor, loss_fn, compute: Compute,
+                         steps: int) -> Callable[[list[Variant]], dict[str, Measurement]]:
+    """measure_now for training: forward and backward on one batch, `steps` times per variant
+    after a warm-up, on a copy of the model in eval mode (no dropout: every variant computes
+    the same function) with the random state restored after, so that a run is the same whether
+    its decision was measured now or read from the file."""
+    def measure_now(variants: list[Variant]) -> dict[str, Measurement]:
+        with torch.random.fork_rng():
+            trial = copy.deepcopy(model).eval()
+
+            def forward(variant: Variant):
+                def training_step(batch):
+                    with dataclasses.replace(compute, precision=variant.precision).autocast():
+                        logits = trial(batch)["logits"].float()
+                    loss_fn(logits, targets).mean().backward()
+                    trial.zero_grad(set_to_none=True)
+                    return logits.detach()
+                return training_step
+
+            return measure(forward, inputs, variants, repeats=steps, inference=False)
+    return measure_now
 
 
 def choose(measurements: dict[str, Measurement], items: int) -> Variant:

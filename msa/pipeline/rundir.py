@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 CONFIG = "config.json"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
+AUTOTUNE = "autotune.json"  # how --precision auto chose the training precision: variant, measured|cached, timings
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_SPEC = "model.json"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # msa < 0.2: a pickle, never loaded

@@ -11,17 +11,19 @@ manifest, so predict and evaluate work on it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from msa.cache.fingerprint import local_path
 from msa.cache.manifest import build_manifest, read_manifest, write_manifest
 from msa.models.build import build_model
 from msa.models.unfrozen import parameter_groups
-from msa.pipeline import plots, rundir
-from msa.pipeline.compute import resolve_compute
+from msa.pipeline import autotune, plots, rundir
+from msa.pipeline.compute import Compute, resolve_compute
 from msa.pipeline.config import ConfigError, FinetuneConfig, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import read_mvsa
@@ -88,9 +90,23 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
             lock.release()
 
 
+def training_precision(cfg: FinetuneConfig, spec: dict, model: torch.nn.Module, data: RawData,
+                       train_rows: np.ndarray, loss_fn, compute: Compute) -> autotune.Decision | None:
+    """--precision auto on a CPU: bf16 autocast or fp32, whichever trained this model faster on
+    this machine (msa.pipeline.autotune), timed on the first training batch."""
+    if cfg.precision != "auto" or compute.device.type != "cpu":
+        return None
+    rows = torch.from_numpy(train_rows[: cfg.batch_size])
+    _, inputs = next(raw_batches(model, data, [rows], compute.device))
+    targets = data.targets[rows].to(compute.device)
+    measure_now = autotune.timed_training_steps(model, inputs, targets, loss_fn, compute, steps=1)
+    key = f"finetune|{json.dumps(spec, sort_keys=True)}|batch={cfg.batch_size}"
+    return autotune.decide("finetune", key, compute.device, cfg.epochs * len(train_rows), False, measure_now)
+
+
 def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool, log, on_epoch,
            rank: Rank | None = None) -> Path:
-    compute = resolve_compute(cfg.device, cfg.precision)
+    compute = resolve_compute(cfg.device, cfg.precision)  # on a CPU, auto is measured below
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     main = rank is None or rank.is_main
@@ -118,6 +134,11 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
         raise ConfigError(f"{cfg.data}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
 
     loss_fn = training_loss(TASK, cfg, data.targets[train_rows].numpy(), compute.device)
+    decision = training_precision(cfg, spec, model, data, train_rows, loss_fn, compute)
+    if decision:
+        compute = dataclasses.replace(compute, precision=decision.variant.precision)
+        if main:
+            rundir.write_json(run_dir / rundir.AUTOTUNE, decision.record())
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head,
                                                    cfg.weight_decay, cfg.layer_decay))
     steps_per_epoch = -(-len(train_rows) // (cfg.batch_size * cfg.grad_accum))

@@ -298,7 +298,7 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds,
                "precision": compute.precision}
     if decision:  # how fast, not how good: beside the metrics, not in them
-        rundir.write_json(run_dir / AUTOTUNE_RECORD, decision.record())
+        rundir.write_json(run_dir / rundir.AUTOTUNE, decision.record())
     rundir.save_model(run_dir, best["state_dict"], spec)
     rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"], list(data.feature_sets))
     plots.plot_run(run_dir, metrics)
@@ -375,36 +375,19 @@ def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_ro
     return model, train_epoch, load, lengths, (compute, decision)
 
 
-AUTOTUNE_RECORD = "autotune.json"  # in a run: how --precision auto chose its training precision
 MEASURED_STEPS = 3  # --precision auto times this many training steps per precision (after a warm-up one)
 
 
 def training_precision(cfg: TrainHeadConfig, data: TrainData, spec: dict, model: torch.nn.Module, loss_fn,
                        train_rows: np.ndarray, compute: Compute) -> autotune.Decision | None:
     """--precision auto on a CPU: bf16 autocast or fp32, whichever trained this head faster on
-    this machine (msa.pipeline.autotune), timed on a copy of the model with the random state
-    restored after, so a run is the same whether its decision was measured or stored."""
+    this machine (msa.pipeline.autotune)."""
     if cfg.precision != "auto" or compute.device.type != "cpu":
         return None
     rows = torch.from_numpy(train_rows[: cfg.batch_size])
     _, inputs = next(cached_batches(data.bank, [rows], model.uses_tokens, compute.device))
     targets = data.targets[rows].to(compute.device)
-
-    def measure_now(variants: list[autotune.Variant]) -> dict[str, autotune.Measurement]:
-        with torch.random.fork_rng():
-            trial = copy.deepcopy(model).eval()  # no dropout: the variants compute the same function
-
-            def forward(variant: autotune.Variant):
-                def training_step(batch):
-                    with dataclasses.replace(compute, precision=variant.precision).autocast():
-                        logits = trial(batch)["logits"].float()
-                    loss_fn(logits, targets).mean().backward()
-                    trial.zero_grad(set_to_none=True)
-                    return logits.detach()
-                return training_step
-
-            return autotune.measure(forward, inputs, variants, repeats=MEASURED_STEPS, inference=False)
-
+    measure_now = autotune.timed_training_steps(model, inputs, targets, loss_fn, compute, MEASURED_STEPS)
     shapes = {m: [d["pooled"], d["token"]] for m, d in spec["dims"].items()}
     key = (f"train|{cfg.fusion}|{json.dumps(shapes)}|batch={cfg.batch_size}|hidden={cfg.hidden}|"
            f"unfrozen={json.dumps(spec['unfrozen'])}|tokens={model.uses_tokens}")
