@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from msa.pipeline import rundir
+from msa.pipeline import autotune, rundir
 from msa.pipeline.config import ExtractConfig, FinetuneConfig, TrainHeadConfig
 from msa.stages import extract, finetune, train_head
 
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--lr-encoder", type=float, default=1e-5)
     parser.add_argument("--lr-fusion", type=float, default=5e-5)
     parser.add_argument("--lr-head", type=float, default=1e-4)
+    parser.add_argument("--precisions", default="auto",
+                        help="end-to-end runs in each, e.g. fp32,bf16,auto (with auto's choice and a verdict)")
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
 
@@ -52,8 +55,11 @@ def main() -> None:
     common = dict(text_model=args.text_model, image_model=args.image_model, image_weights=args.image_weights,
                   limit=args.items, device="cpu")
     rates = dict(lr_encoder=args.lr_encoder, lr_fusion=args.lr_fusion, lr_head=args.lr_head)
-    runs = {"cached": [], "end to end": []}
+    precisions = args.precisions.split(",")
+    e2e = {p: "end to end" if precisions == ["auto"] else f"end to end, {p}" for p in precisions}
+    runs = {"cached": [], **{name: [] for name in e2e.values()}}
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ[autotune.DECISIONS_ENV] = str(Path(tmp) / "autotune.json")  # auto measures here and now
         start = time.perf_counter()
         extract.run(ExtractConfig(data=args.data, cache=Path(tmp) / "cache", text_split_layer=args.text_layers,
                                   image_split_stage=args.image_stages, **common), show_progress=False)
@@ -63,22 +69,32 @@ def main() -> None:
                 cache=Path(tmp) / "cache", fusion=args.fusion, out=Path(tmp) / f"cached-{seed}", epochs=args.epochs,
                 batch_size=args.batch_size, unfreeze_text_layers=args.text_layers, seed=seed,
                 unfreeze_image_stages=args.image_stages, patience=args.epochs, **rates), log=lambda *_: None).run_dir
-            end_to_end = finetune.run(FinetuneConfig(
-                data=args.data, out=Path(tmp) / f"e2e-{seed}", fusion=args.fusion, epochs=args.epochs, seed=seed,
-                batch_size=args.batch_size, unfreeze_text_layers=args.text_layers,
-                unfreeze_image_stages=args.image_stages, patience=args.epochs, **rates, **common),
-                show_progress=False, log=lambda *_: None)
-            for path, run_dir in (("cached", cached), ("end to end", end_to_end)):
+            paths = {"cached": cached}
+            for precision, name in e2e.items():
+                paths[name] = finetune.run(FinetuneConfig(
+                    data=args.data, out=Path(tmp) / f"e2e-{precision}-{seed}", fusion=args.fusion, epochs=args.epochs,
+                    seed=seed, batch_size=args.batch_size, unfreeze_text_layers=args.text_layers,
+                    unfreeze_image_stages=args.image_stages, patience=args.epochs, precision=precision, **rates,
+                    **common), show_progress=False, log=lambda *_: None)
+            for path, run_dir in paths.items():
                 metrics = rundir.read_json(run_dir / rundir.METRICS)
+                tuned = run_dir / rundir.AUTOTUNE
                 runs[path].append({"seed": seed, "s per epoch": round(epoch_seconds(run_dir), 2),
                                    "val macro_f1": round(metrics["macro_f1"], 4),
-                                   "val accuracy": round(metrics["accuracy"], 4)})
+                                   "val accuracy": round(metrics["accuracy"], 4),
+                                   "auto chose": rundir.read_json(tuned)["variant"] if tuned.is_file() else None})
             print(json.dumps(runs, indent=1), flush=True)
     report["runs"] = runs
     for path, rows in runs.items():
         report[f"{path}: s per epoch"] = round(statistics.mean(r["s per epoch"] for r in rows), 2)
         report[f"{path}: val macro_f1"] = [r["val macro_f1"] for r in rows]
-    report["speed-up per epoch"] = round(report["end to end: s per epoch"] / report["cached: s per epoch"], 2)
+    report["speed-up per epoch"] = round(report[f"{e2e[precisions[-1]]}: s per epoch"]
+                                         / report["cached: s per epoch"], 2)
+    if {"fp32", "bf16", "auto"} <= set(precisions):
+        seconds = {p: report[f"{e2e[p]}: s per epoch"] for p in ("fp32", "bf16")}
+        chosen = runs[e2e["auto"]][0]["auto chose"]
+        report["verdict"] = {"auto chose": chosen, "fastest": min(seconds, key=seconds.get),
+                             "auto is fastest (within 5%)": seconds[chosen] <= 1.05 * min(seconds.values())}
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

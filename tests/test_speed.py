@@ -119,16 +119,22 @@ def test_image_loading_matches_pils_resize_and_crop(size, mode, tmp_path):
     assert np.abs(loaded.astype(int) - expected.astype(int)).max() <= 2
 
 
-def test_caption_precision_is_measured_once_and_recorded(messy_data_source, tiny_models, monkeypatch, tmp_path):
+@pytest.fixture
+def measured(monkeypatch) -> list[list[str]]:
+    """Measuring on (no CPU-class override); each autotune.measure call appends the variants it timed."""
     monkeypatch.delenv(CPU_BF16_ENV, raising=False)
-    measured = []
+    calls = []
     real_measure = autotune.measure
 
-    def measure(forward, batch, variants, repeats=2):
-        measured.append([v.name for v in variants])
-        return real_measure(forward, batch, variants, repeats)
+    def measure(forward, batch, variants, *args, **kwargs):
+        calls.append([v.name for v in variants])
+        return real_measure(forward, batch, variants, *args, **kwargs)
 
     monkeypatch.setattr(autotune, "measure", measure)
+    return calls
+
+
+def test_caption_precision_is_measured_once_and_recorded(messy_data_source, tiny_models, measured, tmp_path):
     cfg = CaptionConfig(data=messy_data_source, cache=tmp_path / "cache", model=tiny_models["captioner"],
                         batch_size=4, device="cpu", precision="auto")
     first = caption.run(cfg, show_progress=False).caption_set.notes
@@ -140,16 +146,7 @@ def test_caption_precision_is_measured_once_and_recorded(messy_data_source, tiny
     assert again["precision"] == first["precision"]
 
 
-def test_train_head_precision_is_measured_once_and_the_run_is_the_same_either_way(signal_cache, monkeypatch, tmp_path):
-    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
-    measured = []
-    real_measure = autotune.measure
-
-    def measure(*args, **kwargs):
-        measured.append(1)
-        return real_measure(*args, **kwargs)
-
-    monkeypatch.setattr(autotune, "measure", measure)
+def test_train_head_precision_is_measured_once_and_the_run_is_the_same_either_way(signal_cache, measured, tmp_path):
     runs = [train_head.run(TrainHeadConfig(cache=signal_cache, fusion="co-attn", epochs=2, hidden=32, seed=3,
                                            out=tmp_path / name), log=lambda *_: None) for name in ("first", "second")]
     assert len(measured) == 1  # the second run decided from the stored timings
@@ -162,16 +159,7 @@ def test_train_head_precision_is_measured_once_and_the_run_is_the_same_either_wa
     assert runs[0].metrics["macro_f1"] == runs[1].metrics["macro_f1"]
 
 
-def test_finetune_precision_is_measured_recorded_and_reused(messy_data_source, tiny_models, monkeypatch, tmp_path):
-    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
-    measured = []
-    real_measure = autotune.measure
-
-    def measure(*args, **kwargs):
-        measured.append(1)
-        return real_measure(*args, **kwargs)
-
-    monkeypatch.setattr(autotune, "measure", measure)
+def test_finetune_precision_is_measured_recorded_and_reused(messy_data_source, tiny_models, measured, tmp_path):
     cfg = FinetuneConfig(data=messy_data_source, out=tmp_path / "first", text_model=tiny_models["text"], max_len=16,
                          image_model="timm:test_efficientnet", image_weights=tiny_models["image_weights"], hidden=16,
                          unfreeze_text_layers=1, epochs=1, batch_size=8, device="cpu", precision="auto")
