@@ -169,3 +169,20 @@ def test_finetune_precision_is_measured_recorded_and_reused(messy_data_source, t
         records.append(rundir.read_json(run_dir / rundir.AUTOTUNE))
     assert len(measured) == 1 and [r["chosen_by"] for r in records] == ["measured", "cached"]
     assert records[0]["variant"] == records[1]["variant"] and set(records[0]["measurements"]) == {"fp32", "bf16"}
+
+
+def test_an_unwritable_decisions_file_measures_and_goes_on(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv(autotune.DECISIONS_ENV, str(blocker / "autotune.json"))
+    calls = []
+
+    def measure_now(variants):
+        calls.append(variants)
+        return {"fp32": Measurement(10.0, 0.0, 1.0), "bf16": Measurement(20.0, 0.0, 0.9999)}
+
+    decisions = [autotune.decide("test", "model", torch.device("cpu"), 100, False, measure_now) for _ in range(2)]
+    assert [d.chosen_by for d in decisions] == ["measured", "measured"] and len(calls) == 2
+    assert all(d.variant == Variant("bf16") for d in decisions)
+    assert "could not store the measured precision" in capsys.readouterr().err

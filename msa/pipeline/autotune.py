@@ -10,13 +10,14 @@ decide from them without paying again. The stage records the decision in its fin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -172,10 +173,9 @@ def decide(what: str, model_key: str, device: torch.device, items: int, compile_
     wanted = candidates(device, compile_worth_trying)
     key = f"{machine_key(device)}|{model_key}"
     path = decisions_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # two extracts measuring at once would each slow the other
+    with locked(path):  # two extracts measuring at once would each slow the other
         stored = read_decisions(path)
-        known = {name: Measurement(**{k: float(v) for k, v in m.items()}) for name, m in stored.get(key, {}).items()}
+        known = {name: Measurement(**m) for name, m in stored.get(key, {}).items()}
         missing = [v for v in wanted if v.name not in known]
         chosen_by = "cached"
         if missing:
@@ -198,11 +198,36 @@ def read_decisions(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     fields = {f.name for f in dataclasses.fields(Measurement)}
-    return {key: {name: m for name, m in entry.items() if isinstance(m, dict) and set(m) == fields}
+
+    def valid(m) -> bool:
+        return isinstance(m, dict) and set(m) == fields and all(isinstance(v, int | float) for v in m.values())
+
+    return {key: {name: m for name, m in entry.items() if valid(m)}
             for key, entry in data.items() if isinstance(entry, dict)} if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """The decisions file's lock; where it cannot be taken (a read-only home), measuring goes on
+    unlocked and write_decisions says why nothing is stored."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_decisions(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as err:  # the run goes on; the next one measures again
+        console.print(f"[yellow]could not store the measured precision in {path} ({err}); set "
+                      f"{DECISIONS_ENV} to a writable file to keep it[/yellow]")
