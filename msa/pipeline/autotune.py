@@ -1,11 +1,13 @@
-"""Precision and compile chosen by measurement, not assumed from the CPU's name (issue 16).
+"""Precision and compile chosen by measurement, not assumed from the CPU's name.
 
 On an AVX2-only CPU bf16 runs the encoders 6-9x slower than fp32; with AVX512-BF16 or AMX
 it runs them 3.5-4.5x faster. So `--precision auto` on a CPU times each candidate variant
 (fp32, bf16, and each with torch.compile where the run is long enough for compiling to pay)
-on the first real batch, keeps the fastest whose pooled features stay within cosine 0.999 of
-fp32, and stores the measurements per machine and model in a small JSON file, so later runs
-decide from them without paying again. The stage records the decision in its fingerprint.
+on the first real batch, keeps the fastest whose output stays within a cosine of fp32's,
+and stores the measurements per machine and model in a small JSON file, so later runs
+decide from them without paying again. Stages record the decision: a feature set's
+fingerprint holds the precision and its notes the timings (caption sets' notes and a
+training run's autotune.json the same way).
 """
 
 from __future__ import annotations
