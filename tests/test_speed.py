@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -16,8 +17,8 @@ from msa.models.image import ImagePreprocess
 from msa.pipeline import autotune, rundir
 from msa.pipeline.autotune import Measurement, Variant
 from msa.pipeline.compute import CPU_BF16_ENV
-from msa.pipeline.config import CaptionConfig, FinetuneConfig, TrainHeadConfig
-from msa.stages import caption, extract, finetune, train_head
+from msa.pipeline.config import CaptionConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
+from msa.stages import caption, extract, finetune, predict, train_head
 
 
 def test_the_fastest_variant_close_to_fp32_is_chosen_counting_compile_time():
@@ -169,6 +170,11 @@ def test_finetune_precision_is_measured_recorded_and_reused(messy_data_source, t
         records.append(rundir.read_json(run_dir / rundir.AUTOTUNE))
     assert len(measured) == 1 and [r["chosen_by"] for r in records] == ["measured", "cached"]
     assert records[0]["variant"] == records[1]["variant"] and set(records[0]["measurements"]) == {"fp32", "bf16"}
+    # predict runs in the precision the run validated in: its val predictions come back.
+    _, predictions = predict.run(PredictConfig(run=run_dir, split="val"), show_progress=False)
+    saved = pd.read_parquet(run_dir / rundir.VAL_PREDICTIONS)
+    np.testing.assert_allclose(predictions.probabilities, saved[[f"p_{c}" for c in predictions.class_names]],
+                               atol=1e-6)
 
 
 def test_an_unwritable_decisions_file_measures_and_goes_on(monkeypatch, tmp_path, capsys):

@@ -18,6 +18,7 @@ from msa.cache.fingerprint import config_id, slug
 from msa.cache.manifest import build_manifest, read_manifest
 from msa.models.build import build_model
 from msa.pipeline import rundir
+from msa.pipeline.autotune import Variant
 from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import (
     SPLITS,
@@ -169,7 +170,10 @@ def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str
                        show_progress: bool) -> Predictions:
     """An end-to-end run reads raw data: its own (the manifest kept in the run) or new data."""
     cfg = from_record(FinetuneConfig, rundir.read_json(Path(run_dir) / rundir.CONFIG))
-    compute = resolve_compute(device, cfg.precision)
+    precision, tuned = cfg.precision, Path(run_dir) / rundir.AUTOTUNE
+    if precision == "auto" and tuned.is_file():  # the precision it validated in: predictions match its val ones
+        precision = Variant.parse(rundir.read_json(tuned)["variant"]).precision
+    compute = resolve_compute(device, precision)
     model, spec = load_run_model(run_dir, compute.device)
     if data is None:
         manifest = read_manifest(run_dir)
