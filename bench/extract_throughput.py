@@ -210,7 +210,7 @@ def main() -> None:
     items, _ = read_mvsa(args.data)
     texts = [i.text for i in items]
     paths = [i.image_path for i in items if not i.flags]
-    report = {"machine": autotune.machine_key(torch.device("cpu"))}
+    report = {"machine": autotune.machine_key()}
     print(f"machine: {report['machine']}", flush=True)
 
     # Part 1 first: its extract measures the variants (--precision auto) on a fresh decisions file.

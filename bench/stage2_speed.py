@@ -20,8 +20,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from msa.models.heads import HEADS
 from msa.models.sequence_heads import SequenceHead
 from msa.pipeline import autotune
@@ -48,10 +46,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)  # timings of a fresh sweep, not of skipped runs
-    print(f"machine: {autotune.machine_key(torch.device('cpu'))}", flush=True)
+    print(f"machine: {autotune.machine_key()}", flush=True)
 
     os.environ[autotune.DECISIONS_ENV] = str(args.out / "autotune.json")  # auto measures here and now
-    report = {"machine": autotune.machine_key(torch.device("cpu")), "precision": {}}
+    report = {"machine": autotune.machine_key(), "precision": {}}
     data = train_head.load_train_data(args.cache, (), True)
     print("| head | fp32 s | bf16 s | fp32 val macro-F1 | bf16 val macro-F1 | auto chose | auto is fastest (5%) |")
     print("|---|---|---|---|---|---|---|")

@@ -83,16 +83,16 @@ def test_a_damaged_decisions_file_is_measured_again(monkeypatch, private_autotun
         calls.append(variants)
         return {"fp32": Measurement(10.0, 0.0, 1.0), "bf16": Measurement(20.0, 0.0, 0.9999)}
 
-    decision = autotune.decide("test", "model", torch.device("cpu"), 100, False, measure_now)
+    decision = autotune.decide("test", "model", 100, False, measure_now)
     assert calls and decision.chosen_by == "measured" and decision.variant == Variant("bf16")
-    again = autotune.decide("test", "model", torch.device("cpu"), 100, False, measure_now)
+    again = autotune.decide("test", "model", 100, False, measure_now)
     assert len(calls) == 1 and again.chosen_by == "cached" and again.variant == Variant("bf16")
 
 
 @pytest.mark.parametrize("native_bf16", ["0", "1"])
 def test_the_cpu_class_override_decides_without_measuring(native_bf16, monkeypatch):
     monkeypatch.setenv(CPU_BF16_ENV, native_bf16)
-    decision = autotune.decide("test", "model", torch.device("cpu"), 100, False,
+    decision = autotune.decide("test", "model", 100, False,
                                lambda variants: pytest.fail("measured"))
     assert decision.variant.precision == ("bf16" if native_bf16 == "1" else "fp32")
 
@@ -188,7 +188,7 @@ def test_an_unwritable_decisions_file_measures_and_goes_on(monkeypatch, tmp_path
         calls.append(variants)
         return {"fp32": Measurement(10.0, 0.0, 1.0), "bf16": Measurement(20.0, 0.0, 0.9999)}
 
-    decisions = [autotune.decide("test", "model", torch.device("cpu"), 100, False, measure_now) for _ in range(2)]
+    decisions = [autotune.decide("test", "model", 100, False, measure_now) for _ in range(2)]
     assert [d.chosen_by for d in decisions] == ["measured", "measured"] and len(calls) == 2
     assert all(d.variant == Variant("bf16") for d in decisions)
     assert "could not store the measured precision" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from msa.pipeline.compute import CPU_BF16_ENV, Compute
+from msa.pipeline.compute import CPU_BF16_ENV, Compute, forced_cpu_bf16
 from msa.pipeline.progress import console
 
 # Where decisions are kept; tests point it at a temporary file.
@@ -81,8 +81,9 @@ def decisions_file() -> Path:
     return Path(os.environ.get(DECISIONS_ENV) or Path.home() / ".cache" / "msa" / "autotune.json")
 
 
-def machine_key(device: torch.device) -> str:
-    """The CPU model, its speed-relevant flags, the threads and torch: what the timings depend on."""
+def machine_key() -> str:
+    """The CPU model, its speed-relevant flags, the threads and torch: what the timings depend on
+    (stages measure on CPUs only; on CUDA auto is bf16/fp16 AMP)."""
     name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -94,17 +95,15 @@ def machine_key(device: torch.device) -> str:
                 break
     except OSError:  # not Linux: the processor name alone
         pass
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
     speed_flags = "+".join(f for f in SPEED_FLAGS if f in flags)
-    return f"{device.type}|{name}|{speed_flags}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return f"cpu|{name}|{speed_flags}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
-def candidates(device: torch.device, compile_worth_trying: bool) -> list[Variant]:
-    """fp32 and bf16 on CPUs (bf16 is kept only if it measures faster), each compiled too when
-    the run is long enough for a compile (tens of seconds) to pay."""
+def candidates(compile_worth_trying: bool) -> list[Variant]:
+    """fp32 and bf16 (bf16 is kept only if it measures faster), each compiled too when the run
+    is long enough for a compile (tens of seconds) to pay."""
     precisions = ["fp32"]
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+    if torch.backends.mkldnn.is_available():
         precisions.append("bf16")
     return [Variant(p, c) for c in ((False, True) if compile_worth_trying else (False,)) for p in precisions]
 
@@ -163,17 +162,17 @@ def choose(measurements: dict[str, Measurement], items: int, min_cosine: float =
     return Variant.parse(min(close, key=lambda name: close[name].seconds_for(items)))
 
 
-def decide(what: str, model_key: str, device: torch.device, items: int, compile_worth_trying: bool,
+def decide(what: str, model_key: str, items: int, compile_worth_trying: bool,
            measure_now: Callable[[list[Variant]], dict[str, Measurement]], min_cosine: float = MIN_COSINE) -> Decision:
-    """The variant for `what` (a stage's work, named in the message) on `items` with this model
-    here: from the machine's stored measurements when they cover the candidates, else measured
-    now (measure_now(variants)) and stored. MSA_CPU_BF16=0/1 skips measuring (the suite plays
-    each CPU class with it)."""
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    if device.type == "cpu" and forced in ("0", "1"):
-        return Decision(Variant("bf16" if forced == "1" else "fp32", compile_worth_trying), CPU_BF16_ENV, {})
-    wanted = candidates(device, compile_worth_trying)
-    key = f"{machine_key(device)}|{model_key}"
+    """The variant for `what` (a stage's work on a CPU, named in the message) on `items` with
+    this model here: from the machine's stored measurements when they cover the candidates,
+    else measured now (measure_now(variants)) and stored. MSA_CPU_BF16=0/1 skips measuring
+    (the suite plays each CPU class with it)."""
+    forced = forced_cpu_bf16()
+    if forced is not None:
+        return Decision(Variant("bf16" if forced else "fp32", compile_worth_trying), CPU_BF16_ENV, {})
+    wanted = candidates(compile_worth_trying)
+    key = f"{machine_key()}|{model_key}"
     path = decisions_file()
     with locked(path):  # two extracts measuring at once would each slow the other
         stored = read_decisions(path)

@@ -32,12 +32,19 @@ class Compute:
 CPU_BF16_ENV = "MSA_CPU_BF16"
 
 
+def forced_cpu_bf16() -> bool | None:
+    """MSA_CPU_BF16=1 / 0: play a CPU with / without fast bf16; None when unset."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    return forced == "1" if forced in ("0", "1") else None
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 pays off only with native bf16 units (AVX512-BF16 / AMX): measured on an
-    AVX2-only EPYC, bf16 autocast ran EfficientNet-Lite0 8x slower than fp32."""
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
+    AVX2-only EPYC, bf16 autocast ran EfficientNet-Lite0 8x slower than fp32. The stages'
+    `auto` on a CPU measures instead (msa.pipeline.autotune); this is the guess where they don't."""
+    forced = forced_cpu_bf16()
+    if forced is not None:
+        return forced
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -121,7 +121,7 @@ def tuned_precision(cfg: CaptionConfig, compute: Compute, pending: list[Item]) -
             captioner.close()
 
     key = f"caption|{captioner_class(cfg.backend).identity(cfg)}"
-    return autotune.decide("caption", key, compute.device, len(pending), False, measure_now)
+    return autotune.decide("caption", key, len(pending), False, measure_now)
 
 
 def caption_as_rank(cfg: CaptionConfig, compute, rank: Rank, name: str, fingerprint: dict, notes: dict,

@@ -248,7 +248,7 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
             return lambda batch: _in_precision(variant.precision, compute, lambda: encoder(*batch)[1])
 
         key = f"text|{model_identity(cfg.text_model)}|max_len={cfg.max_len}"
-        return autotune.decide("text", key, compute.device, len(rows), False, timed_variant(text_forward, text_inputs))
+        return autotune.decide("text", key, len(rows), False, timed_variant(text_forward, text_inputs))
 
     def image_inputs():
         encoder = encoder_of()
@@ -263,7 +263,7 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
 
     key = f"image|{cfg.image_model}|{weights_identity(cfg.image_model, cfg.image_weights)}"
     compile_may_pay = not cfg.compile and len(rows) >= COMPILE_MIN_IMAGES
-    return autotune.decide("image", key, compute.device, len(rows), compile_may_pay,
+    return autotune.decide("image", key, len(rows), compile_may_pay,
                            timed_variant(image_forward, image_inputs))
 
 

@@ -101,7 +101,7 @@ def training_precision(cfg: FinetuneConfig, spec: dict, model: torch.nn.Module, 
     targets = data.targets[rows].to(compute.device)
     measure_now = autotune.timed_training_steps(model, inputs, targets, loss_fn, compute, steps=1)
     key = f"finetune|{json.dumps(spec, sort_keys=True)}|batch={cfg.batch_size}"
-    return autotune.decide("finetune", key, compute.device, cfg.epochs * len(train_rows), False, measure_now,
+    return autotune.decide("finetune", key, cfg.epochs * len(train_rows), False, measure_now,
                            autotune.TRAINING_MIN_COSINE)
 
 

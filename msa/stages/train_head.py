@@ -391,7 +391,7 @@ def training_precision(cfg: TrainHeadConfig, data: TrainData, spec: dict, model:
     shapes = {m: [d["pooled"], d["token"]] for m, d in spec["dims"].items()}
     key = (f"train|{cfg.fusion}|{json.dumps(shapes)}|batch={cfg.batch_size}|hidden={cfg.hidden}|"
            f"unfrozen={json.dumps(spec['unfrozen'])}|tokens={model.uses_tokens}")
-    return autotune.decide("train-head", key, compute.device, cfg.epochs * len(train_rows), False, measure_now,
+    return autotune.decide("train-head", key, cfg.epochs * len(train_rows), False, measure_now,
                            autotune.TRAINING_MIN_COSINE)
 
 
