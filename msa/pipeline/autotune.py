@@ -71,6 +71,10 @@ class Decision:
     chosen_by: str  # "measured" (this run), "cached" (an earlier run's measurements), or the env override
     measurements: dict[str, Measurement]
 
+    def applied_to(self, compute: Compute) -> Compute:
+        """`compute` in the chosen precision."""
+        return dataclasses.replace(compute, precision=self.variant.precision)
+
     def record(self) -> dict:
         """What a feature set's notes keep: the choice and the figures behind it."""
         return {"variant": self.variant.name, "chosen_by": self.chosen_by,
@@ -145,7 +149,7 @@ def timed_training_steps(model: torch.nn.Module, inputs, targets: torch.Tensor, 
 
             def forward(variant: Variant):
                 def training_step(batch):
-                    with dataclasses.replace(compute, precision=variant.precision).autocast():
+                    with compute.autocast(variant.precision):
                         logits = trial(batch)["logits"].float()
                     loss_fn(logits, targets).mean().backward()
                     trial.zero_grad(set_to_none=True)

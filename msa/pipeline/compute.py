@@ -21,10 +21,12 @@ class Compute:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16, already resolved
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
+    def autocast(self, precision: str | None = None) -> contextlib.AbstractContextManager:
+        """Autocast in this compute's precision, or in `precision` (a variant being measured)."""
+        precision = precision or self.precision
+        if precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
 

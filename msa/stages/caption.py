@@ -83,7 +83,7 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
     notes = {"caption_config": to_json(cfg), "precision": compute.precision}
     decision = tuned_precision(cfg, compute, pending)
     if decision:
-        compute = dataclasses.replace(compute, precision=decision.variant.precision)
+        compute = decision.applied_to(compute)
         notes.update(precision=compute.precision, autotune=decision.record())
     if rank is not None:
         return caption_as_rank(cfg, compute, rank, name, fingerprint, notes, items, pending, sizes, show_progress,

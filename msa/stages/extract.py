@@ -161,7 +161,7 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         encoder_of = functools.cache(functools.partial(load_encoder, cfg, modality))
         rows = shard_rows(len(manifest), shard, cfg.batch_size)
         decision = tuned_variant(cfg, modality, manifest, rows, compute, encoder_of)
-        modality_compute = dataclasses.replace(compute, precision=decision.variant.precision) if decision else compute
+        modality_compute = decision.applied_to(compute) if decision else compute
         fingerprint = feature_fingerprint(cfg, modality, manifest.manifest_id, modality_compute,
                                           captions if modality == "text" else None)
         model = {"text": cfg.text_model, "image": cfg.image_model, **MODEL_NAMES}[modality]
@@ -245,7 +245,11 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
 
         def text_forward(variant):
             encoder = encoder_of().to(compute.device)
-            return lambda batch: _in_precision(variant.precision, compute, lambda: encoder(*batch)[1])
+
+            def pooled(batch):
+                with compute.autocast(variant.precision):
+                    return encoder(*batch)[1]
+            return pooled
 
         key = f"text|{model_identity(cfg.text_model)}|max_len={cfg.max_len}"
         return autotune.decide("text", key, len(rows), False, timed_variant(text_forward, text_inputs))
@@ -259,17 +263,16 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
     def image_forward(variant):
         encoder = encoder_of().to(compute.device, memory_format=torch.channels_last)
         forward = _compiled(encoder) if variant.compile else encoder
-        return lambda images: _in_precision(variant.precision, compute, lambda: forward(images)[1])
+
+        def pooled(images):
+            with compute.autocast(variant.precision):
+                return forward(images)[1]
+        return pooled
 
     key = f"image|{cfg.image_model}|{weights_identity(cfg.image_model, cfg.image_weights)}"
     compile_may_pay = not cfg.compile and len(rows) >= COMPILE_MIN_IMAGES
     return autotune.decide("image", key, len(rows), compile_may_pay,
                            timed_variant(image_forward, image_inputs))
-
-
-def _in_precision(precision: str, compute: Compute, forward: Callable):
-    with dataclasses.replace(compute, precision=precision).autocast():
-        return forward()
 
 
 def load_encoder(cfg: ExtractConfig, modality: str):

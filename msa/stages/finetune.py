@@ -137,7 +137,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
     loss_fn = training_loss(TASK, cfg, data.targets[train_rows].numpy(), compute.device)
     decision = training_precision(cfg, spec, model, data, train_rows, loss_fn, compute)
     if decision:
-        compute = dataclasses.replace(compute, precision=decision.variant.precision)
+        compute = decision.applied_to(compute)
         if main:
             rundir.write_json(run_dir / rundir.AUTOTUNE, decision.record())
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head,

@@ -351,7 +351,7 @@ def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_ro
     loss_fn = training_loss(data.task, cfg, data.targets[train_rows].numpy(), compute.device)
     decision = training_precision(cfg, data, spec, model, loss_fn, train_rows, compute)
     if decision:
-        compute = dataclasses.replace(compute, precision=decision.variant.precision)
+        compute = decision.applied_to(compute)
     counts = unfrozen(cfg)
     # fused: one kernel for all parameters; the default per-parameter loop was 24% of an epoch.
     groups = (parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head, cfg.weight_decay, cfg.layer_decay)
