@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -13,10 +14,11 @@ import torch
 from PIL import Image
 
 from msa.cache.features import FeatureSet
-from msa.models.image import ImagePreprocess
+from msa.cache.manifest import read_manifest
+from msa.models.image import ImagePreprocess, build_image_encoder
 from msa.pipeline import autotune, rundir
 from msa.pipeline.autotune import Measurement, Variant
-from msa.pipeline.compute import CPU_BF16_ENV
+from msa.pipeline.compute import CPU_BF16_ENV, image_streams, in_cpu_streams, resolve_compute
 from msa.pipeline.config import CaptionConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
 from msa.stages import caption, extract, finetune, predict, train_head
 
@@ -192,3 +194,52 @@ def test_an_unwritable_decisions_file_measures_and_goes_on(monkeypatch, tmp_path
     assert [d.chosen_by for d in decisions] == ["measured", "measured"] and len(calls) == 2
     assert all(d.variant == Variant("bf16") for d in decisions)
     assert "could not store the measured precision" in capsys.readouterr().err
+
+
+def test_cpu_streams_keep_order_take_their_share_of_threads_and_stop_on_a_failure():
+    threads = torch.get_num_threads()
+    started, seen_threads = [], []
+
+    def work(item):
+        started.append(item)
+        seen_threads.append(torch.get_num_threads())
+        time.sleep(0.02 if item % 2 else 0.0)  # odd items finish last: the order must still hold
+        if item == 5:
+            raise ValueError("item 5 is bad")
+        return item * 10
+
+    torch.set_num_threads(4)
+    try:
+        out = []
+        with pytest.raises(ValueError, match="item 5 is bad"):
+            for result in in_cpu_streams(work, list(range(40)), streams=2):
+                out.append(result)
+        assert out == [0, 10, 20, 30, 40]
+        assert set(seen_threads) == {2}  # 4 threads shared by 2 streams
+        assert torch.get_num_threads() == 4  # restored for the rest of the process
+        time.sleep(0.1)
+        assert max(started) <= 8  # nothing queued after the failure (4 ahead of item 4) was started
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_images_encoded_in_cpu_streams_equal_the_encoder_batch_by_batch(extract_config, tiny_models):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert image_streams(resolve_compute("cpu", "fp32"), compiled=False) == 2
+        cfg = extract_config(modalities=("image",), batch_size=4)
+        result = extract.run(cfg, show_progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    manifest = read_manifest(cfg.cache)
+    encoder = build_image_encoder(cfg.image_model, tiny_models["image_weights"]).eval()
+    sources = manifest.image_sources()
+    pixels = torch.from_numpy(np.stack([encoder.preprocess.load(source) for source in sources]))
+    with torch.inference_mode():
+        tokens, pooled = encoder(encoder.preprocess.normalise(pixels))
+    cached = FeatureSet.open(result.feature_sets["image"].path)
+    every_row = np.arange(len(manifest))
+    np.testing.assert_allclose(cached.load("pooled", every_row), pooled.numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(cached.load("tokens", every_row), tokens.numpy(), atol=2e-3, rtol=2e-3)

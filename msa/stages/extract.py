@@ -33,7 +33,7 @@ from msa.models.lexicon import FEATURES as LEXICON_FEATURES
 from msa.models.lexicon import LexiconScorer
 from msa.models.text import TextEncoder, model_identity
 from msa.pipeline import autotune
-from msa.pipeline.compute import Compute, prefetch, resolve_compute
+from msa.pipeline.compute import Compute, image_streams, in_cpu_streams, prefetch, resolve_compute
 from msa.pipeline.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
@@ -263,10 +263,14 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
     def image_forward(variant):
         encoder = encoder_of().to(compute.device, memory_format=torch.channels_last)
         forward = _compiled(encoder) if variant.compile else encoder
+        streams = image_streams(compute, variant.compile)  # timed as extract will run it
+
+        def pooled_in_stream(images):  # autocast and inference mode are per thread
+            with torch.inference_mode(), compute.autocast(variant.precision):
+                return forward(images)[1]
 
         def pooled(images):
-            with compute.autocast(variant.precision):
-                return forward(images)[1]
+            return torch.cat(list(in_cpu_streams(pooled_in_stream, list(images.chunk(streams)), streams)))
         return pooled
 
     key = f"image|{cfg.image_model}|{weights_identity(cfg.image_model, cfg.image_weights)}"
@@ -444,15 +448,22 @@ def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, w
     def load(batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.stack([encoder.preprocess.load(sources[i]) for i in batch]))
 
+    def encode(batch: np.ndarray, pixels: torch.Tensor) -> tuple:
+        images = encoder.preprocess.normalise(pixels.to(compute.device))
+        images = images.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), compute.autocast():
+            tokens, pooled, *split = forward(images)
+        split = split[0].float().contiguous().cpu().numpy() if split else None
+        return batch, pooled.float().cpu().numpy(), tokens.float().cpu().numpy(), split
+
+    streams = image_streams(compute, use_compile)
+    if streams > 1:  # each stream decodes its own batch, then encodes it
+        encoded = in_cpu_streams(lambda batch: encode(batch, load(batch)), batches, streams)
+    else:
+        encoded = map(encode, batches, prefetch(batches, load))
     with ItemProgress("image", len(rows), show_progress) as advance:
-        for batch, pixels in zip(batches, prefetch(batches, load)):
-            images = encoder.preprocess.normalise(pixels.to(compute.device))
-            images = images.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), compute.autocast():
-                tokens, pooled, *split = forward(images)
-            mask = np.ones(tokens.shape[:2], dtype=bool)
-            split = split[0].float().contiguous().cpu().numpy() if split else None
-            writer.write(rows[batch], pooled.float().cpu().numpy(), tokens.float().cpu().numpy(), mask, split)
+        for batch, pooled, tokens, split in encoded:  # written here: h5py is not thread-safe
+            writer.write(rows[batch], pooled, tokens, np.ones(tokens.shape[:2], dtype=bool), split)
             advance(len(batch))
             if on_batch:
                 on_batch("image", len(batch))
