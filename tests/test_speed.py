@@ -15,7 +15,7 @@ from PIL import Image
 
 from msa.cache.features import FeatureSet
 from msa.cache.manifest import read_manifest
-from msa.models.image import ImagePreprocess, build_image_encoder
+from msa.models.image import ImagePreprocess, build_image_encoder, decode_rgb
 from msa.pipeline import autotune, rundir
 from msa.pipeline.autotune import Measurement, Variant
 from msa.pipeline.compute import CPU_BF16_ENV, image_streams, in_cpu_streams, resolve_compute
@@ -117,9 +117,14 @@ def test_image_loading_matches_pils_resize_and_crop(size, mode, tmp_path):
         img = img.resize(resized_size, Image.Resampling.BICUBIC)
         left, top = (resized_size[0] - 224) // 2, (resized_size[1] - 224) // 2
         expected = np.asarray(img.crop((left, top, left + 224, top + 224))).transpose(2, 0, 1)
-    loaded = preprocess.load(str(path))
-    assert loaded.shape == (3, 224, 224) and loaded.dtype == np.uint8
-    assert np.abs(loaded.astype(int) - expected.astype(int)).max() <= 2
+    batch = preprocess.load_batch([str(path), None])  # None: a missing image, blank in the mean colour
+    assert batch.shape == (2, 3, 224, 224) and batch.dtype == torch.uint8
+    assert batch.is_contiguous(memory_format=torch.channels_last)  # the layout the encoders run in
+    assert np.abs(batch[0].numpy().astype(int) - expected.astype(int)).max() <= 2
+    assert (batch[1] == 128).all()
+    normalised = preprocess.normalise(batch)
+    assert normalised.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(normalised, (batch.float() / 255 - 0.5) / 0.5)
 
 
 @pytest.fixture
@@ -236,10 +241,29 @@ def test_images_encoded_in_cpu_streams_equal_the_encoder_batch_by_batch(extract_
     manifest = read_manifest(cfg.cache)
     encoder = build_image_encoder(cfg.image_model, tiny_models["image_weights"]).eval()
     sources = manifest.image_sources()
-    pixels = torch.from_numpy(np.stack([encoder.preprocess.load(source) for source in sources]))
+    pixels = encoder.preprocess.load_batch(sources).contiguous()  # the encoder's plain layout: equal all the same
     with torch.inference_mode():
         tokens, pooled = encoder(encoder.preprocess.normalise(pixels))
     cached = FeatureSet.open(result.feature_sets["image"].path)
     every_row = np.arange(len(manifest))
     np.testing.assert_allclose(cached.load("pooled", every_row), pooled.numpy(), atol=2e-3, rtol=2e-3)
     np.testing.assert_allclose(cached.load("tokens", every_row), tokens.numpy(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("size, mode, subsampling", [((2100, 1100), "RGB", 2), ((1100, 530), "RGB", 0),
+                                                     ((600, 800), "L", 0), ((300, 200), "RGB", 1),
+                                                     ((700, 700), "CMYK", 0)])
+def test_jpeg_decoding_gives_pils_draft_mode_pixels(size, mode, subsampling, tmp_path):
+    """simplejpeg decodes at PIL's draft scale (1/8 to 1; a CMYK JPEG goes through PIL itself)
+    to the very same pixels, so image sets extracted before it stay valid."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (size[1] // 20 + 1, size[0] // 20 + 1, 3), dtype=np.uint8)
+    path = tmp_path / "image.jpg"
+    Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR).convert(mode).save(
+        path, quality=90, subsampling=subsampling)
+    with Image.open(path) as img:
+        img.draft("RGB", (256, 256))
+        expected = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+    decoded = decode_rgb(str(path), 256).numpy()
+    assert decoded.shape == expected.shape and min(decoded.shape[1:]) >= min(256, *size)
+    np.testing.assert_array_equal(decoded, expected)

@@ -8,9 +8,11 @@ weights were trained with, so the cache fingerprint records exactly what was don
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torch import nn
@@ -32,16 +34,13 @@ class ImagePreprocess:
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
 
-    def load(self, path: str | None) -> np.ndarray:
-        """Decode one image to uint8 `[3, crop, crop]`; None gives a blank (mean-colour) image."""
+    def load(self, path: str | None) -> torch.Tensor:
+        """One image as uint8 `[3, crop, crop]`, a view of height-width-channel memory;
+        None gives a blank (mean-colour) image."""
         if path is None:
-            colour = np.round(np.asarray(self.mean) * 255).astype(np.uint8)
-            return np.broadcast_to(colour[:, None, None], (3, self.crop, self.crop)).copy()
-        with Image.open(path) as img:
-            # JPEG draft mode decodes at the smallest 1/2^k scale still >= the target:
-            # 1.5x faster decoding and the same pixels after the resize to `resize`.
-            img.draft("RGB", (self.resize, self.resize))
-            pixels = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+            colour = torch.tensor(self.mean).mul(255).round().to(torch.uint8)
+            return colour[:, None, None].expand(3, self.crop, self.crop)
+        pixels = decode_rgb(path, self.resize)
         height, width = pixels.shape[1:]
         scale = self.resize / min(width, height)
         size = (max(self.crop, round(height * scale)), max(self.crop, round(width * scale)))
@@ -51,13 +50,47 @@ class ImagePreprocess:
             resized = torch.nn.functional.interpolate(pixels[None], size=size, mode=self.interpolation,
                                                       antialias=True)[0]
         top, left = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
-        return resized[:, top: top + self.crop, left: left + self.crop].numpy().copy()
+        return resized[:, top: top + self.crop, left: left + self.crop]
+
+    def load_batch(self, paths: list[str | None]) -> torch.Tensor:
+        """uint8 `[B, 3, crop, crop]` in channels_last memory, the layout the encoders run in:
+        decoded images are height-width-channel already, so no pass over the batch reorders it."""
+        batch = torch.empty(len(paths), self.crop, self.crop, 3, dtype=torch.uint8)
+        for i, path in enumerate(paths):
+            batch[i] = self.load(path).permute(1, 2, 0)
+        return batch.permute(0, 3, 1, 2)
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 `[B, 3, H, W]` -> float, normalised; done per batch, not per image."""
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1) * 255
-        return (batch.float() - mean) / std
+        """uint8 `[B, 3, H, W]` -> float, normalised, in the batch's memory format: one pass."""
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        return torch.addcmul(-mean / std, batch, 1 / (255 * std))
+
+
+def decode_rgb(path: str, short_side: int) -> torch.Tensor:
+    """uint8 `[3, H, W]` as PIL's JPEG draft mode decodes it for `short_side`: at the largest
+    1/2^k scale (k <= 3) that keeps both sides >= short_side.
+
+    JPEGs go through simplejpeg (libjpeg-turbo, as in PIL) at that same scale: the same pixels
+    (tested) in 0.65 instead of 0.85 ms for an MVSA photo, without PIL's per-image overhead.
+    Other formats, CMYK JPEGs and those simplejpeg refuses (damaged but readable) go through PIL."""
+    data = Path(path).read_bytes()
+    if data[:2] == b"\xff\xd8":
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace not in ("YCbCr", "Gray"):  # CMYK comes out 1 level off PIL's: leave it to PIL
+                raise ValueError(colorspace)
+            room = min(width, height) // short_side
+            factor = next((f for f in (8, 4, 2) if room >= f), 1)
+            # simplejpeg decodes at the smallest of its scales giving at least these sizes
+            decoded = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // factor),
+                                             min_width=-(-width // factor))
+            return torch.from_numpy(decoded).permute(2, 0, 1)
+        except ValueError:
+            pass
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (short_side, short_side))
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
 
 
 class ImageEncoder(nn.Module):

@@ -7,7 +7,6 @@ import dataclasses
 import re
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from msa.cache.manifest import Manifest
@@ -70,7 +69,7 @@ def batch_inputs(model: EndToEndModel, data: RawData, rows: torch.Tensor, pixels
 
 def load_pixels(model: EndToEndModel, data: RawData, rows: torch.Tensor) -> torch.Tensor:
     preprocess = model.encoders["image"].preprocess
-    return torch.from_numpy(np.stack([preprocess.load(data.image_sources[r]) for r in rows.tolist()]))
+    return preprocess.load_batch([data.image_sources[r] for r in rows.tolist()])
 
 
 def raw_batches(model: EndToEndModel, data: RawData, batches: list[torch.Tensor], device: torch.device,

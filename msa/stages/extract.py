@@ -257,8 +257,7 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
     def image_inputs():
         encoder = encoder_of()
         sources = manifest.image_sources()
-        pixels = torch.from_numpy(np.stack([encoder.preprocess.load(sources[r]) for r in sample]))
-        return encoder.preprocess.normalise(pixels).contiguous(memory_format=torch.channels_last)
+        return encoder.preprocess.normalise(encoder.preprocess.load_batch([sources[r] for r in sample]))
 
     def image_forward(variant):
         encoder = encoder_of().to(compute.device, memory_format=torch.channels_last)
@@ -446,11 +445,10 @@ def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, w
     batches = [np.arange(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
 
     def load(batch: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.stack([encoder.preprocess.load(sources[i]) for i in batch]))
+        return encoder.preprocess.load_batch([sources[i] for i in batch])
 
     def encode(batch: np.ndarray, pixels: torch.Tensor) -> tuple:
         images = encoder.preprocess.normalise(pixels.to(compute.device))
-        images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), compute.autocast():
             tokens, pooled, *split = forward(images)
         split = split[0].float().contiguous().cpu().numpy() if split else None
