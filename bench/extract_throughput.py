@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--variants-n", type=int, default=256, help="items per encoder variant")
     parser.add_argument("--extract-n", type=int, default=1024, help="items for the whole-extract comparison")
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    parser.add_argument("--part-1-only", action="store_true", help="the whole extract against the bare forward")
     args = parser.parse_args()
 
     items, _ = read_mvsa(args.data)
@@ -234,6 +235,10 @@ def main() -> None:
                                                  / bare["image items/s, one stream of every thread"]),
     }
     print(json.dumps({k: report[k] for k in report if k.startswith("part 1")}, indent=1), flush=True)
+    if args.part_1_only:
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+        return
 
     image = image_variants(args, paths[: args.variants_n])
     image_name = f"{chosen['image'].precision} channels_last" + (" compile" if chosen["image"].compile else "")

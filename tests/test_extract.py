@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from msa.cache.features import FeatureSet, partial_path
+from msa.cache.features import FeatureSet, FeatureWriter, partial_path
 from msa.cache.maintenance import merge_shards
 from msa.cache.manifest import read_manifest
 from msa.models.text import TextEncoder
@@ -158,3 +158,19 @@ def test_bad_shard_spec_is_a_clear_error(extract_config):
         extract.run(extract_config(shard="2-of-3"), show_progress=False)
     with pytest.raises(ValueError, match="need 0 <= i < n"):
         extract.run(extract_config(shard="3/3"), show_progress=False)
+
+
+def test_batches_in_any_row_order_are_stored_under_their_rows(tmp_path):
+    guids = [str(i) for i in range(8)]
+    rng = np.random.default_rng(0)
+    pooled, tokens = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(8, 3, 4)).astype(np.float32)
+    path = tmp_path / "set.h5"
+    with FeatureWriter(path, {"model": "test"}, guids, np.arange(8), {}) as writer:
+        for batch in ([5, 1, 3], [0, 2, 4], [6, 7]):  # unsorted, sorted with gaps, a contiguous run
+            rows = np.array(batch)
+            writer.write(rows, pooled[rows], tokens[rows], np.ones((len(rows), 3), dtype=bool))
+        writer.finish()
+    stored = FeatureSet.open(path)
+    every_row = np.arange(8)
+    np.testing.assert_array_equal(stored.load("pooled", every_row), pooled.astype(np.float16))
+    np.testing.assert_array_equal(stored.load("tokens", every_row), tokens.astype(np.float16))

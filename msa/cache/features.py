@@ -224,18 +224,21 @@ class FeatureWriter:
               split: np.ndarray | None = None) -> None:
         """Store a batch: pooled [B, D], tokens [B, L, D], mask [B, L], optionally split [B, ...];
         rows in any order."""
-        order = np.argsort(rows)
-        rows = np.asarray(rows)[order]  # h5py writes need increasing indices
+        rows = np.asarray(rows)
+        # h5py writes need increasing indices; batches mostly come sorted, and copying one costs
+        # the main thread as much as writing it
+        order = slice(None) if np.all(rows[1:] > rows[:-1]) else np.argsort(rows)
+        rows = rows[order]
         # A run of consecutive rows is written as one slice: a list of rows is one selection per row.
         where = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and rows[-1] - rows[0] + 1 == len(rows) else rows
         try:
             if "pooled" not in self.file:
                 self._create_datasets(pooled, tokens, split)
-            self.file["pooled"][where] = pooled[order].astype(np.float16)
-            self.file["tokens"][where] = tokens[order].astype(np.float16)
-            self.file["mask"][where] = mask[order].astype(bool)
+            self.file["pooled"][where] = pooled[order].astype(np.float16, copy=False)
+            self.file["tokens"][where] = tokens[order].astype(np.float16, copy=False)
+            self.file["mask"][where] = mask[order].astype(bool, copy=False)
             if split is not None:
-                self.file["split"][where] = split[order].astype(np.float32)
+                self.file["split"][where] = split[order].astype(np.float32, copy=False)
             self.file["done"][rows] = 1
             self.file.flush()
         except H5_ERRORS as err:

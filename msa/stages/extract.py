@@ -452,7 +452,8 @@ def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, w
         with torch.inference_mode(), compute.autocast():
             tokens, pooled, *split = forward(images)
         split = split[0].float().contiguous().cpu().numpy() if split else None
-        return batch, pooled.float().cpu().numpy(), tokens.float().cpu().numpy(), split
+        # In the set's float16 here, in the streams, rather than on the writing thread
+        return batch, pooled.half().cpu().numpy(), tokens.half().cpu().numpy(), split
 
     streams = image_streams(compute, use_compile)
     if streams > 1:  # each stream decodes its own batch, then encodes it
