@@ -267,3 +267,12 @@ def test_jpeg_decoding_gives_pils_draft_mode_pixels(size, mode, subsampling, tmp
     decoded = decode_rgb(str(path), 256).numpy()
     assert decoded.shape == expected.shape and min(decoded.shape[1:]) >= min(256, *size)
     np.testing.assert_array_equal(decoded, expected)
+
+
+def test_decisions_are_kept_apart_for_kernels_held_below_the_cpu(monkeypatch):
+    """A decision measured with oneDNN held to AVX2 (as an AVX2-only CPU runs) is not reused unheld."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    unheld = autotune.machine_key()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    held = autotune.machine_key()
+    assert held != unheld and "/AVX2|" in held and torch.backends.cpu.get_cpu_capability() in held

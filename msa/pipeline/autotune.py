@@ -100,7 +100,11 @@ def machine_key() -> str:
     except OSError:  # not Linux: the processor name alone
         pass
     speed_flags = "+".join(f for f in SPEED_FLAGS if f in flags)
-    return f"cpu|{name}|{speed_flags}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    # The instructions torch and oneDNN may use, which ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA
+    # can hold below what the CPU has (the README's AVX2-class figures were measured so)
+    kernels = f"{torch.backends.cpu.get_cpu_capability()}/{os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL')}"
+    return (f"cpu|{name}|{speed_flags}|kernels={kernels}|threads={torch.get_num_threads()}"
+            f"|torch={torch.__version__}")
 
 
 def candidates(compile_worth_trying: bool) -> list[Variant]:
