@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-stage2"))
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--sweep-only", action="store_true", help="part 2 alone")
     args = parser.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)  # timings of a fresh sweep, not of skipped runs
@@ -51,9 +52,10 @@ def main() -> None:
     os.environ[autotune.DECISIONS_ENV] = str(args.out / "autotune.json")  # auto measures here and now
     report = {"machine": autotune.machine_key(), "precision": {}}
     data = train_head.load_train_data(args.cache, (), True)
-    print("| head | fp32 s | bf16 s | fp32 val macro-F1 | bf16 val macro-F1 | auto chose | auto is fastest (5%) |")
-    print("|---|---|---|---|---|---|---|")
-    for fusion in PRECISION_HEADS:
+    if not args.sweep_only:
+        print("| head | fp32 s | bf16 s | fp32 val macro-F1 | bf16 val macro-F1 | auto chose | auto is fastest (5%) |")
+        print("|---|---|---|---|---|---|---|")
+    for fusion in () if args.sweep_only else PRECISION_HEADS:
         row = {}
         for precision in ("fp32", "bf16", "auto"):
             cfg = TrainHeadConfig(cache=args.cache, fusion=fusion, epochs=6, patience=6, seed=1, precision=precision,
