@@ -67,6 +67,21 @@ def test_auto_precision_is_measured_recorded_in_the_fingerprint_and_reused(extra
     assert second.feature_sets["text"].name == first.feature_sets["text"].name  # the same identity
 
 
+def test_a_set_complete_in_a_precision_auto_may_choose_is_used_without_loading_or_measuring(
+        extract_config, monkeypatch, private_autotune_file):
+    """A cache made elsewhere, in the precision this CPU would not guess, on a machine with no stored decision."""
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    other = "fp32" if resolve_compute("cpu", "auto").precision == "bf16" else "bf16"
+    made = extract.run(extract_config(precision=other, modalities=("text", "image")), show_progress=False)
+    monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(extract, "load_encoder", lambda *a, **k: pytest.fail("loaded an encoder"))
+    again = extract.run(extract_config(precision="auto", modalities=("text", "image")), show_progress=False)
+    for modality in ("text", "image"):
+        assert again.feature_sets[modality].status == "cached"
+        assert again.feature_sets[modality].name == made.feature_sets[modality].name
+    assert not private_autotune_file.exists()
+
+
 def test_a_variant_far_from_fp32_is_not_chosen_however_fast(extract_config, monkeypatch):
     monkeypatch.delenv(CPU_BF16_ENV, raising=False)
     monkeypatch.setattr(autotune, "measure", lambda forward, batch, variants, repeats=2: {

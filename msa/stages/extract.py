@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ MODEL_NAMES = {"lexicon": "vader-emoji"}  # the name a lexicon set carries in pl
 # above it, --precision auto measures whether it pays.
 COMPILE_MIN_IMAGES = 1000
 TEXT_WRITE_WINDOW = 512  # rows of text buffered per write: ~100 MB of float16 tokens at max_len 128
+TUNED_MODALITIES = ("text", "image")  # --precision auto measures these on a CPU; lexicon is fp32 arithmetic
 MEASURED_ITEMS = 16  # --precision auto times each variant on the first items (bf16 on AVX2: ~3 texts/s)
 SHOWN_BAD_ITEMS = 5  # in the summary; CACHE/bad_items.csv lists every one
 STATUS_MEANING = {"cached": "complete before this run, no encoder work", "encoded": "encoded by this run",
@@ -160,16 +162,18 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         # The encoder loads once, for a measurement or for encoding.
         encoder_of = functools.cache(functools.partial(load_encoder, cfg, modality))
         rows = shard_rows(len(manifest), shard, cfg.batch_size)
+        modality_captions = captions if modality == "text" else None
+        # A set complete in any precision auto may choose is used as it is, before measuring:
+        # a cache made elsewhere, on a machine with no stored decision, costs no encoder load.
+        complete = next((where for where in (set_location(cfg, modality, manifest, choice, modality_captions, shard)
+                                              for choice in precisions_auto_may_choose(cfg, modality, compute))
+                         if where.complete), None)
+        if complete:
+            results[modality] = FeatureSetResult(modality, complete.name, complete.path, "cached", 0, 0, 0.0)
+            continue
         decision = tuned_variant(cfg, modality, manifest, rows, compute, encoder_of)
         modality_compute = decision.applied_to(compute) if decision else compute
-        fingerprint = feature_fingerprint(cfg, modality, manifest.manifest_id, modality_compute,
-                                          captions if modality == "text" else None)
-        model = {"text": cfg.text_model, "image": cfg.image_model, **MODEL_NAMES}[modality]
-        name = feature_set_name(modality, model, fingerprint)
-        path = feature_path(cfg.cache, name, shard)
-        if is_complete(path, fingerprint) or (shard and is_complete(feature_path(cfg.cache, name), fingerprint)):
-            results[modality] = FeatureSetResult(modality, name, path, "cached", 0, 0, 0.0)
-            continue
+        fingerprint, name, path, _ = set_location(cfg, modality, manifest, modality_compute, modality_captions, shard)
         notes = {"extract_config": to_json(cfg)}
         if captions and modality == "text":
             notes["caption_config"] = captions.notes["caption_config"]
@@ -208,6 +212,30 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
     return ExtractResult(manifest, report, results, Path(cfg.cache))
 
 
+class SetLocation(NamedTuple):
+    fingerprint: dict
+    name: str
+    path: Path  # this shard's file under --shard
+    complete: bool  # the set, or this shard of it, holds every row
+
+
+def set_location(cfg: ExtractConfig, modality: str, manifest: Manifest, compute: Compute,
+                 captions: CaptionSet | None, shard: tuple[int, int] | None) -> SetLocation:
+    fingerprint = feature_fingerprint(cfg, modality, manifest.manifest_id, compute, captions)
+    model = {"text": cfg.text_model, "image": cfg.image_model, **MODEL_NAMES}[modality]
+    name = feature_set_name(modality, model, fingerprint)
+    path = feature_path(cfg.cache, name, shard)
+    complete = is_complete(path, fingerprint) or bool(shard and is_complete(feature_path(cfg.cache, name),
+                                                                              fingerprint))
+    return SetLocation(fingerprint, name, path, complete)
+
+
+def precisions_auto_may_choose(cfg: ExtractConfig, modality: str, compute: Compute) -> list[Compute]:
+    if cfg.precision != "auto" or compute.device.type != "cpu" or modality not in TUNED_MODALITIES:
+        return [compute]
+    return [dataclasses.replace(compute, precision=variant.precision) for variant in autotune.candidates(False)]
+
+
 def run_as_rank(cfg: ExtractConfig, rank: Rank, show_progress: bool, on_batch: BatchCallback | None) -> ExtractResult:
     """One rank's share; a rank that dies leaves its shard to resume and nothing published."""
     device = join(rank, cfg.device)
@@ -230,7 +258,7 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
     """--precision auto on a CPU: the precision (and, for images, compile) that measured fastest
     on this machine for this model (msa.pipeline.autotune); None where nothing is measured.
     Decided for all the set's rows, not the pending ones: a resumed run finds the same set."""
-    if cfg.precision != "auto" or compute.device.type != "cpu" or modality not in ("text", "image"):
+    if cfg.precision != "auto" or compute.device.type != "cpu" or modality not in TUNED_MODALITIES:
         return None
     sample = rows[:MEASURED_ITEMS]
 
