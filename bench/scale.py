@@ -58,7 +58,7 @@ def main() -> None:
         extract = ["-m", "msa", "-q", "extract", "--data", args.data, "--text-model", args.text_model,
                    "--image-model", args.image_model, *weights, "--limit", str(args.limit), "--device", "cpu"]
         one = timed([sys.executable, *extract, "--cache", f"{tmp}/one"], cores)
-        two = timed([TORCHRUN, "--nproc-per-node", "2", "--master-port", "29531", *extract, "--cache", f"{tmp}/two"],
+        two = timed([TORCHRUN, "--standalone", "--nproc-per-node", "2", *extract, "--cache", f"{tmp}/two"],
                     max(1, cores // 2))
         rows.append((f"extract, {args.limit} items (text + image)", one, two))
         sweep = ["-m", "msa", "-q", "sweep", "--cache", f"{tmp}/one", "--fusion", "concat,gmu,late",
