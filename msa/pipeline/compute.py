@@ -80,9 +80,11 @@ def in_cpu_streams(work: Callable, batches: list, streams: int) -> Iterator:
     """Yield work(batch) for each batch, in order, run by `streams` threads that each take
     threads/streams of torch's intra-op threads.
 
-    On a CPU a small network's ops split poorly across threads (EfficientNet-Lite0 on 2 cores,
-    bf16: 290 img/s as 2 streams of 1 thread, 250 as 1 stream of 2), and a stream that decodes
-    its own images before its forward pass never takes a core from the other's forward."""
+    A stream that decodes its own images before its forward pass never takes a core from
+    another's forward, where a decoding thread beside a forward pass on every thread stalled
+    it (its threads wait for the slowest): whole image extract, 2 cores, bf16 Lite0, 187 -> 252
+    img/s. The bare forward pass alone is as fast either way or faster in streams (287-290
+    img/s as 2 streams of 1 thread, 262-296 as 1 stream of 2, four runs)."""
     threads = torch.get_num_threads()
     per_stream = max(1, threads // streams)
 
