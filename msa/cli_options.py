@@ -177,7 +177,7 @@ def known_errors() -> tuple[type[Exception], ...]:
 def one_line_errors(command):
     """Our own errors (a problem the user can fix) and a full disk end in one line, `error: ...`,
     and exit code 2; anything else is a bug and keeps its traceback. --verbose: tracebacks always."""
-    from msa.pipeline.progress import console
+    from msa.pipeline.progress import errors
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -192,7 +192,7 @@ def one_line_errors(command):
                 raise
             if isinstance(err, OSError) and err.errno in NO_ROOM:
                 err = write_error(Path(err.filename or "."), err)
-            console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+            errors.print(f"[red]error:[/red] {err}", soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper

@@ -65,6 +65,12 @@ def test_bad_data_is_one_clear_line_not_a_traceback(messy_data, tiny_models, tmp
     assert "Traceback" not in result.output
 
 
+def test_quiet_still_prints_the_error(tmp_path):
+    result = runner.invoke(app, ["-q", "train-head", "--cache", str(tmp_path / "no-cache")])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "no manifest" in result.output
+
+
 def test_missing_model_says_what_to_pass(messy_data_source, tiny_models, tmp_path):
     args = extract_args(messy_data_source, tmp_path / "cache", tiny_models)
     args[args.index("--text-model") + 1] = str(tmp_path / "no-such-model")

@@ -99,6 +99,11 @@ def test_ddp_finetune_on_two_ranks_matches_one_process_with_the_same_global_batc
         done = subprocess.run([*launcher, *command(tmp_path / out)], capture_output=True, text=True, env=env,
                               timeout=300)
         assert (done.returncode == 0) == (out != "stopped"), done.stdout + done.stderr
+    # Rank 0 cannot claim a finished run directory: every rank stops at once, not at the group's timeout.
+    refused = subprocess.run([*launch, "-m", "msa", *command(tmp_path / "ranks")], capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert refused.returncode != 0 and "--overwrite" in refused.stdout + refused.stderr
+    assert "rank 0 could not claim" in refused.stdout + refused.stderr
     # The stopped run (killed after epoch 1 on 2 ranks) resumes as one process: the state is world-size free.
     done = subprocess.run([sys.executable, "-m", "msa", "-q", "finetune", "--resume", str(tmp_path / "stopped")],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -48,6 +48,14 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
+def every_rank_ok(ok: bool, device: str) -> bool:
+    """Whether every rank says ok: one rank's failure stops all of them now, where a barrier
+    would keep the others waiting for the group's 30-minute timeout."""
+    failed = torch.tensor([0 if ok else 1], device="cuda" if device == "cuda" else "cpu")
+    torch.distributed.all_reduce(failed)
+    return int(failed.item()) == 0
+
+
 def single_process_only(command: str) -> None:
     """Stop a stage that does not share its work before its ranks race for the same files."""
     rank = current_rank()

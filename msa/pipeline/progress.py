@@ -17,6 +17,7 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+errors = Console(stderr=True)  # never quieted: `msa --quiet` still says why it failed
 
 
 def progress_bar(enabled: bool = True) -> Progress:

@@ -25,7 +25,7 @@ from msa.models.unfrozen import parameter_groups
 from msa.pipeline import autotune, plots, rundir
 from msa.pipeline.compute import Compute, resolve_compute
 from msa.pipeline.config import ConfigError, FinetuneConfig, to_json
-from msa.pipeline.distributed import Rank, barrier, current_rank, join
+from msa.pipeline.distributed import Rank, barrier, current_rank, every_rank_ok, join
 from msa.pipeline.mvsa import read_mvsa
 from msa.pipeline.progress import ItemProgress
 from msa.pipeline.raw import IMAGE_AUGS, RawData, image_augmentation, raw_batches
@@ -79,9 +79,17 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
     if resume and not (run_dir / LAST).is_file():
         raise rundir.RunDirError(f"--resume {run_dir}: no {LAST} there, so nothing to resume")
     main = rank is None or rank.is_main
-    lock = None
+    lock, failure = None, None
     if main:  # rank 0 owns the run directory; the others only read what it writes
-        lock = rundir.lock_run(run_dir) if resume else rundir.claim(run_dir, KIND, overwrite)
+        try:
+            lock = rundir.lock_run(run_dir) if resume else rundir.claim(run_dir, KIND, overwrite)
+        except Exception as err:
+            if rank is None:
+                raise
+            failure = err
+    if rank is not None and not every_rank_ok(failure is None, cfg.device):
+        raise failure or rundir.RunDirError(f"{run_dir}: rank 0 could not claim the run directory (its message "
+                                            "says why)")
     try:
         return _train(cfg, run_dir, resume, show_progress and main, log if main else (lambda *_: None), on_epoch,
                       rank)
@@ -113,8 +121,6 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
     main = rank is None or rank.is_main
     spec = model_spec(cfg)
     model = build_model(spec).to(compute.device)
-    if rank is not None:
-        barrier()  # rank 0 has claimed the run directory (or failed, and the others stop here)
     if resume:
         manifest = read_manifest(run_dir)
     else:
