@@ -100,6 +100,16 @@ def test_unfrozen_train_head_trains_the_tops_and_predicts(split_cache, tmp_path)
         train_head.run(dataclasses.replace(run_cfg, unfreeze_text_layers=2, out=tmp_path / "run2"), log=lambda *_: None)
 
 
+def test_unfreezing_a_set_extracted_without_a_split_fails_before_loading_an_encoder(signal_cache, monkeypatch,
+                                                                                     tmp_path):
+    from msa.models import build
+
+    monkeypatch.setattr(build, "TextEncoder", lambda *a, **k: pytest.fail("loaded the text encoder"))
+    cfg = TrainHeadConfig(cache=signal_cache, fusion="concat", out=tmp_path / "run", unfreeze_text_layers=1)
+    with pytest.raises(CacheError, match="holds no split activations; extract with --text-split-layer"):
+        train_head.run(cfg, log=lambda *_: None)
+
+
 def test_layer_wise_learning_rates_land_on_the_right_groups(split_cache):
     cfg, sets = split_cache
     bank = FeatureBank.load(sets, False, ("text",))
