@@ -16,9 +16,10 @@ from PIL import Image
 from msa.cache.features import FeatureSet
 from msa.cache.manifest import read_manifest
 from msa.models.image import ImagePreprocess, build_image_encoder, decode_rgb
+from msa.models.text import TextEncoder
 from msa.pipeline import autotune, rundir
 from msa.pipeline.autotune import Measurement, Variant
-from msa.pipeline.compute import CPU_BF16_ENV, image_streams, in_cpu_streams, resolve_compute
+from msa.pipeline.compute import CPU_BF16_ENV, encoding_streams, in_cpu_streams, resolve_compute
 from msa.pipeline.config import CaptionConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
 from msa.stages import caption, extract, finetune, predict, train_head
 
@@ -243,26 +244,30 @@ def test_cpu_streams_keep_order_take_their_share_of_threads_and_stop_on_a_failur
         torch.set_num_threads(threads)
 
 
-def test_images_encoded_in_cpu_streams_equal_the_encoder_batch_by_batch(extract_config, tiny_models):
+def test_texts_and_images_encoded_in_cpu_streams_equal_the_encoders_on_everything_at_once(extract_config,
+                                                                                          tiny_models):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert image_streams(resolve_compute("cpu", "fp32"), compiled=False) == 2
-        cfg = extract_config(modalities=("image",), batch_size=4)
+        assert encoding_streams(resolve_compute("cpu", "fp32"), compiled=False) == 2
+        cfg = extract_config(modalities=("text", "image"), batch_size=4)
         result = extract.run(cfg, show_progress=False)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
     manifest = read_manifest(cfg.cache)
-    encoder = build_image_encoder(cfg.image_model, tiny_models["image_weights"]).eval()
-    sources = manifest.image_sources()
-    pixels = encoder.preprocess.load_batch(sources).contiguous()  # the encoder's plain layout: equal all the same
-    with torch.inference_mode():
-        tokens, pooled = encoder(encoder.preprocess.normalise(pixels))
-    cached = FeatureSet.open(result.feature_sets["image"].path)
     every_row = np.arange(len(manifest))
-    np.testing.assert_allclose(cached.load("pooled", every_row), pooled.numpy(), atol=2e-3, rtol=2e-3)
-    np.testing.assert_allclose(cached.load("tokens", every_row), tokens.numpy(), atol=2e-3, rtol=2e-3)
+    image_encoder = build_image_encoder(cfg.image_model, tiny_models["image_weights"]).eval()
+    pixels = image_encoder.preprocess.load_batch(manifest.image_sources()).contiguous()  # plain layout: equal too
+    text_encoder = TextEncoder(tiny_models["text"], max_len=16, pooling="mean")
+    with torch.inference_mode():
+        tokens, pooled = image_encoder(image_encoder.preprocess.normalise(pixels))
+        _, text_pooled = text_encoder(*text_encoder.collate(text_encoder.tokenize(manifest.column("text"))))
+    images = FeatureSet.open(result.feature_sets["image"].path)
+    np.testing.assert_allclose(images.load("pooled", every_row), pooled.numpy(), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(images.load("tokens", every_row), tokens.numpy(), atol=2e-3, rtol=2e-3)
+    texts = FeatureSet.open(result.feature_sets["text"].path)
+    np.testing.assert_allclose(texts.load("pooled", every_row), text_pooled.numpy(), atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("size, mode, subsampling", [((2100, 1100), "RGB", 2), ((1100, 530), "RGB", 0),

@@ -139,12 +139,14 @@ def test_predict_extracts_new_data_with_the_runs_encoders(signal_cache, tmp_path
     test_guids = [line.split(",")[0] for line in (new_data / "test_without_label.txt").read_text().splitlines()[1:]]
     assert sorted(line.split(",")[0] for line in lines[1:]) == sorted(test_guids)
     assert {line.split(",")[1] for line in lines[1:]} <= {"negative", "neutral", "positive"}
-    # The new cache holds the run's feature sets: same fingerprint but for the manifest.
+    # The new cache holds the run's feature sets: same fingerprint but for the manifest (and the
+    # precision `auto` measured, which may differ: timed, and each test has its own decisions file).
     run_config = json.loads((run.run_dir / "config.json").read_text())
     for modality, info in run_config["feature_sets"].items():
         (new_set,) = (run.run_dir / "predict-cache" / "features").glob(f"{modality}-*.h5")
         fingerprint = FeatureSet.open(new_set).fingerprint
         assert fingerprint.pop("manifest_id") != info["fingerprint"].pop("manifest_id")
+        assert fingerprint.pop("precision") in ("fp32", "bf16") and info["fingerprint"].pop("precision")
         assert fingerprint == info["fingerprint"]
     # A run directory alone (copied away, its cache gone) is enough to predict new data.
     moved = Path(shutil.copytree(run.run_dir, tmp_path / "moved", ignore=shutil.ignore_patterns("predict-cache")))

@@ -34,7 +34,7 @@ from msa.models.lexicon import FEATURES as LEXICON_FEATURES
 from msa.models.lexicon import LexiconScorer
 from msa.models.text import TextEncoder, model_identity
 from msa.pipeline import autotune
-from msa.pipeline.compute import Compute, image_streams, in_cpu_streams, prefetch, resolve_compute
+from msa.pipeline.compute import Compute, encoding_streams, in_cpu_streams, prefetch, resolve_compute
 from msa.pipeline.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
@@ -273,10 +273,15 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
 
         def text_forward(variant):
             encoder = encoder_of().to(compute.device)
+            streams = encoding_streams(compute)  # timed as extract will run it
+
+            def pooled_in_stream(batch):  # autocast and inference mode are per thread
+                with torch.inference_mode(), compute.autocast(variant.precision):
+                    return encoder(*batch)[1]
 
             def pooled(batch):
-                with compute.autocast(variant.precision):
-                    return encoder(*batch)[1]
+                shares = list(zip(*(part.chunk(streams) for part in batch)))
+                return torch.cat(list(in_cpu_streams(pooled_in_stream, shares, streams)))
             return pooled
 
         key = f"text|{model_identity(cfg.text_model)}|max_len={cfg.max_len}"
@@ -290,7 +295,7 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
     def image_forward(variant):
         encoder = encoder_of().to(compute.device, memory_format=torch.channels_last)
         forward = _compiled(encoder) if variant.compile else encoder
-        streams = image_streams(compute, variant.compile)  # timed as extract will run it
+        streams = encoding_streams(compute, variant.compile)  # timed as extract will run it
 
         def pooled_in_stream(images):  # autocast and inference mode are per thread
             with torch.inference_mode(), compute.autocast(variant.precision):
@@ -413,15 +418,21 @@ def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, wri
         token_ids = encoder.tokenize(posts, caption_texts)
     else:
         token_ids = encoder.tokenize(posts)
+    streams = encoding_streams(compute)
+
+    def encode_batch(ids: list[list[int]]) -> tuple:
+        return encode_text_batch(encoder, ids, compute, split_layer)
+
     with ItemProgress("text", len(rows), show_progress) as advance:
         # Length-sorted within windows of rows, each window written at once: one batch's rows lie
         # scattered over the set, and writing them batch by batch took a quarter of the run.
         for window in np.split(np.arange(len(rows)), range(TEXT_WRITE_WINDOW, len(rows), TEXT_WRITE_WINDOW)):
             batches = encoder.length_sorted_batches([token_ids[i] for i in window], batch_size)
+            batch_ids = [[token_ids[i] for i in window[batch]] for batch in batches]
             outputs = []
-            for batch in batches:
-                outputs.append(encode_text_batch(encoder, [token_ids[i] for i in window[batch]], compute, split_layer))
-                advance(len(batch))
+            for ids, output in zip(batch_ids, in_cpu_streams(encode_batch, batch_ids, streams)):
+                outputs.append(output)
+                advance(len(ids))
             pooled, tokens, mask, split = (None if outputs[0][part] is None else
                                            np.concatenate([output[part] for output in outputs]) for part in range(4))
             writer.write(rows[window[np.concatenate(batches)]], pooled, tokens, mask, split)
@@ -483,7 +494,7 @@ def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, w
         # In the set's float16 here, in the streams, rather than on the writing thread
         return batch, pooled.half().cpu().numpy(), tokens.half().cpu().numpy(), split
 
-    streams = image_streams(compute, use_compile)
+    streams = encoding_streams(compute, use_compile)
     if streams > 1:  # each stream decodes its own batch, then encodes it
         encoded = in_cpu_streams(lambda batch: encode(batch, load(batch)), batches, streams)
     else:
