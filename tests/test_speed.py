@@ -229,14 +229,19 @@ def test_cpu_streams_keep_order_take_their_share_of_threads_and_stop_on_a_failur
             raise ValueError("item 5 is bad")
         return item * 10
 
-    torch.set_num_threads(4)
     try:
+        torch.set_num_threads(16)
+        assert encoding_streams(resolve_compute("cpu", "fp32")) == 8  # more threads each, not more batches at once
+        torch.set_num_threads(4)
         out = []
         with pytest.raises(ValueError, match="item 5 is bad"):
             for result in in_cpu_streams(work, list(range(40)), streams=2):
                 out.append(result)
         assert out == [0, 10, 20, 30, 40]
         assert set(seen_threads) == {2}  # 4 threads shared by 2 streams
+        cpu = resolve_compute("cpu", "fp32")
+        assert encoding_streams(cpu) == 4 and encoding_streams(cpu, compiled=True) == 1
+        assert encoding_streams(dataclasses.replace(cpu, device=torch.device("cuda"))) == 1
         assert torch.get_num_threads() == 4  # restored for the rest of the process
         time.sleep(0.1)
         assert max(started) <= 8  # nothing queued after the failure (4 ahead of item 4) was started
