@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from msa.pipeline import rundir
 from msa.pipeline.compute import CPU_BF16_ENV, Compute, forced_cpu_bf16
 from msa.pipeline.progress import console
 
@@ -107,6 +108,12 @@ def machine_key() -> str:
             f"|torch={torch.__version__}")
 
 
+def measured_here(precision: str, compute: Compute) -> bool:
+    """Whether a stage's `precision` option is decided by measuring: auto, on a CPU (on CUDA,
+    auto is bf16/fp16 AMP without measuring)."""
+    return precision == "auto" and compute.device.type == "cpu"
+
+
 def candidates(compile_worth_trying: bool) -> list[Variant]:
     """fp32 and bf16 (bf16 is kept only if it measures faster), each compiled too when the run
     is long enough for a compile (tens of seconds) to pay."""
@@ -141,12 +148,12 @@ def measure(variant_forward: Callable[[Variant], Callable], batch, variants: lis
         pooled[name], reference, dim=1).mean())) for name, (rate, setup) in timings.items()}
 
 
-def timed_training_steps(model: torch.nn.Module, inputs, targets: torch.Tensor, loss_fn, compute: Compute,
-                         steps: int) -> Callable[[list[Variant]], dict[str, Measurement]]:
-    """measure_now for training: forward and backward on one batch, `steps` times per variant
-    after a warm-up, on a copy of the model in eval mode (no dropout: every variant computes
-    the same function) with the random state restored after, so that a run is the same whether
-    its decision was measured now or read from the file."""
+def decide_training(what: str, model_key: str, items: int, model: torch.nn.Module, inputs, targets: torch.Tensor,
+                    loss_fn, compute: Compute, steps: int) -> Decision:
+    """decide() for training `items` items: bf16 autocast or fp32, timed as forward and backward
+    on one batch, `steps` times per variant after a warm-up, on a copy of the model in eval mode
+    (no dropout: every variant computes the same function) with the random state restored
+    after, so that a run is the same whether its decision was measured now or read from the file."""
     def measure_now(variants: list[Variant]) -> dict[str, Measurement]:
         with torch.random.fork_rng():
             trial = copy.deepcopy(model).eval()
@@ -161,7 +168,7 @@ def timed_training_steps(model: torch.nn.Module, inputs, targets: torch.Tensor, 
                 return training_step
 
             return measure(forward, inputs, variants, repeats=steps, inference=False)
-    return measure_now
+    return decide(what, model_key, items, False, measure_now, TRAINING_MIN_COSINE)
 
 
 def choose(measurements: dict[str, Measurement], items: int, min_cosine: float = MIN_COSINE) -> Variant:
@@ -233,10 +240,8 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def write_decisions(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        rundir.write_json(path, data)
     except OSError as err:  # the run goes on; the next one measures again
         console.print(f"[yellow]could not store the measured precision in {path} ({err}); set "
                       f"{DECISIONS_ENV} to a writable file to keep it[/yellow]")

@@ -102,7 +102,7 @@ def tuned_precision(cfg: CaptionConfig, compute: Compute, pending: list[Item]) -
     """--precision auto on a CPU: BLIP's weights in bf16 or fp32, whichever measured faster here
     (msa.pipeline.autotune), timed on the ViT, ~3/4 of captioning's time, with two images."""
     readable = [item.image_path for item in pending if not bad_image_flag(item.flags)][:MEASURED_IMAGES]
-    if cfg.precision != "auto" or compute.device.type != "cpu" or cfg.backend != "transformers" or not readable:
+    if not autotune.measured_here(cfg.precision, compute) or cfg.backend != "transformers" or not readable:
         return None
 
     def measure_now(variants: list[autotune.Variant]) -> dict[str, autotune.Measurement]:

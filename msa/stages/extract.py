@@ -230,8 +230,12 @@ def set_location(cfg: ExtractConfig, modality: str, manifest: Manifest, compute:
     return SetLocation(fingerprint, name, path, complete)
 
 
+def auto_measures(cfg: ExtractConfig, modality: str, compute: Compute) -> bool:
+    return autotune.measured_here(cfg.precision, compute) and modality in TUNED_MODALITIES
+
+
 def precisions_auto_may_choose(cfg: ExtractConfig, modality: str, compute: Compute) -> list[Compute]:
-    if cfg.precision != "auto" or compute.device.type != "cpu" or modality not in TUNED_MODALITIES:
+    if not auto_measures(cfg, modality, compute):
         return [compute]
     return [dataclasses.replace(compute, precision=variant.precision) for variant in autotune.candidates(False)]
 
@@ -258,7 +262,7 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
     """--precision auto on a CPU: the precision (and, for images, compile) that measured fastest
     on this machine for this model (msa.pipeline.autotune); None where nothing is measured.
     Decided for all the set's rows, not the pending ones: a resumed run finds the same set."""
-    if cfg.precision != "auto" or compute.device.type != "cpu" or modality not in TUNED_MODALITIES:
+    if not auto_measures(cfg, modality, compute):
         return None
     sample = rows[:MEASURED_ITEMS]
 
@@ -272,17 +276,8 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
             return encoder.collate(encoder.tokenize([texts[r] for r in sample]))
 
         def text_forward(variant):
-            encoder = encoder_of().to(compute.device)
-            streams = encoding_streams(compute)  # timed as extract will run it
-
-            def pooled_in_stream(batch):  # autocast and inference mode are per thread
-                with torch.inference_mode(), compute.autocast(variant.precision):
-                    return encoder(*batch)[1]
-
-            def pooled(batch):
-                shares = list(zip(*(part.chunk(streams) for part in batch)))
-                return torch.cat(list(in_cpu_streams(pooled_in_stream, shares, streams)))
-            return pooled
+            return pooled_in_streams(encoder_of().to(compute.device), variant.precision, compute,
+                                     encoding_streams(compute))
 
         key = f"text|{model_identity(cfg.text_model)}|max_len={cfg.max_len}"
         return autotune.decide("text", key, len(rows), False, timed_variant(text_forward, text_inputs))
@@ -294,21 +289,27 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
 
     def image_forward(variant):
         encoder = encoder_of().to(compute.device, memory_format=torch.channels_last)
-        forward = _compiled(encoder) if variant.compile else encoder
-        streams = encoding_streams(compute, variant.compile)  # timed as extract will run it
-
-        def pooled_in_stream(images):  # autocast and inference mode are per thread
-            with torch.inference_mode(), compute.autocast(variant.precision):
-                return forward(images)[1]
-
-        def pooled(images):
-            return torch.cat(list(in_cpu_streams(pooled_in_stream, list(images.chunk(streams)), streams)))
-        return pooled
+        return pooled_in_streams(_compiled(encoder) if variant.compile else encoder, variant.precision, compute,
+                                 encoding_streams(compute, variant.compile))
 
     key = f"image|{cfg.image_model}|{weights_identity(cfg.image_model, cfg.image_weights)}"
     compile_may_pay = not cfg.compile and len(rows) >= COMPILE_MIN_IMAGES
     return autotune.decide("image", key, len(rows), compile_may_pay,
                            timed_variant(image_forward, image_inputs))
+
+
+def pooled_in_streams(forward: Callable, precision: str, compute: Compute, streams: int) -> Callable:
+    """batch (a tensor, or a tuple of them) -> pooled features, the batch shared out over the
+    CPU streams extract encodes in, so that a variant is timed as it will run."""
+    def pooled_of_share(share: tuple) -> torch.Tensor:  # autocast and inference mode are per thread
+        with torch.inference_mode(), compute.autocast(precision):
+            return forward(*share)[1]
+
+    def pooled(batch) -> torch.Tensor:
+        parts = batch if isinstance(batch, tuple) else (batch,)
+        shares = list(zip(*(part.chunk(streams) for part in parts)))
+        return torch.cat(list(in_cpu_streams(pooled_of_share, shares, streams)))
+    return pooled
 
 
 def load_encoder(cfg: ExtractConfig, modality: str):

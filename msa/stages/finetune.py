@@ -102,15 +102,14 @@ def training_precision(cfg: FinetuneConfig, spec: dict, model: torch.nn.Module, 
                        train_rows: np.ndarray, loss_fn, compute: Compute) -> autotune.Decision | None:
     """--precision auto on a CPU: bf16 autocast or fp32, whichever trained this model faster on
     this machine (msa.pipeline.autotune), timed on the first training batch."""
-    if cfg.precision != "auto" or compute.device.type != "cpu":
+    if not autotune.measured_here(cfg.precision, compute):
         return None
     rows = torch.from_numpy(train_rows[: cfg.batch_size])
     _, inputs = next(raw_batches(model, data, [rows], compute.device))
     targets = data.targets[rows].to(compute.device)
-    measure_now = autotune.timed_training_steps(model, inputs, targets, loss_fn, compute, steps=1)
     key = f"finetune|{json.dumps(spec, sort_keys=True)}|batch={cfg.batch_size}"
-    return autotune.decide("finetune", key, cfg.epochs * len(train_rows), False, measure_now,
-                           autotune.TRAINING_MIN_COSINE)
+    return autotune.decide_training("finetune", key, cfg.epochs * len(train_rows), model, inputs, targets, loss_fn,
+                                    compute, steps=1)
 
 
 def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool, log, on_epoch,

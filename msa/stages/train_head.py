@@ -382,17 +382,16 @@ def training_precision(cfg: TrainHeadConfig, data: TrainData, spec: dict, model:
                        train_rows: np.ndarray, compute: Compute) -> autotune.Decision | None:
     """--precision auto on a CPU: bf16 autocast or fp32, whichever trained this head faster on
     this machine (msa.pipeline.autotune)."""
-    if cfg.precision != "auto" or compute.device.type != "cpu":
+    if not autotune.measured_here(cfg.precision, compute):
         return None
     rows = torch.from_numpy(train_rows[: cfg.batch_size])
     _, inputs = next(cached_batches(data.bank, [rows], model.uses_tokens, compute.device))
     targets = data.targets[rows].to(compute.device)
-    measure_now = autotune.timed_training_steps(model, inputs, targets, loss_fn, compute, MEASURED_STEPS)
     shapes = {m: [d["pooled"], d["token"]] for m, d in spec["dims"].items()}
     key = (f"train|{cfg.fusion}|{json.dumps(shapes)}|batch={cfg.batch_size}|hidden={cfg.hidden}|"
            f"unfrozen={json.dumps(spec['unfrozen'])}|tokens={model.uses_tokens}")
-    return autotune.decide("train-head", key, cfg.epochs * len(train_rows), False, measure_now,
-                           autotune.TRAINING_MIN_COSINE)
+    return autotune.decide_training("train-head", key, cfg.epochs * len(train_rows), model, inputs, targets, loss_fn,
+                                    compute, MEASURED_STEPS)
 
 
 def collapse_warnings(val: dict, classes: tuple[str, ...]) -> list[str]:
