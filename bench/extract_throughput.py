@@ -35,23 +35,9 @@ from msa.pipeline.mvsa import read_mvsa
 from msa.stages import extract
 
 
-def timed(fn, batches) -> tuple[float, list[torch.Tensor]]:
-    """Items per second of fn over batches, after one warm-up batch; and the pooled outputs."""
-    with torch.inference_mode():
-        fn(batches[0])
-        start = time.perf_counter()
-        outputs = [fn(b) for b in batches]
-        seconds = time.perf_counter() - start
-    return sum(len(o) for o in outputs) / seconds, outputs
-
-
 def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     x, y = torch.cat(a).float(), torch.cat(b).float()
     return torch.nn.functional.cosine_similarity(x, y, dim=1).mean().item()
-
-
-def autocast(precision: str):
-    return Compute(torch.device("cpu"), precision).autocast()
 
 
 def image_variants(args, paths: list[str]) -> dict:
@@ -84,10 +70,9 @@ def image_variants(args, paths: list[str]) -> dict:
         compile_seconds = time.perf_counter() - compile_start
 
         def run(x, forward=forward, precision=precision):
-            with autocast(precision):
-                return forward(x)[1]
+            return _with(precision, forward, x)[1]
 
-        rate, pooled = timed(run, channels_last if use_cl else batches)
+        rate, pooled = streamed_rate(run, channels_last if use_cl else batches)
         reference = reference or pooled
         results[name] = {"img/s": rate, "cosine_to_fp32": cosine(pooled, reference)}
         if use_compile:
@@ -130,10 +115,9 @@ def text_variants(args, texts: list[str]) -> dict:
                                      ("length-sorted fp32", sorted_batches, "fp32"),
                                      ("length-sorted bf16", sorted_batches, "bf16")]:
         def run(batch, precision=precision):
-            with autocast(precision):
-                return encoder(*batch)[1]
+            return _with(precision, encoder, *batch)[1]
 
-        rate, pooled = timed(run, batches)
+        rate, pooled = streamed_rate(run, batches)
         if name.startswith("length-sorted"):
             pooled = [torch.cat(pooled)[torch.from_numpy(inverse)]]
         reference = reference or pooled
@@ -191,22 +175,23 @@ def bare_forward(args, n: int, texts: list[str], paths: list[str], text_variant:
              encoding_streams(Compute(cpu, text_variant.precision))),
             ("image", lambda x: _with(image_variant.precision, forward, x)[1], images,
              encoding_streams(Compute(cpu, image_variant.precision), image_variant.compile))):
-        report[f"{modality} items/s"] = streamed_rate(fn, batches, streams)
+        report[f"{modality} items/s"], _ = streamed_rate(fn, batches, streams)
         report[f"{modality} streams"] = streams
-        report[f"{modality} items/s, one stream of every thread"] = streamed_rate(fn, batches, 1)
+        report[f"{modality} items/s, one stream of every thread"], _ = streamed_rate(fn, batches)
     return report
 
 
-def streamed_rate(fn, batches: list, streams: int) -> float:
-    """Items per second of fn over batches in `streams` CPU streams, after a warm-up."""
+def streamed_rate(fn, batches: list, streams: int = 1) -> tuple[float, list[torch.Tensor]]:
+    """Items per second of fn over batches in `streams` CPU streams (1: one stream of every
+    thread), after a warm-up; and the pooled outputs."""
     list(in_cpu_streams(fn, batches[:streams], streams))
     start = time.perf_counter()
-    items = sum(len(pooled) for pooled in in_cpu_streams(fn, batches, streams))
-    return items / (time.perf_counter() - start)
+    outputs = list(in_cpu_streams(fn, batches, streams))
+    return sum(len(pooled) for pooled in outputs) / (time.perf_counter() - start), outputs
 
 
 def _with(precision: str, fn, *inputs):
-    with torch.inference_mode(), autocast(precision):  # per thread, so inside each stream
+    with torch.inference_mode(), Compute(torch.device("cpu"), precision).autocast():  # per thread: in each stream
         return fn(*inputs)
 
 
@@ -223,6 +208,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     parser.add_argument("--part-1-only", action="store_true", help="the whole extract against the bare forward")
     args = parser.parse_args()
+    if args.extract_n <= extract.TEXT_WRITE_WINDOW:  # texts are written, and so timed, a window at a time
+        parser.error(f"--extract-n must be over {extract.TEXT_WRITE_WINDOW}: the steady text rate needs two windows")
 
     items, _ = read_mvsa(args.data)
     texts = [i.text for i in items]
