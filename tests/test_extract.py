@@ -89,6 +89,29 @@ def test_interrupted_extract_resumes_to_identical_features(extract_config, tmp_p
             np.testing.assert_array_equal(got[part], want[part], err_msg=f"{modality} {part}")
 
 
+@pytest.mark.parametrize("modality", ["text", "image", "lexicon"])
+def test_a_run_stopped_after_its_last_write_publishes_on_resume_without_encoding(extract_config, tmp_path, modality):
+    # A rank of torchrun stopped between its last write and publishing: the next run finds no row
+    # pending (the tokenizer failed on no texts, CI run 20).
+    reference = extract.run(extract_config(cache=tmp_path / "reference", modalities=(modality,)), show_progress=False)
+    cfg = extract_config(cache=tmp_path / "resumed", modalities=(modality,))
+    n = len(reference.manifest)
+    written = []
+
+    def stop_after_the_last_write(seen_modality, n_rows):
+        written.append(n_rows)
+        if sum(written) == n:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(cfg, show_progress=False, on_batch=stop_after_the_last_write)
+    resumed = extract.run(cfg, show_progress=False).feature_sets[modality]
+    assert (resumed.status, resumed.resumed_rows, resumed.encoded_rows) == ("resumed", n, 0)
+    want, got = FeatureSet.open(reference.feature_sets[modality].path), FeatureSet.open(resumed.path)
+    for part in want.shapes:
+        np.testing.assert_array_equal(got.load(part), want.load(part), err_msg=part)
+
+
 def test_shards_merge_into_the_unsharded_set(extract_config, tmp_path):
     whole = extract.run(extract_config(cache=tmp_path / "whole", modalities=("text",)), show_progress=False)
     cache = tmp_path / "sharded"

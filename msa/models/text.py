@@ -70,6 +70,8 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> list[list[int]]:
         """Token ids per text (special tokens included, truncated to max_len), unpadded."""
+        if not texts:  # the fast tokenizers fail on an empty batch
+            return []
         encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_len,
                                  padding=False, return_attention_mask=False)
         return encoded["input_ids"]

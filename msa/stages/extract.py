@@ -196,7 +196,10 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
             decision.variant.compile if decision else
             compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES))
         with writer:
-            if modality == "text":
+            # No row pending: an earlier run wrote every row and stopped before publishing.
+            if not len(pending):
+                pass
+            elif modality == "text":
                 encode_texts(encoder, manifest, pending, writer, modality_compute, cfg.batch_size, show_progress,
                              on_batch, captions, cfg.text_source, cfg.text_split_layer)
             elif modality == "image":
