@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -87,9 +88,11 @@ def test_ddp_finetune_on_two_ranks_matches_one_process_with_the_same_global_batc
                 "--text-model", tiny_models["text"], "--max-len", "16", "--image-model", "timm:test_efficientnet",
                 "--image-weights", tiny_models["image_weights"], "--hidden", "16", "--dropout", "0",
                 "--lora-rank", "2", "--unfreeze-text-layers", "0", "--unfreeze-image-stages", "0",
-                "--lr-encoder", "1e-2", "--lr-fusion", "1e-2", "--lr-head", "1e-2", "--batch-size", "8",
+                "--lr-encoder", "1e-2", "--lr-fusion", "1e-2", "--lr-head", "1e-2", "--batch-size", "4",
                 "--epochs", "2", "--patience", "5", "--device", "cpu", "--precision", "fp32",
-                "--limit", "19"]  # 16 train items: every global batch of 8 splits evenly
+                # 8 train items: every global batch of 4 splits evenly; 11 val items: two val
+                # batches of 8 and 3, one for each rank to validate.
+                "--limit", "19", "--val-ratio", "0.6"]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = torchrun()
@@ -111,10 +114,18 @@ def test_ddp_finetune_on_two_ranks_matches_one_process_with_the_same_global_batc
     alone, _ = rundir.load_model(tmp_path / "alone")
     trained = [k for k in alone if "lora_" in k or k.startswith("head.")]
     assert trained
+    want = pd.read_parquet(tmp_path / "alone" / rundir.VAL_PREDICTIONS)
+    assert len(want) == 11
     for other in ("ranks", "stopped"):
         weights, _ = rundir.load_model(tmp_path / other)
         assert all(torch.allclose(alone[k], weights[k], atol=1e-5) for k in trained), other
         assert len((tmp_path / other / "history.csv").read_text().splitlines()) == 1 + 2
+        # Validated in shares by the ranks, gathered in the one process's order.
+        got = pd.read_parquet(tmp_path / other / rundir.VAL_PREDICTIONS)
+        assert got["guid"].tolist() == want["guid"].tolist()
+        probabilities = [c for c in want.columns if c.startswith("p_")]
+        assert probabilities
+        np.testing.assert_allclose(got[probabilities].to_numpy(), want[probabilities].to_numpy(), atol=1e-5)
 
 
 def test_a_sweep_on_a_local_ray_cluster_gives_the_local_backend_s_results(signal_cache, tmp_path):

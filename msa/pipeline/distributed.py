@@ -56,6 +56,13 @@ def every_rank_ok(ok: bool, device: str) -> bool:
     return int(failed.item()) == 0
 
 
+def summed_over_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum of `values` over every rank (on the CPU): an all-reduce on the group's device."""
+    on_device = values.to(device)
+    torch.distributed.all_reduce(on_device)
+    return on_device.cpu()
+
+
 def single_process_only(command: str) -> None:
     """Stop a stage that does not share its work before its ranks race for the same files."""
     rank = current_rank()

@@ -261,10 +261,15 @@ def outputs_of(logits: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, rows: np.ndarray, batches: Batches, targets: torch.Tensor | None,
-             compute: Compute | None = None) -> dict:
+             compute: Compute | None = None,
+             summed_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Outputs for `rows`, in their order, from batches of them in any order: probabilities [N, C]
     (scores [N] for a one-output model), the gate [N] or modality weights [N, M] where the head
-    has them, and with targets the loss (cross-entropy; mean squared error for scores)."""
+    has them, and with targets the loss (cross-entropy; mean squared error for scores).
+
+    Under torchrun a rank may evaluate its share of the batches: `summed_over_ranks` (an
+    all-reduce) fills in the other ranks' rows, each row being computed by one rank and left
+    zero by the others, so every rank gets the whole outputs exactly."""
     model.eval()
     logits, seen, explained = [], [], {"gate": [], "modality_weights": []}
     for batch_rows, inputs in batches:
@@ -275,11 +280,18 @@ def evaluate(model: nn.Module, rows: np.ndarray, batches: Batches, targets: torc
         for key, values in explained.items():  # what a head says about its decision: kept per item
             if key in out:
                 values.append(out[key].float().cpu())
-    where = {row: i for i, row in enumerate(seen)}
-    wanted = torch.tensor([where[row] for row in np.asarray(rows).tolist()], dtype=torch.long)
-    every = torch.cat(logits)[wanted] if logits else torch.zeros((0, len(LABELS)))
+    position = {row: i for i, row in enumerate(np.asarray(rows).tolist())}
+    at = torch.tensor([position[row] for row in seen], dtype=torch.long)
+
+    def in_row_order(parts: list[torch.Tensor]) -> torch.Tensor:
+        values = torch.cat(parts)
+        ordered = values.new_zeros((len(rows), *values.shape[1:]))
+        ordered[at] = values
+        return summed_over_ranks(ordered) if summed_over_ranks else ordered
+
+    every = in_row_order(logits) if logits else torch.zeros((0, len(LABELS)))
     result = {"probabilities": np.zeros((0, 0)), **outputs_of(every)}
-    result.update({key: torch.cat(values)[wanted].numpy() for key, values in explained.items() if values})
+    result.update({key: in_row_order(values).numpy() for key, values in explained.items() if values})
     if targets is not None:
         y = targets[torch.from_numpy(np.asarray(rows))]
         loss = (nn.functional.mse_loss(every[:, 0], y) if every.shape[-1] == 1

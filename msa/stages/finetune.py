@@ -11,6 +11,7 @@ manifest, so predict and evaluate work on it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from msa.models.unfrozen import parameter_groups
 from msa.pipeline import autotune, plots, rundir
 from msa.pipeline.compute import Compute, resolve_compute
 from msa.pipeline.config import ConfigError, FinetuneConfig, to_json
-from msa.pipeline.distributed import Rank, barrier, current_rank, every_rank_ok, join
+from msa.pipeline.distributed import Rank, barrier, current_rank, every_rank_ok, join, summed_over_ranks
 from msa.pipeline.mvsa import read_mvsa
 from msa.pipeline.progress import ItemProgress
 from msa.pipeline.raw import IMAGE_AUGS, RawData, image_augmentation, raw_batches
@@ -166,7 +167,13 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
 
     def validate() -> tuple[dict, dict]:
         batches = list(torch.from_numpy(val_rows).split(cfg.batch_size * 2))
-        out = evaluate(model, val_rows, raw_batches(model, data, batches, compute.device), data.targets, compute)
+        # Under torchrun each rank validates its share of the one process's batches: the same
+        # numbers, gathered on every rank, so every rank makes the same early-stopping decision.
+        shared = rank is not None and len(batches) >= rank.world_size
+        if shared:
+            batches = batches[rank.rank::rank.world_size]
+        out = evaluate(model, val_rows, raw_batches(model, data, batches, compute.device), data.targets, compute,
+                       functools.partial(summed_over_ranks, device=compute.device) if shared else None)
         return {**TASK.metrics(data.targets[val_rows].numpy(), out), "loss": out["loss"]}, out
 
     def keep_best(state, out: dict) -> None:
@@ -180,8 +187,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
         if on_epoch:
             on_epoch(state.epoch)
 
-    # Every rank validates every val item (the same weights give the same early-stopping
-    # decision everywhere); the state saved is world-size free, so a resume may use another.
+    # The state saved is world-size free, so a resume may use another number of ranks.
     state = fit(train_epoch, validate, TASK, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best,
                 resume_state=run_dir / LAST, stateful={"model": model, **step.state_dicts()}, generator=generator,
                 log=log, after_epoch=after_epoch, writes=main)
