@@ -1,19 +1,28 @@
 """On a CUDA machine: stage 1 and fine-tuning at the GPU's speed, against this project's CPU
-figures. Runs extract with its auto precision, caption at fp16 with a large batch (a
-random-init BLIP-base: no BLIP weights exist offline; speed does not depend on them) and
-one epoch of finetune with AMP, each on the first N items, and prints items per second.
+figures, and the image path of `msa extract` against the bare forward pass of its encoder.
 
-    python bench/gpu_check.py --data ../shared/datasets/mvsa-lab5 \
-        --models ~/.cache/msa/offline-models [--limit 1024] [--json gpu.json]
+Runs extract (auto precision: bf16 on a GPU that has it), caption at fp16 with a large batch
+(a random-init BLIP-base: no BLIP weights exist offline; speed does not depend on them) and
+one epoch of finetune, each on the first N items, and prints items per second. The image
+extract runs twice, its batches loaded ahead by one thread (as before this round) and by a
+thread per core (msa.pipeline.compute.loading_workers), each against the bare bf16 forward
+pass on the same images, decoded beforehand.
 
-Needs the offline models (all-mpnet-base-v2, tf_efficientnet_lite0.pth; MiniLM's vocabulary
-for the BLIP tokenizer). Without a CUDA device it says so and stops.
+    python bench/gpu_check.py --data DATA --models MODELS [--random-text-encoder] [--limit 1024] [--json F]
+
+MODELS holds all-mpnet-base-v2 (with --random-text-encoder its config and tokenizer are
+enough: the weights are drawn at random, same shapes, same work), tf_efficientnet_lite0.pth
+and all-MiniLM-L6-v2/vocab.txt (the BLIP tokenizer's vocabulary). Without a CUDA device it
+says so and stops. Where the data set cannot go, bench/standin_data.py makes one with its
+image sizes, JPEG bytes per pixel and text lengths.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -21,58 +30,161 @@ from pathlib import Path
 
 import torch
 
-# The CPU figures in the README (AMD EPYC with AVX512-BF16, 2 cores, auto precision bf16).
-CPU_FIGURES = {"extract text (mpnet)": 96.2, "extract image (lite0)": 262.6, "caption": 3.95,
-               "finetune epoch (LoRA late)": 2800 / 87}
+# The CPU figures in the README (AMD EPYC with AVX512-BF16, 2 cores, auto precision bf16):
+# whole extract of 1,024 items, and caption with bf16 weights at batch 16. No CPU run of the
+# same finetune exists to set beside it.
+CPU_FIGURES = {"extract text (mpnet)": 124.3, "extract image (lite0)": 268.7, "caption": 3.32,
+               "finetune epoch (LoRA late)": None}
+
+
+def random_text_encoder(config_dir: Path, out: Path) -> Path:
+    """A random-init copy of a Hugging Face encoder, from its config and tokenizer files."""
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    out.mkdir(parents=True)
+    for path in config_dir.iterdir():
+        if path.is_file() and not path.name.endswith((".safetensors", ".bin")):
+            shutil.copy(path, out / path.name)
+    AutoModel.from_config(AutoConfig.from_pretrained(config_dir)).save_pretrained(out)
+    return out
+
+
+def timed_extract(cfg) -> dict:
+    """Items/s of one modality's extract: a first run, and a second into a new cache in the
+    same process (model warm-up and the cuDNN algorithm search behind it)."""
+    from msa.stages import extract
+
+    rates = {}
+    for run, cache in (("first run", cfg.cache), ("warm run", cfg.cache.with_name(cfg.cache.name + "-warm"))):
+        result = extract.run(dataclasses.replace(cfg, cache=cache), show_progress=False)
+        feature_set = next(iter(result.feature_sets.values()))
+        rates[run] = feature_set.encoded_rows / feature_set.seconds
+    return {**rates, "variant": feature_set.variant}
+
+
+def bare_image_forward(cfg, paths: list[str], batch_size: int, device: torch.device) -> float:
+    """Images/s of the encoder alone in bf16 and extract's layout, images decoded before."""
+    from msa.models.image import build_image_encoder
+
+    encoder = build_image_encoder(cfg.image_model, cfg.image_weights).to(device, memory_format=torch.channels_last)
+    pixels = encoder.preprocess.load_batch(paths)
+    batches = [pixels[i: i + batch_size].to(device) for i in range(0, len(pixels), batch_size)]
+
+    def run_all() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            for batch in batches:
+                encoder(encoder.preprocess.normalise(batch))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run_all()  # warm-up: cuDNN picks its algorithms
+    start = time.perf_counter()
+    run_all()
+    return len(paths) / (time.perf_counter() - start)
+
+
+def loading_rates(cfg, paths: list[str], batch_size: int) -> dict:
+    """Images/s of loading alone (decode, resize, crop, batch) by 1 to 16 threads."""
+    from msa.models.image import build_image_encoder
+    from msa.pipeline.compute import prefetch
+
+    preprocess = build_image_encoder(cfg.image_model, cfg.image_weights).preprocess
+    batches = [paths[i: i + batch_size] for i in range(0, len(paths), batch_size)]
+    rates = {}
+    for workers in (1, 4, 8, 16):
+        list(prefetch(batches, preprocess.load_batch, workers))  # files into the page cache
+        start = time.perf_counter()
+        list(prefetch(batches, preprocess.load_batch, workers))
+        rates[f"{workers} threads"] = len(paths) / (time.perf_counter() - start)
+    return rates
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--models", type=Path, required=True)
-    parser.add_argument("--limit", type=int, default=1024)
+    parser.add_argument("--random-text-encoder", action="store_true")
+    parser.add_argument("--limit", type=int, default=1024, help="items for caption and finetune")
+    parser.add_argument("--extract-limit", type=int, default=4096, help="items for extract")
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--caption-batch", type=int, default=64)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cuda", help="cpu: a quick run of this script itself, not a figure")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here: bench/gpu_check.py measures a GPU (the CPU figures are in the README)")
 
     from caption_throughput import make_random_blip_base
 
+    from msa.pipeline.compute import loading_workers
     from msa.pipeline.config import CaptionConfig, ExtractConfig, FinetuneConfig
+    from msa.pipeline.mvsa import read_mvsa
     from msa.stages import caption, extract, finetune
 
-    card = torch.cuda.get_device_name(0)
-    rates = {}
+    card = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (a run of the script, not a figure)"
+    rates, image_path = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        common = {"data": args.data, "limit": args.limit, "device": "cuda"}
-        for modality, name in (("text", "extract text (mpnet)"), ("image", "extract image (lite0)")):
-            cfg = ExtractConfig(cache=tmp / f"cache-{modality}", text_model=str(args.models / "all-mpnet-base-v2"),
-                                image_model="timm:tf_efficientnet_lite0",
-                                image_weights=str(args.models / "tf_efficientnet_lite0.pth"), modalities=(modality,),
-                                batch_size=128, **common)
-            result = extract.run(cfg, show_progress=False).feature_sets[modality]
-            rates[name] = result.encoded_rows / result.seconds
+        text_model = args.models / "all-mpnet-base-v2"
+        if args.random_text_encoder:
+            text_model = random_text_encoder(text_model, tmp / "mpnet-random")
+        common = {"data": args.data, "limit": args.limit, "device": args.device}
+        encoders = {"text_model": str(text_model), "image_model": "timm:tf_efficientnet_lite0",
+                    "image_weights": str(args.models / "tf_efficientnet_lite0.pth")}
+        extract_common = {**common, "limit": args.extract_limit}
+        text = timed_extract(ExtractConfig(cache=tmp / "cache-text", modalities=("text",),
+                                           batch_size=args.batch_size, **encoders, **extract_common))
+        rates["extract text (mpnet)"] = text["warm run"]
+        image_cfg = ExtractConfig(cache=tmp / "cache-image", modalities=("image",), batch_size=args.batch_size,
+                                  **encoders, **extract_common)
+        device = torch.device(args.device)
+        workers = loading_workers(device)
+        one_worker = extract.loading_workers
+        extract.loading_workers = lambda device: 1  # as before this round: one decoding thread
+        image_path["1 loading thread"] = timed_extract(image_cfg)
+        extract.loading_workers = one_worker
+        image_cfg = ExtractConfig(cache=tmp / "cache-image-threads", modalities=("image",),
+                                  batch_size=args.batch_size, **encoders, **extract_common)
+        image_path[f"{workers} loading threads"] = timed_extract(image_cfg)
+        rates["extract image (lite0)"] = image_path[f"{workers} loading threads"]["warm run"]
+        items, _ = read_mvsa(args.data, on_bad_image="blank")
+        paths = [item.image_path for item in items[: args.extract_limit] if item.image_path]
+        bare = bare_image_forward(image_cfg, paths, args.batch_size, device)
+        loading = loading_rates(image_cfg, paths, args.batch_size)
         blip = make_random_blip_base(tmp / "blip", args.models / "all-MiniLM-L6-v2" / "vocab.txt")
         captioned = caption.run(CaptionConfig(cache=tmp / "cache-caption", model=str(blip), precision="fp16",
                                               batch_size=args.caption_batch, **common), show_progress=False)
         rates["caption"] = captioned.captioned / captioned.seconds
         start = time.perf_counter()
-        finetune.run(FinetuneConfig(out=tmp / "ft", text_model=str(args.models / "all-mpnet-base-v2"),
-                                    image_model="timm:tf_efficientnet_lite0",
-                                    image_weights=str(args.models / "tf_efficientnet_lite0.pth"), fusion="late",
-                                    lora_rank=8, unfreeze_text_layers=0, unfreeze_image_stages=0, lr_encoder=3e-4,
-                                    epochs=1, batch_size=32, precision="auto", **common),
+        finetune.run(FinetuneConfig(out=tmp / "ft", **encoders, fusion="late", lora_rank=8, unfreeze_text_layers=0,
+                                    unfreeze_image_stages=0, lr_encoder=3e-4, epochs=1, batch_size=32,
+                                    precision="auto", **common),
                      show_progress=False, log=lambda *_: None)
         rates["finetune epoch (LoRA late)"] = args.limit / (time.perf_counter() - start)  # train + val, with loading
-    print(f"GPU: {card}, torch {torch.__version__}, first {args.limit} items")
+    print(f"GPU: {card}, torch {torch.__version__}, first {args.extract_limit} items (extract), "
+          f"{args.limit} (caption, finetune)"
+          + (", random-init MPNet" if args.random_text_encoder else ""))
     print("| work | GPU items/s | CPU items/s (README) | GPU / CPU |")
     print("|---|---|---|---|")
     for name, rate in rates.items():
-        print(f"| {name} | {rate:.1f} | {CPU_FIGURES[name]:.1f} | {rate / CPU_FIGURES[name]:.1f}x |")
+        cpu = CPU_FIGURES[name]
+        print(f"| {name} | {rate:.1f} | {cpu or '-'} | {f'{rate / cpu:.1f}x' if cpu else '-'} |")
+    variant = next(iter(image_path.values()))["variant"]
+    print(f"\nImage extract against the bare forward pass in bf16 ({bare:.0f} img/s; extract ran {variant})")
+    print("| loading | first run img/s | warm run img/s | warm run / bare |")
+    print("|---|---|---|---|")
+    for name, figures in image_path.items():
+        print(f"| {name} | {figures['first run']:.0f} | {figures['warm run']:.0f} | {figures['warm run'] / bare:.0%} |")
+    print(f"\nLoading alone ({torch.get_num_threads()} torch threads)")
+    print("| loading | img/s |")
+    print("|---|---|")
+    for name, rate in loading.items():
+        print(f"| {name} | {rate:.0f} |")
     if args.json:
-        args.json.write_text(json.dumps({"card": card, "limit": args.limit, "rates": rates}, indent=1))
+        args.json.write_text(json.dumps({"card": card, "limit": args.limit, "rates": rates, "bare image": bare,
+                                         "image path": image_path, "text": text,
+                                         "loading": loading}, indent=1))
 
 
 if __name__ == "__main__":

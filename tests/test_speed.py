@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import threading
 import time
 
 import numpy as np
@@ -19,7 +21,14 @@ from msa.models.image import ImagePreprocess, build_image_encoder, decode_rgb
 from msa.models.text import TextEncoder
 from msa.pipeline import autotune, rundir
 from msa.pipeline.autotune import Measurement, Variant
-from msa.pipeline.compute import CPU_BF16_ENV, encoding_streams, in_cpu_streams, resolve_compute
+from msa.pipeline.compute import (
+    CPU_BF16_ENV,
+    encoding_streams,
+    in_cpu_streams,
+    loading_workers,
+    prefetch,
+    resolve_compute,
+)
 from msa.pipeline.config import CaptionConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
 from msa.stages import caption, extract, finetune, predict, train_head
 
@@ -273,6 +282,37 @@ def test_texts_and_images_encoded_in_cpu_streams_equal_the_encoders_on_everythin
     np.testing.assert_allclose(images.load("tokens", every_row), tokens.numpy(), atol=2e-3, rtol=2e-3)
     texts = FeatureSet.open(result.feature_sets["text"].path)
     np.testing.assert_allclose(texts.load("pooled", every_row), text_pooled.numpy(), atol=2e-3, rtol=2e-3)
+
+
+def test_loading_ahead_keeps_order_runs_its_workers_at_once_and_takes_a_gpu_machine_s_cores(monkeypatch):
+    four_at_once = threading.Barrier(4, timeout=30)  # broken unless the first four load together
+
+    def load(item):
+        if item < 4:
+            four_at_once.wait()
+        time.sleep(0.02 if item % 3 == 0 else 0.0)  # some finish late: the order must still hold
+        return item * 10
+
+    assert list(prefetch(list(range(20)), load, workers=4)) == [i * 10 for i in range(20)]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert loading_workers(torch.device("cpu")) == 1  # the CPU's cores run the forward pass
+    assert loading_workers(torch.device("cuda")) == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert loading_workers(torch.device("cuda")) == 3
+
+
+def test_images_loaded_by_several_workers_for_one_stream_give_the_streams_features(extract_config, monkeypatch,
+                                                                                   tmp_path):
+    """A GPU's path (one encoding stream, images loaded ahead by a thread per core), run on the CPU."""
+    cfg = extract_config(modalities=("image",), batch_size=4)
+    streamed = extract.run(dataclasses.replace(cfg, cache=tmp_path / "streams"), show_progress=False)
+    monkeypatch.setattr(extract, "encoding_streams", lambda compute, compiled=False: 1)
+    monkeypatch.setattr(extract, "loading_workers", lambda device: 3)
+    loaded_ahead = extract.run(dataclasses.replace(cfg, cache=tmp_path / "one-stream"), show_progress=False)
+    want = FeatureSet.open(streamed.feature_sets["image"].path)
+    got = FeatureSet.open(loaded_ahead.feature_sets["image"].path)
+    for part in ("pooled", "tokens"):
+        np.testing.assert_allclose(got.load(part), want.load(part), atol=2e-3, rtol=2e-3, err_msg=part)
 
 
 @pytest.mark.parametrize("size, mode, subsampling", [((2100, 1100), "RGB", 2), ((1100, 530), "RGB", 0),

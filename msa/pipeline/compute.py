@@ -68,12 +68,28 @@ def resolve_compute(device: str = "auto", precision: str = "auto") -> Compute:
     return Compute(torch.device(device), precision)
 
 
-def prefetch(batches: list, load: Callable, depth: int = 2) -> Iterator:
-    """Yield load(batch) for each batch, loading up to `depth` batches ahead in a thread.
+def prefetch(batches: list, load: Callable, workers: int = 1) -> Iterator:
+    """Yield load(batch) for each batch, in order, loaded ahead by `workers` threads (two
+    batches each in flight).
 
-    PIL releases the GIL while decoding and resizing, so this overlaps with the forward pass.
-    """
-    return ordered_map(load, batches, workers=1, ahead=depth)
+    JPEG decoding (simplejpeg, PIL) and resizing release the GIL, so loading overlaps with
+    the forward pass, and several workers decode at once."""
+    return ordered_map(load, batches, workers=workers, ahead=2 * workers)
+
+
+# A GPU's forward pass outruns one decoding thread many times over: on H200 machines (16
+# vCPUs) Lite0 bf16 ran ~20,800 img/s, and loading alone 453 / 1,843 / 2,598 / 2,907 img/s
+# in 1 / 4 / 8 / 16 threads on one and 533 / 2,014 / 3,428 / 2,673 on another
+# (bench/gpu_check.py): past 8 threads, little or nothing more, for as many batches held.
+MAX_LOADING_WORKERS = 8
+
+
+def loading_workers(device: torch.device) -> int:
+    """Threads that decode images ahead of the forward pass: one per core (at most 8) when a
+    GPU runs the model; one on a CPU, whose cores run the forward pass."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_LOADING_WORKERS))
 
 
 def in_cpu_streams(work: Callable, batches: list, streams: int) -> Iterator:
@@ -110,7 +126,7 @@ def encoding_streams(compute: Compute, compiled: bool = False) -> int:
     """Streams for encoding: one per intra-op thread on a CPU in eager mode (MPNet bf16 on 2
     cores: 123 texts/s as 2 streams, 101 as one). A compiled network already runs fused
     kernels across threads (Lite0 fp32: 164 vs 160 img/s in 2 streams, after 5x the compile
-    time), and a GPU takes one stream (images decoded ahead in a thread)."""
+    time), and a GPU takes one stream (images loaded ahead by loading_workers threads)."""
     if compute.device.type != "cpu" or compiled:
         return 1
     return min(torch.get_num_threads(), MAX_STREAMS)

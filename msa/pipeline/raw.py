@@ -12,7 +12,7 @@ import torch
 from msa.cache.manifest import Manifest
 from msa.models.text import TextEncoder
 from msa.models.unfrozen import EndToEndModel
-from msa.pipeline.compute import prefetch
+from msa.pipeline.compute import loading_workers, prefetch
 from msa.pipeline.training import class_targets
 
 IMAGE_AUGS = ("none", "weak", "strong")
@@ -74,9 +74,10 @@ def load_pixels(model: EndToEndModel, data: RawData, rows: torch.Tensor) -> torc
 
 def raw_batches(model: EndToEndModel, data: RawData, batches: list[torch.Tensor], device: torch.device,
                 augment=None, advance=None) -> Iterator[tuple[torch.Tensor, dict]]:
-    """(rows, inputs) per batch; images decoded ahead in a thread while the model runs.
+    """(rows, inputs) per batch; images decoded ahead in threads while the model runs.
     advance(n) follows each batch (a progress bar)."""
-    for rows, pixels in zip(batches, prefetch(batches, lambda b: load_pixels(model, data, b))):
+    for rows, pixels in zip(batches, prefetch(batches, lambda b: load_pixels(model, data, b),
+                                              loading_workers(device))):
         yield rows, batch_inputs(model, data, rows, pixels, augment, device)
         if advance:
             advance(len(rows))

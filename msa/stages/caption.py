@@ -24,7 +24,7 @@ from msa.cache.captions import (
 from msa.cache.fingerprint import FORMAT_VERSION, file_size, local_path, model_reference
 from msa.models.captioner import DTYPES, captioner_class, create_captioner, spread_captions
 from msa.pipeline import autotune
-from msa.pipeline.compute import Compute, prefetch, resolve_compute
+from msa.pipeline.compute import Compute, loading_workers, prefetch, resolve_compute
 from msa.pipeline.config import CaptionConfig, ConfigError, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import Item, bad_image_flag, read_mvsa
@@ -169,7 +169,8 @@ def _caption(cfg: CaptionConfig, compute, items: list[Item], sizes: dict[str, in
     bad = 0
     try:
         with ItemProgress("caption", len(items), show_progress) as advance:
-            prepared = prefetch(batches, lambda batch: captioner.prepare([i.image_path for i in batch]))
+            prepared = prefetch(batches, lambda batch: captioner.prepare([i.image_path for i in batch]),
+                                loading_workers(compute.device))
             for batch, (inputs, ok) in zip(batches, prepared):
                 captions = spread_captions(captioner.generate(inputs) if any(ok) else [], ok)
                 flags = ["" if good else BAD_IMAGE for good in ok]

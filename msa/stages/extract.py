@@ -34,7 +34,7 @@ from msa.models.lexicon import FEATURES as LEXICON_FEATURES
 from msa.models.lexicon import LexiconScorer
 from msa.models.text import TextEncoder, model_identity
 from msa.pipeline import autotune
-from msa.pipeline.compute import Compute, encoding_streams, in_cpu_streams, prefetch, resolve_compute
+from msa.pipeline.compute import Compute, encoding_streams, in_cpu_streams, loading_workers, prefetch, resolve_compute
 from msa.pipeline.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
@@ -502,7 +502,7 @@ def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, w
     if streams > 1:  # each stream decodes its own batch, then encodes it
         encoded = in_cpu_streams(lambda batch: encode(batch, load(batch)), batches, streams)
     else:
-        encoded = map(encode, batches, prefetch(batches, load))
+        encoded = map(encode, batches, prefetch(batches, load, loading_workers(compute.device)))
     with ItemProgress("image", len(rows), show_progress) as advance:
         for batch, pooled, tokens, split in encoded:  # written here: h5py is not thread-safe
             writer.write(rows[batch], pooled, tokens, np.ones(tokens.shape[:2], dtype=bool), split)
