@@ -89,7 +89,8 @@ def loading_workers(device: torch.device) -> int:
     GPU runs the model; one on a CPU, whose cores run the forward pass."""
     if device.type == "cpu":
         return 1
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_LOADING_WORKERS))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_LOADING_WORKERS))
 
 
 def in_cpu_streams(work: Callable, batches: list, streams: int) -> Iterator:
