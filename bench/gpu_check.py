@@ -140,10 +140,12 @@ def main() -> None:
                                   **encoders, **extract_common)
         device = torch.device(args.device)
         workers = loading_workers(device)
-        one_worker = extract.loading_workers
+        thread_per_core = extract.loading_workers
         extract.loading_workers = lambda device: 1  # as before this round: one decoding thread
-        image_path["1 loading thread"] = timed_extract(image_cfg)
-        extract.loading_workers = one_worker
+        try:
+            image_path["1 loading thread"] = timed_extract(image_cfg)
+        finally:
+            extract.loading_workers = thread_per_core
         image_cfg = ExtractConfig(cache=tmp / "cache-image-threads", modalities=("image",),
                                   batch_size=args.batch_size, **encoders, **extract_common)
         image_path[f"{workers} loading threads"] = timed_extract(image_cfg)
