@@ -51,13 +51,12 @@ def barrier() -> None:
 def every_rank_ok(ok: bool, device: str) -> bool:
     """Whether every rank says ok: one rank's failure stops all of them now, where a barrier
     would keep the others waiting for the group's 30-minute timeout."""
-    failed = torch.tensor([0 if ok else 1], device="cuda" if device == "cuda" else "cpu")
-    torch.distributed.all_reduce(failed)
-    return int(failed.item()) == 0
+    return int(summed_over_ranks(torch.tensor([0 if ok else 1]), device).item()) == 0
 
 
-def summed_over_ranks(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The sum of `values` over every rank (on the CPU): an all-reduce on the group's device."""
+def summed_over_ranks(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """The sum of `values` over every rank (on the CPU): an all-reduce on the group's device
+    (join's: cuda or cpu)."""
     on_device = values.to(device)
     torch.distributed.all_reduce(on_device)
     return on_device.cpu()

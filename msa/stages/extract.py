@@ -196,10 +196,7 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
             decision.variant.compile if decision else
             compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES))
         with writer:
-            # No row pending: an earlier run wrote every row and stopped before publishing.
-            if not len(pending):
-                pass
-            elif modality == "text":
+            if modality == "text":
                 encode_texts(encoder, manifest, pending, writer, modality_compute, cfg.batch_size, show_progress,
                              on_batch, captions, cfg.text_source, cfg.text_split_layer)
             elif modality == "image":
@@ -427,10 +424,13 @@ def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, wri
     def encode_batch(ids: list[list[int]]) -> tuple:
         return encode_text_batch(encoder, ids, compute, split_layer)
 
+    # Length-sorted within windows of rows, each window written at once: one batch's rows lie
+    # scattered over the set, and writing them batch by batch took a quarter of the run. No rows,
+    # no window (a run stopped between its last write and publishing leaves none pending).
+    every_row = np.arange(len(rows))
+    windows = [every_row[i: i + TEXT_WRITE_WINDOW] for i in range(0, len(rows), TEXT_WRITE_WINDOW)]
     with ItemProgress("text", len(rows), show_progress) as advance:
-        # Length-sorted within windows of rows, each window written at once: one batch's rows lie
-        # scattered over the set, and writing them batch by batch took a quarter of the run.
-        for window in np.split(np.arange(len(rows)), range(TEXT_WRITE_WINDOW, len(rows), TEXT_WRITE_WINDOW)):
+        for window in windows:
             batches = encoder.length_sorted_batches([token_ids[i] for i in window], batch_size)
             batch_ids = [[token_ids[i] for i in window[batch]] for batch in batches]
             outputs = []
