@@ -28,6 +28,10 @@ from msa.pipeline import config as configs
 RUN_RECORD_KEYS = {"kind", "feature_sets", "modalities_used", "base", "fusions", "seeds", "grid"}
 
 
+CONFIG_CLASSES = (configs.ExtractConfig, configs.CaptionConfig, configs.TrainHeadConfig, configs.FinetuneConfig,
+                  configs.PredictConfig, configs.EvaluateConfig)
+
+
 class Settings:
     verbose = False  # known errors show their traceback too
 
@@ -78,13 +82,16 @@ def parameters(config_class: type, skip: tuple[str, ...] = (), optional: tuple[s
             hint, default = str, ",".join(map(str, default)) if default else None
         elif _is_layer_count(hint):
             hint, default = str, None if default is None else str(default)
-        if field.name in (choices or {}):
-            hint = Literal[tuple(choices[field.name])]
-        if default is dataclasses.MISSING:
-            default = None if field.name in optional else ...
         if field.name not in helps:
             raise TypeError(f"{config_class.__name__}.{field.name} has no comment to serve as its --help")
-        option = typer.Option(default, help=helps[field.name] + ".")
+        help_text = helps[field.name] + "."
+        named = (choices or {}).get(field.name) or (typing.get_args(hint) if typing.get_origin(hint) is Literal
+                                                     else None)
+        if named:  # checked by the config (one error path, with "did you mean"), listed in --help
+            hint, help_text = str, f"{help_text} One of: {', '.join(map(str, named))}."
+        if default is dataclasses.MISSING:
+            default = None if field.name in optional else ...
+        option = typer.Option(default, help=help_text)
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hint))
     return params
 
@@ -144,15 +151,23 @@ def load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Path
         data = read_config_file(value)
     except (OSError, ValueError) as err:
         raise typer.BadParameter(f"{value}: {err}") from None
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{value}: expected a mapping of option names to values, got a "
+                                 f"{type(data).__name__}")
     known = {p.name for p in ctx.command.params}
-    fields = {f.name for cls in (configs.ExtractConfig, configs.CaptionConfig, configs.TrainHeadConfig,
-                                 configs.FinetuneConfig, configs.PredictConfig, configs.EvaluateConfig)
-              for f in dataclasses.fields(cls)}
+    fields = {f.name for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
     defaults = {}
+    hints = {f.name: typing.get_type_hints(cls, include_extras=True)[f.name]
+             for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
     for key, item in data.items():
         key = key.replace("-", "_")
         if key not in known | fields | RUN_RECORD_KEYS:
             raise typer.BadParameter(f"{value}: unknown option {key!r}")
+        if key in known and key in hints and item is not None:
+            try:  # the file's values are typed already: `"epochs": true` is a mistake, not 1
+                configs.check_value(key, hints[key], item)
+            except configs.ConfigError as err:
+                raise typer.BadParameter(f"{value}: {err}") from None
         if key in known and item is not None and not isinstance(item, dict):
             defaults[key] = ",".join(map(str, item)) if isinstance(item, list) else item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
@@ -168,10 +183,12 @@ def config_option():
 def known_errors() -> tuple[type[Exception], ...]:
     from msa.cache.errors import CacheError
     from msa.models.text import EncoderLoadError
+    from msa.pipeline.finite import NonFiniteError
     from msa.pipeline.mvsa import DataError
     from msa.pipeline.rundir import RunDirError
 
-    return DataError, EncoderLoadError, CacheError, RunDirError, configs.ConfigError, FileNotFoundError
+    return (DataError, EncoderLoadError, CacheError, RunDirError, configs.ConfigError, NonFiniteError,
+            FileNotFoundError)
 
 
 def one_line_errors(command):

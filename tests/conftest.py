@@ -68,3 +68,20 @@ def signal_cache(tmp_path_factory, tiny_models) -> Path:
                         image_model=TINY_IMAGE_MODEL, image_weights=tiny_models["image_weights"])
     extract.run(cfg, show_progress=False)
     return cfg.cache
+
+
+RISKS = ("data loss", "code ran", "read outside", "wrong result", "poor")  # what a fault would do, unmended
+
+
+@pytest.fixture
+def outcome(record_property):
+    """outcome(fault, how_it_ended, risk), called once the test has checked that nothing was lost
+    (bench/faults.py counts these: a failing test is a fault that did what its risk says)."""
+
+    def record(fault: str, ended: str, risk: str = "data loss") -> None:
+        assert ended in ("identical", "clean error") and risk in RISKS
+        record_property("fault", fault)
+        record_property("outcome", ended)
+        record_property("risk", risk)
+
+    return record

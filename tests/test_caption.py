@@ -224,5 +224,5 @@ def test_lavis_missing_says_how_to_install(caption_config, tmp_path, monkeypatch
     with pytest.raises(EncoderLoadError, match="lavis needs its own Python environment.*--lavis-python"):
         caption.run(caption_config(backend="lavis", model="base_coco", lavis_python=sys.executable),
                     show_progress=False)
-    with pytest.raises(ValueError, match="unknown caption backend 'clip'; known: transformers, lavis"):
+    with pytest.raises(ValueError, match="--backend must be one of transformers, lavis, got 'clip'"):
         caption.run(caption_config(backend="clip"), show_progress=False)

@@ -41,18 +41,6 @@ from msa.stages import caption, extract, finetune, import_features, predict, swe
 PARTS = ("pooled", "tokens", "mask")
 
 
-@pytest.fixture
-def outcome(record_property):
-    """outcome(fault, how_it_ended), called once the test has checked that nothing was lost."""
-
-    def record(fault: str, ended: str) -> None:
-        assert ended in ("identical", "clean error")
-        record_property("fault", fault)
-        record_property("outcome", ended)
-
-    return record
-
-
 def cli(*args, cwd: Path | None = None, file_size_limit: int | None = None, **popen) -> subprocess.CompletedProcess:
     """`python -m msa.cli ARGS` in a real process, its output (stdout and stderr) in .stdout;
     file_size_limit: every write past that many bytes of a file fails (EFBIG), as on a full disk."""

@@ -22,9 +22,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from msa.cache.contained import outside_storage
 from msa.cache.errors import CacheError, WriteError, free_bytes, write_error
 from msa.cache.locks import set_lock
 from msa.pipeline.config import ConfigError
+from msa.pipeline.finite import non_finite_rows, require_finite
 
 __all__ = ["CacheError", "FeatureSet", "FeatureWriter"]
 
@@ -116,6 +118,9 @@ def problem_of(path: Path, full: bool = False) -> str | None:
     it has a digest. full: every byte read back and checked against the digest too."""
     try:
         with h5py.File(path, "r") as f:
+            outside = outside_storage(f)
+            if outside:
+                return f"not self-contained: {outside}"
             if int(f.attrs.get("format_version", 1)) < FILE_FORMAT:
                 return "written by an older msa, without checksums"
             if "digest" not in f.attrs:
@@ -131,8 +136,22 @@ def problem_of(path: Path, full: bool = False) -> str | None:
                     return f"damaged on disk: a chunk fails its checksum ({str(err).splitlines()[0]})"
                 if digest != f.attrs["digest"]:
                     return "damaged on disk: its content differs from its digest"
+                return non_finite_problem(f)
     except H5_ERRORS as err:
         return f"unreadable ({str(err).splitlines()[0]})"
+    return None
+
+
+def non_finite_problem(f: h5py.File, block_rows: int = 4096) -> str | None:
+    """Which part of a set holds a NaN or an inf (sets written before msa checked at write may)."""
+    guids = f["guid"].asstr()
+    for part in ("pooled", "tokens", "split"):
+        if part not in f:
+            continue
+        for start in range(0, f[part].shape[0], block_rows):
+            bad = non_finite_rows(f[part][start: start + block_rows])
+            if len(bad):
+                return f"holding NaN or infinite values in '{part}' (guid {guids[start + bad[0]]})"
     return None
 
 
@@ -166,6 +185,7 @@ class FeatureWriter:
         self.rows = np.asarray(rows)
         self.set_aside: Path | None = None  # a damaged partial file moved out of the way
         self.file: h5py.File | None = None
+        self.guids = list(guids)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self.lock = set_lock(cache_of(self.path), lock_name(self.path))
         try:
@@ -231,14 +251,23 @@ class FeatureWriter:
         rows = rows[order]
         # A run of consecutive rows is written as one slice: a list of rows is one selection per row.
         where = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and rows[-1] - rows[0] + 1 == len(rows) else rows
+        # Checked as stored (after the cast): a value past float16's range becomes inf only here.
+        with np.errstate(over="ignore"):
+            stored = {"pooled": pooled[order].astype(np.float16, copy=False),
+                      "tokens": tokens[order].astype(np.float16, copy=False),
+                      "split": None if split is None else split[order].astype(np.float32, copy=False)}
+        for part, values in stored.items():
+            if values is not None:
+                require_finite(values, f"{set_name(self.path)} ({part}, as stored in "
+                                       f"{'float32' if part == 'split' else 'float16'})", [self.guids[r] for r in rows])
         try:
             if "pooled" not in self.file:
                 self._create_datasets(pooled, tokens, split)
-            self.file["pooled"][where] = pooled[order].astype(np.float16, copy=False)
-            self.file["tokens"][where] = tokens[order].astype(np.float16, copy=False)
+            self.file["pooled"][where] = stored["pooled"]
+            self.file["tokens"][where] = stored["tokens"]
             self.file["mask"][where] = mask[order].astype(bool, copy=False)
             if split is not None:
-                self.file["split"][where] = split[order].astype(np.float32, copy=False)
+                self.file["split"][where] = stored["split"]
             self.file["done"][rows] = 1
             self.file.flush()
         except H5_ERRORS as err:
@@ -354,18 +383,31 @@ class FeatureSet:
             notes = json.loads(f.attrs.get("notes", "{}"))
             return cls(Path(path), _read_fingerprint(f), f["guid"].asstr()[:].tolist(), shapes, notes)
 
+    def require_rows_of(self, guids: list[str], manifest_path: Path) -> None:
+        """Row i of a set is row i of the manifest: checked by guid at every use, so a manifest
+        edited by hand (a row removed, rows reordered) never pairs items with others' features."""
+        if self.guids != list(guids):
+            where = next((i for i, (a, b) in enumerate(zip(self.guids, guids)) if a != b), min(len(guids),
+                                                                                              len(self.guids)))
+            raise CacheError(f"{manifest_path}: its rows no longer match feature set {self.name} ({len(guids)} rows "
+                             f"against {len(self.guids)}, first difference at row {where}); rerun `msa extract` "
+                             "to rebuild the manifest from the data")
+
     def load(self, part: str, rows: np.ndarray | None = None) -> np.ndarray:
         """Read one part (`pooled`, `tokens`, `mask` or `split`), all rows or the given ones."""
         try:
             with h5py.File(self.path, "r") as f:
                 if rows is None:
-                    return f[part][:]
-                order = np.argsort(rows)
-                out = np.empty((len(rows), *f[part].shape[1:]), dtype=f[part].dtype)
-                out[order] = f[part][np.asarray(rows)[order]]
-                return out
+                    out = f[part][:]
+                else:
+                    order = np.argsort(rows)
+                    out = np.empty((len(rows), *f[part].shape[1:]), dtype=f[part].dtype)
+                    out[order] = f[part][np.asarray(rows)[order]]
         except H5_ERRORS as err:
             raise damaged_error(self.path, f"damaged in '{part}' ({str(err).splitlines()[0]})") from None
+        names = self.guids if rows is None else [self.guids[r] for r in rows]
+        require_finite(out, f"{self.path} ('{part}')", names)
+        return out
 
 
 def find_feature_set(cache_dir: Path, name: str) -> FeatureSet:

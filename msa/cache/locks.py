@@ -7,11 +7,13 @@ hears "another process is writing NAME" instead of touching the other's files.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from msa.cache.errors import BusyError
+from msa.cache.errors import BusyError, CacheError
 
 LOCK_DIR = ".locks"
 
@@ -20,15 +22,46 @@ def lock_path(cache: Path, name: str) -> Path:
     return Path(cache) / LOCK_DIR / f"{name}.lock"
 
 
-def acquire(path: Path, what: str) -> FileLock:
-    """Hold the lock at `path` now, or raise BusyError naming `what`; release with .release()."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def not_writable(path: Path, err: OSError) -> CacheError:
+    return CacheError(f"{Path(path).parent}: not writable ({err.strerror}); msa writes its locks and results "
+                      "there, so give write access or copy the cache elsewhere (reading works as it is)")
+
+
+@contextlib.contextmanager
+def writable_here(path: Path):
+    """A lock file that cannot be made (a read-only cache) is a one-line error, not a traceback."""
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise BusyError(f"another process is writing {what}; wait for it to finish") from None
+        yield
+    except OSError as err:
+        if err.errno in NOT_WRITABLE:
+            raise not_writable(path, err) from None
+        raise
+
+
+def acquire(path: Path, what: str, timeout: float = 0) -> FileLock:
+    """Hold the lock at `path` now (or within `timeout` seconds, -1: wait), or raise BusyError
+    naming `what`; release with .release()."""
+    with writable_here(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise BusyError(f"another process is writing {what}; wait for it to finish") from None
     return lock
+
+
+@contextlib.contextmanager
+def held(path: Path, what: str, timeout: float = -1):
+    """The lock at `path` for the length of a with block (waiting for it by default)."""
+    lock = acquire(path, what, timeout)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def set_lock(cache: Path, name: str) -> FileLock:
@@ -45,4 +78,6 @@ def is_busy(cache: Path, name: str) -> bool:
         acquire(path, name).release()
     except BusyError:
         return True
+    except CacheError:  # a read-only cache: nobody can be writing in it
+        return False
     return False

@@ -28,7 +28,7 @@ from msa.cache.features import (
     published_files,
     set_name,
 )
-from msa.cache.locks import is_busy, set_lock
+from msa.cache.locks import is_busy, set_lock, writable_here
 from msa.cache.manifest import read_manifest
 
 
@@ -106,6 +106,9 @@ def _feature_file_garbage(path: Path, manifest_id: str | None) -> str | None:
     problem = problem_of(path)
     if problem:
         return f"damaged: {problem}"
+    merged = path.with_name(f"{set_name(path)}.h5")
+    if ".shard-" in path.name and merged.is_file() and not problem_of(merged):
+        return "shard of a set merged already"
     with h5py.File(path, "r") as f:
         recorded = _read_fingerprint(f).get("manifest_id")
     if manifest_id and recorded != manifest_id:
@@ -118,7 +121,8 @@ def collect(cache: Path, dry_run: bool) -> list[Finding]:
     found = garbage(cache)
     if not dry_run:
         for finding in found:
-            finding.path.unlink(missing_ok=True)
+            with writable_here(finding.path):
+                finding.path.unlink(missing_ok=True)
     return found
 
 
@@ -219,6 +223,11 @@ def merge_shards(cache_dir: Path, name: str) -> Path:
         raise CacheError(f"shards of {name!r} come from different --shard counts: {sorted(counts)}")
     expected = counts.pop()
     missing = sorted(set(range(expected)) - {int(p.name.split(".shard-")[1].split("-")[0]) for p in shard_files})
+    target = feature_path(cache_dir, name)
+    if target.is_file() and not problem_of(target):  # merged before: what is left of the shards is garbage
+        for shard_file in shard_files:
+            shard_file.unlink()
+        return target
     if missing:
         raise CacheError(f"{name}: shards {missing} of {expected} are not finished yet")
     shards = [FeatureSet.open(p) for p in shard_files]

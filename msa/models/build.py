@@ -46,6 +46,40 @@ def build_model(spec: dict) -> nn.Module:
     return ScaledScore(model, spec["output_scaling"]) if spec["task"] == "regression" else model
 
 
+def model_with_weights(spec: dict, state_dict: dict, where: Path | str) -> nn.Module:
+    """The model of a run's spec holding its weights. A head's spec is first checked against the
+    weights on the meta device (no memory), so a spec that disagrees with them (a hidden size of
+    2e7, weights of another shape) is a named error before anything is allocated."""
+    import torch
+
+    from msa.pipeline.rundir import RunDirError
+
+    try:
+        if spec.get("kind") == "head":
+            with torch.device("meta"):
+                check_shapes(build_model(spec), state_dict, where)
+        model = build_model(spec)
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunDirError(f"{where}: model.json does not describe a model msa can build ({err})") from None
+    check_shapes(model, state_dict, where)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def check_shapes(model: nn.Module, state_dict: dict, where: Path | str) -> None:
+    from msa.pipeline.rundir import RunDirError
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    wrong = [k for k in expected if k in stored and expected[k] != stored[k]]
+    if missing or unexpected or wrong:
+        what = (f"{wrong[0]} is {list(stored[wrong[0]])} in the weights, {list(expected[wrong[0]])} in the spec"
+                if wrong else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise RunDirError(f"{where}: model.json and model.safetensors do not fit together ({what}); "
+                          "train the run again")
+
+
 def is_run_dir(name: str | None) -> bool:
     """True for an msa run directory (its model.json and weights), which can serve as a model."""
     return bool(name) and (Path(name) / "model.json").is_file() and (Path(name) / "model.safetensors").is_file()
@@ -65,8 +99,7 @@ def text_encoder_of_run(run_dir: str) -> TextEncoder:
     state_dict, spec = rundir.load_model(run_dir)
     if spec.get("kind") != "end-to-end":
         raise ConfigError(f"{run_dir}: a {spec.get('kind')} run has no text encoder of its own; use a finetune run")
-    model = build_model(spec)
-    model.load_state_dict(state_dict)
+    model = model_with_weights(spec, state_dict, run_dir)
     text = model.encoders["text"]
     if spec.get("lora_rank"):
         for module in text.model.modules():  # fold each adapter into its linear layer: plain weights again

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from msa.models.text import EncoderLoadError, model_identity
+from msa.models.text import EncoderLoadError, model_identity, refuse_remote_code
 from msa.pipeline.compute import Compute
 from msa.pipeline.config import CaptionConfig, ConfigError
 
@@ -44,9 +44,10 @@ class TransformersCaptioner:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        refuse_remote_code(cfg.model)
         try:
-            self.processor = AutoProcessor.from_pretrained(cfg.model)
-            self.model = BlipForConditionalGeneration.from_pretrained(cfg.model)
+            self.processor = AutoProcessor.from_pretrained(cfg.model, trust_remote_code=False)
+            self.model = BlipForConditionalGeneration.from_pretrained(cfg.model, trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise EncoderLoadError(f"could not load captioning model {cfg.model!r} ({err}). Without access "
                                    "to the model hub, pass a local BLIP directory to --model.") from err

@@ -37,9 +37,19 @@ def create_head(name: str, dims: dict[str, ModalityDims], num_classes: int, hidd
     return cls(dims, num_classes, hidden, dropout, **{k: options[k] for k in cls.options if k in options})
 
 
-def check_head(name: str) -> str:
+def check_head(name: str, modalities: list[str] | None = None) -> str:
+    """The head's name if it exists and (given the modalities it would read) has enough of them."""
     if name not in HEADS:
-        raise ConfigError(f"unknown fusion head {name!r}; known: {', '.join(sorted(HEADS))}")
+        import difflib
+
+        close = difflib.get_close_matches(name, list(HEADS), n=1)
+        raise ConfigError(f"unknown fusion head {name!r}{f'; did you mean {close[0]}?' if close else ''} "
+                          f"(known: {', '.join(sorted(HEADS))})")
+    needed = HEADS[name].min_modalities
+    if modalities is not None and len(modalities) < needed:
+        raise ConfigError(f"--fusion {name} needs {needed} modalities and the run reads "
+                          f"{len(modalities)} ({', '.join(modalities) or 'none'}); choose another head or "
+                          "extract the missing modality")
     return name
 
 
@@ -108,6 +118,7 @@ class FusionHead(nn.Module):
 
     uses_tokens = False  # reads token-level features (else pooled only)
     needs_aligned = False  # its modalities share one time axis (checked before training)
+    min_modalities = 1  # the modalities it reads by role (text and image tokens: 2)
     options: tuple[str, ...] = ()  # run options its constructor takes by keyword
     # Measured on MVSA, 2 CPU cores, 20 epochs: concat 6.0 s at 64 and 4.6 s at 128 (same
     # macro-F1); co-attn 57 s at 64 and 70 s at 128 (longer batches carry more padding).
@@ -142,6 +153,7 @@ class TextOnlyHead(UnimodalHead):
 @register_head("image-only")
 class ImageOnlyHead(UnimodalHead):
     modality_index = 1
+    min_modalities = 2
 
 
 @register_head("concat")
@@ -254,6 +266,7 @@ class CrossAttentionHead(FusionHead):
     """The text's pooled feature queries the image tokens (multi-head attention)."""
 
     uses_tokens = True
+    min_modalities = 2
     default_batch_size = 64
 
     def __init__(self, dims, num_classes, hidden, dropout, heads: int = 4):
@@ -277,6 +290,7 @@ class TokenPairHead(FusionHead):
     two modalities in those roles, each projected to `width` = hidden // 2."""
 
     uses_tokens = True
+    min_modalities = 2
     default_batch_size = 64
 
     def __init__(self, dims, num_classes, hidden, dropout):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 
 from msa.cache.fingerprint import file_digest
@@ -67,15 +67,20 @@ class ImagePreprocess:
         return torch.addcmul(-mean / std, batch, 1 / (255 * std))
 
 
+# Viewers turn a photo by its EXIF orientation, and annotators labelled what they saw: so do we.
+EXIF_ORIENTATION = 0x0112
+
+
 def decode_rgb(path: str, short_side: int) -> torch.Tensor:
     """uint8 `[3, H, W]` as PIL's JPEG draft mode decodes it for `short_side`: at the largest
-    1/2^k scale (k <= 3) that keeps both sides >= short_side.
+    1/2^k scale (k <= 3) that keeps both sides >= short_side, turned upright by its EXIF orientation.
 
     JPEGs go through simplejpeg (libjpeg-turbo, as in PIL) at that same scale: the same pixels
     (tested) in 0.65 instead of 0.85 ms for an MVSA photo, without PIL's per-image overhead.
-    Other formats, CMYK JPEGs and those simplejpeg refuses (damaged but readable) go through PIL."""
+    Other formats, CMYK JPEGs, turned JPEGs and those simplejpeg refuses (damaged but readable)
+    go through PIL."""
     data = Path(path).read_bytes()
-    if data[:2] == b"\xff\xd8":
+    if data[:2] == b"\xff\xd8" and _orientation(data) == 1:
         try:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
             if colorspace not in ("YCbCr", "Gray"):  # CMYK comes out 1 level off PIL's: leave it to PIL
@@ -90,7 +95,30 @@ def decode_rgb(path: str, short_side: int) -> torch.Tensor:
             pass
     with Image.open(io.BytesIO(data)) as img:
         img.draft("RGB", (short_side, short_side))
-        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+        upright = ImageOps.exif_transpose(img)
+        return torch.from_numpy(rgb_array(upright)).permute(2, 0, 1)
+
+
+def _orientation(data: bytes) -> int:
+    """The EXIF orientation of a JPEG (1: upright), read from its header only."""
+    if b"Exif" not in data[:65536]:
+        return 1
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # an unreadable EXIF block: the pixels are still the pixels
+        return 1
+
+
+def rgb_array(img: Image.Image) -> np.ndarray:
+    """uint8 RGB of any PIL mode. 16- and 32-bit images are scaled to 8 bits: PIL's own convert
+    clips them, and a 16-bit grey photo comes out nearly white."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(img, dtype=np.float32)
+        top = 255.0 if values.max(initial=0) <= 255 else 65535.0 if values.max() <= 65535 else float(values.max())
+        grey = np.clip(np.nan_to_num(values) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(img.convert("RGB"))
 
 
 class ImageEncoder(nn.Module):

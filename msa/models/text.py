@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,27 @@ def model_identity(name: str) -> str:
         return "revision:unknown"
 
 
+# Keys by which a model directory asks transformers to import Python files it carries.
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+def refuse_remote_code(model_dir: str) -> None:
+    """A local model directory whose configs ask to run its own code is refused before
+    transformers sees it (which would ask on stdin, and run it on a `y`)."""
+    directory = Path(model_dir)
+    if not directory.is_dir():
+        return
+    for config in sorted(directory.glob("*.json")):
+        try:
+            record = json.loads(config.read_text(encoding="utf-8", errors="replace"))
+        except (OSError, ValueError):
+            continue  # not JSON: transformers says so when it reads it
+        asks = [key for key in REMOTE_CODE_KEYS if isinstance(record, dict) and key in record]
+        if asks:
+            raise EncoderLoadError(f"{config}: the model directory asks to run its own code ({asks[0]}); msa never "
+                                   "runs code from a model directory: use a model transformers knows natively")
+
+
 class TextEncoder(nn.Module):
     """Tokenises and encodes texts into token features `[B, L, D]` and a pooled `[B, D]`."""
 
@@ -51,9 +73,10 @@ class TextEncoder(nn.Module):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # msa shows its own progress; one bar per load is noise
+        refuse_remote_code(model_name)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_name)
-            self.model = AutoModel.from_pretrained(model_name)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=False)
+            self.model = AutoModel.from_pretrained(model_name, trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise EncoderLoadError(
                 f"could not load text model {model_name!r} ({err}). Without access to the "

@@ -4,9 +4,13 @@ field, with the field's comment as its help and a Literal's values as its choice
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -23,7 +27,6 @@ OutputScaling = Literal["tanh", "sigmoid"]
 ImageAug = Literal["none", "weak", "strong"]
 Split = Literal["test", "val", "train", "all"]
 SweepBackend = Literal["local", "ray"]
-LayerCount = int | Literal["all"]  # top layers or stages of an encoder: a number, or all of them
 
 
 def layer_count(value: int | str | None) -> int | str | None:
@@ -47,25 +50,137 @@ class ConfigError(ValueError):
     """An option value that cannot work (a bad choice, a missing split); the message names the option."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a number option may take, stated beside its field: `Annotated[int, Range(1)]`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded (a rate must be > 0)
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        return " and ".join(p for p in (low, high) if p)
+
+
+# The ranges options share; a field's Annotated metadata says which applies.
+Positive = Range(1)  # counts: epochs, batch sizes, widths
+NonNegative = Range(0)
+Rate = Range(0, low_open=True)  # learning rates
+Share = Range(0, 1)  # ratios and weights in [0, 1]
+Probability = Range(0, 1, high_open=True)  # dropouts: 1 would drop everything
+Decay = Range(0, 1, low_open=True)  # a factor per layer
+Count = Annotated[int, Positive]
+NonNegativeInt = Annotated[int, NonNegative]
+PositiveFloat = Annotated[float, Rate]
+NonNegativeFloat = Annotated[float, NonNegative]
+Fraction = Annotated[float, Probability]
+Ratio = Annotated[float, Share]
+DecayFactor = Annotated[float, Decay]
+LayerCount = NonNegativeInt | Literal["all"]  # top layers or stages of an encoder: a number, or all
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def why(err: ConfigError) -> str:
+    """What an option must be, from its error: `must be >= 1`."""
+    return str(err).split(" ", 1)[-1].rsplit(", got ", 1)[0].removeprefix("must be ")
+
+
+TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+def check_value(field: str, hint: Any, value: Any) -> None:
+    """One option's value against its declared type, choices and range (ConfigError naming it)."""
+    bounds = None
+    if typing.get_origin(hint) is Annotated:
+        hint, *extras = typing.get_args(hint)
+        bounds = next((e for e in extras if isinstance(e, Range)), None)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return check_value(field, option, value)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[-1] if len(errors) == 1 else ConfigError(
+            f"{option_name(field)} must be {' or '.join(why(e) for e in errors)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{option_name(field)} must be one of {', '.join(map(str, args))}, "
+                              f"got {value!r}{hint_text}")
+        return
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            raise ConfigError(f"{option_name(field)} must be a list, got {value!r}")
+        for item in value:
+            check_value(field, Annotated[args[0], bounds] if bounds else args[0], item)
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{option_name(field)} must be a mapping, got {value!r}")
+        return
+    if hint is Path:
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError(f"{option_name(field)} must be a path, got {value!r}")
+        return
+    if hint in (bool, str, int, float):
+        # bool is an int to Python, but `--epochs true` is a mistake, not one epoch
+        exact = type(value) is hint or (hint is float and type(value) is int)
+        if not exact:
+            raise ConfigError(f"{option_name(field)} must be {TYPE_NAMES[hint]}, got {value!r}")
+        if hint is float and not math.isfinite(value):
+            raise ConfigError(f"{option_name(field)} must be a finite number, got {value!r}")
+        if bounds and hint is not bool and not bounds.admits(value):
+            raise ConfigError(f"{option_name(field)} must be {bounds}, got {value!r}")
+        return
+    if dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+        raise ConfigError(f"{field} must be a {hint.__name__}, got {type(value).__name__}")
+
+
+class Checked:
+    """A stage config checked when made: every field against its type, choices and range, in
+    one place, so that a bad option stops a command before it writes anything."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self), include_extras=True)
+        for field in dataclasses.fields(self):
+            check_value(field.name, hints[field.name], getattr(self, field.name))
+
+
 @dataclasses.dataclass
-class ExtractConfig:
+class ExtractConfig(Checked):
     data: Path  # MVSA folder: train.txt, test_without_label.txt, data/{guid}.txt|jpg
     cache: Path = Path("msa-cache")  # one cache directory per data set
     text_model: str = "roberta-base"  # HF hub id or local model directory
-    max_len: int = 128  # tokens kept per text (longer texts are truncated)
+    max_len: Count = 128  # tokens kept per text (longer texts are truncated)
     pooling: Pooling = "mean"  # how the pooled text feature is made
-    pool_layers: int = 1  # the pooled text feature averaged over the last K layers (1: the last only)
+    pool_layers: Count = 1  # the pooled text feature averaged over the last K layers (1: the last only)
     image_model: str = "resnet50"  # torchvision name or timm:NAME
     image_weights: str | None = None  # local state dict instead of downloaded weights
     on_bad_image: OnBadImage = "blank"  # blank: a mean-colour image and a flag; skip: leave the item out
     on_duplicate: OnDuplicate = "first-if-same"  # a guid listed twice; first-if-same: conflicting labels stop
-    val_ratio: float = 0.2  # stratified share of labelled items held out for validation
+    val_ratio: Fraction = 0.2  # stratified share of labelled items held out for validation
     split_seed: int = 42  # seed of the stratified train/val split
     device: Device = "auto"  # auto: cuda when there is one
     precision: Precision = "auto"  # auto: on CPU the fastest of fp32/bf16 (and compile) measured here; CUDA: bf16/fp16
     compile: bool = False  # always torch.compile the image encoder (else: from 1,000 images on CPU, if measured faster)
-    batch_size: int = 32  # items per encoder batch
-    limit: int | None = None  # only the first N listed items: a quick trial
+    batch_size: Count = 32  # items per encoder batch
+    limit: Count | None = None  # only the first N listed items: a quick trial
     shard: str | None = None  # "i/n": encode the i-th of n disjoint shares (0-based); join with `msa cache merge`
     modalities: tuple[str, ...] = ("text", "image")  # which feature sets to build
     text_source: TextSource = "raw"  # raw+caption: post text <sep> caption (captions from `msa caption`)
@@ -78,20 +193,20 @@ TEXT_SOURCES = get_args(TextSource)
 
 
 @dataclasses.dataclass
-class CaptionConfig:
+class CaptionConfig(Checked):
     data: Path  # MVSA folder, as for extract
     cache: Path = Path("msa-cache")  # captions go to CACHE/captions/, beside the feature sets
     backend: Backend = "transformers"  # lavis runs in its own Python environment (see README)
     model: str = "Salesforce/blip-image-captioning-base"  # HF id or local dir; lavis: base_coco | large_coco
-    batch_size: int = 16  # images per generate call
-    num_beams: int = 1  # 1: greedy; more: beam search
-    max_new_tokens: int = 20  # the longest caption, in tokens
+    batch_size: Count = 16  # images per generate call
+    num_beams: Count = 1  # 1: greedy; more: beam search
+    max_new_tokens: Count = 20  # the longest caption, in tokens
     prompt: str | None = None  # e.g. "a picture of": conditions the caption, stripped from the stored text
     device: Device = "auto"  # auto: cuda when there is one
     precision: Precision = "auto"  # auto: on CPU BLIP's weights in the faster of fp32/bf16 measured here; CUDA: fp16
     compile: bool | None = None  # torch.compile the vision encoder; None: when 200+ images are pending on CPU
     lavis_python: str | None = None  # the interpreter of the environment lavis is installed in
-    limit: int | None = None  # only the first N listed items
+    limit: Count | None = None  # only the first N listed items
 
 
 def to_json(config: Any) -> dict:
@@ -116,44 +231,44 @@ def default(config_class: type, field: str) -> Any:
 
 
 @dataclasses.dataclass
-class TrainHeadConfig:
+class TrainHeadConfig(Checked):
     cache: Path = Path("msa-cache")  # a cache written by `msa extract`
     fusion: str = "concat"  # the fusion head, a name from msa.models.heads.HEADS
     features: tuple[str, ...] = ()  # feature set names, picking a set where a modality has several
     out: Path | None = None  # run directory (must be new); default runs/<fusion>-seed<seed>-<time>
-    epochs: int = 20  # the most epochs (early stopping may end sooner)
-    batch_size: int | None = None  # default: the head's own (128 pooled, 64 token-level, 32 sequence)
-    lr: float = 1e-3  # learning rate (when nothing is unfrozen)
-    weight_decay: float = 0.01  # AdamW's
-    warmup_ratio: float = 0.1  # share of steps with a linear warm-up, then cosine decay
-    dropout: float = 0.1  # dropout in the head
-    hidden: int = 256  # width of the head
+    epochs: Count = 20  # the most epochs (early stopping may end sooner)
+    batch_size: Count | None = None  # default: the head's own (128 pooled, 64 token-level, 32 sequence)
+    lr: PositiveFloat = 1e-3  # learning rate (when nothing is unfrozen)
+    weight_decay: NonNegativeFloat = 0.01  # AdamW's
+    warmup_ratio: Ratio = 0.1  # share of steps with a linear warm-up, then cosine decay
+    dropout: Fraction = 0.1  # dropout in the head
+    hidden: Count = 256  # width of the head
     seed: int = 0  # seeds the initialisation and the batch order
     task: Task = "auto"  # auto: regression where items carry float scores; classification-2/-7: classes of scores
     modalities: tuple[str, ...] = ()  # a subset of the cache's modalities; default: every modality it holds
     sequence_encoder: SequenceEncoder = "lstm"  # per-modality encoder of the sequence heads
     output_scaling: OutputScaling = "tanh"  # how a regression output is bounded to [-3, 3]
     loss: Loss | None = None  # default ce (classification), l1 (regression)
-    class_weights: tuple[float, ...] | None = None  # weighted-ce/focal, in class order; default: inverse frequency
-    label_smoothing: float = 0.0  # of the cross-entropy targets
-    focal_gamma: float = 2.0  # the focal loss's exponent
-    rdrop_alpha: float = 0.0  # R-Drop: weight of the KL between two dropout passes (0: off)
-    modality_dropout: float = 0.0  # per-sample probability of zeroing one modality in training
-    aux_weight: float = 0.1  # weight of a head's auxiliary loss (the aligned head's contrastive term)
+    class_weights: tuple[PositiveFloat, ...] | None = None  # weighted-ce/focal, in class order; default: 1/frequency
+    label_smoothing: Fraction = 0.0  # of the cross-entropy targets
+    focal_gamma: NonNegativeFloat = 2.0  # the focal loss's exponent
+    rdrop_alpha: NonNegativeFloat = 0.0  # R-Drop: weight of the KL between two dropout passes (0: off)
+    modality_dropout: Fraction = 0.0  # per-sample probability of zeroing one modality in training
+    aux_weight: NonNegativeFloat = 0.1  # weight of a head's auxiliary loss (the aligned head's contrastive term)
     select: Select | None = None  # the val metric that picks the epoch; default macro_f1 (regression: mae)
-    patience: int = 5  # epochs without improvement before stopping
+    patience: Count = 5  # epochs without improvement before stopping
     precision: Precision = "auto"  # auto: bf16 autocast where a few timed training steps say it is faster
     # Unfrozen encoder tops, run on the split activations cached by extract (0: features only).
     unfreeze_text_layers: LayerCount = 0  # train the top K text layers, or all (needs extract --text-split-layer K)
     unfreeze_image_stages: LayerCount = 0  # train the last K image stages, or all (needs extract --image-split-stage K)
-    lr_encoder: float = 1e-5  # learning rate of unfrozen encoder layers (the top one, with --layer-decay)
-    layer_decay: float = 1.0  # each text layer below the top learns at this times the rate of the one above
-    lr_fusion: float = 5e-5  # of the head's fusion layers, when something is unfrozen
-    lr_head: float = 1e-4  # of the classifier, when something is unfrozen
-    grad_accum: int = 1  # batches per optimizer step
-    grad_clip: float = 0.0  # max gradient norm (0: off)
+    lr_encoder: PositiveFloat = 1e-5  # learning rate of unfrozen encoder layers (the top one, with --layer-decay)
+    layer_decay: DecayFactor = 1.0  # each text layer below the top learns at this times the rate of the one above
+    lr_fusion: PositiveFloat = 5e-5  # of the head's fusion layers, when something is unfrozen
+    lr_head: PositiveFloat = 1e-4  # of the classifier, when something is unfrozen
+    grad_accum: Count = 1  # batches per optimizer step
+    grad_clip: NonNegativeFloat = 0.0  # max gradient norm (0: off)
     device: Device = "auto"  # auto: cuda when there is one
-    folds: int = 0  # K >= 2: K-fold cross-validation over every labelled item (0: the extract's val split)
+    folds: NonNegativeInt = 0  # K >= 2: K-fold cross-validation over every labelled item (0: the extract's val split)
     refit: bool = False  # then train again on train+val for the selected epochs, into RUN/refit (what predict uses)
 
 
@@ -163,58 +278,58 @@ def _shared(config_class: type, field: str) -> Any:
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
+class FinetuneConfig(Checked):
     data: Path  # MVSA folder
     out: Path | None = None  # run directory; default runs/finetune-<fusion>-seed<seed>-<time>
     text_model: str = _shared(ExtractConfig, "text_model")  # HF hub id or local model directory
-    max_len: int = _shared(ExtractConfig, "max_len")  # tokens kept per text
+    max_len: Count = _shared(ExtractConfig, "max_len")  # tokens kept per text
     pooling: Pooling = _shared(ExtractConfig, "pooling")  # how the pooled text feature is made
     image_model: str = _shared(ExtractConfig, "image_model")  # torchvision name or timm:NAME
     image_weights: str | None = None  # local state dict instead of downloaded weights
     fusion: str = _shared(TrainHeadConfig, "fusion")  # the fusion head, a name from msa.models.heads.HEADS
-    hidden: int = _shared(TrainHeadConfig, "hidden")  # width of the head
-    dropout: float = _shared(TrainHeadConfig, "dropout")  # dropout in the head
+    hidden: Count = _shared(TrainHeadConfig, "hidden")  # width of the head
+    dropout: Fraction = _shared(TrainHeadConfig, "dropout")  # dropout in the head
     unfreeze_text_layers: LayerCount = 2  # top transformer layers trained, or all (the embeddings stay frozen)
-    lora_rank: int = 0  # LoRA adapters of this rank in every text layer (0: none), trained at --lr-encoder
+    lora_rank: NonNegativeInt = 0  # LoRA adapters of this rank in every text layer (0: none), trained at --lr-encoder
     lora_targets: tuple[str, ...] = ()  # the linear layers adapted; default: the attention projections
     unfreeze_image_stages: LayerCount = 1  # last stages trained, or all (ResNet: layer4)
-    lr_encoder: float = _shared(TrainHeadConfig, "lr_encoder")  # learning rate of the unfrozen encoder layers
-    layer_decay: float = _shared(TrainHeadConfig, "layer_decay")  # a text layer learns at this times the rate above it
-    lr_fusion: float = _shared(TrainHeadConfig, "lr_fusion")  # of the head's fusion layers
-    lr_head: float = _shared(TrainHeadConfig, "lr_head")  # of the classifier
-    weight_decay: float = _shared(TrainHeadConfig, "weight_decay")  # AdamW's
-    warmup_ratio: float = _shared(TrainHeadConfig, "warmup_ratio")  # share of steps warming up, then cosine decay
-    epochs: int = 5  # an epoch end to end costs what a whole cached run does
-    batch_size: int = 16  # items per step (times --grad-accum)
-    grad_accum: int = _shared(TrainHeadConfig, "grad_accum")  # batches per optimizer step
-    grad_clip: float = 1.0  # max gradient norm (0: off)
+    lr_encoder: PositiveFloat = _shared(TrainHeadConfig, "lr_encoder")  # learning rate of the unfrozen encoder layers
+    layer_decay: DecayFactor = _shared(TrainHeadConfig, "layer_decay")  # a text layer's rate: this times the one above
+    lr_fusion: PositiveFloat = _shared(TrainHeadConfig, "lr_fusion")  # of the head's fusion layers
+    lr_head: PositiveFloat = _shared(TrainHeadConfig, "lr_head")  # of the classifier
+    weight_decay: NonNegativeFloat = _shared(TrainHeadConfig, "weight_decay")  # AdamW's
+    warmup_ratio: Ratio = _shared(TrainHeadConfig, "warmup_ratio")  # share of steps warming up, then cosine decay
+    epochs: Count = 5  # an epoch end to end costs what a whole cached run does
+    batch_size: Count = 16  # items per step (times --grad-accum)
+    grad_accum: Count = _shared(TrainHeadConfig, "grad_accum")  # batches per optimizer step
+    grad_clip: NonNegativeFloat = 1.0  # max gradient norm (0: off)
     loss: Loss | None = None  # ce | weighted-ce | focal (default ce)
-    class_weights: tuple[float, ...] | None = None  # weighted-ce/focal, in class order; default: inverse frequency
-    label_smoothing: float = _shared(TrainHeadConfig, "label_smoothing")  # of the cross-entropy targets
-    focal_gamma: float = _shared(TrainHeadConfig, "focal_gamma")  # the focal loss's exponent
-    rdrop_alpha: float = _shared(TrainHeadConfig, "rdrop_alpha")  # R-Drop: weight of the KL between two passes
+    class_weights: tuple[PositiveFloat, ...] | None = None  # weighted-ce/focal, in class order; default: 1/frequency
+    label_smoothing: Fraction = _shared(TrainHeadConfig, "label_smoothing")  # of the cross-entropy targets
+    focal_gamma: NonNegativeFloat = _shared(TrainHeadConfig, "focal_gamma")  # the focal loss's exponent
+    rdrop_alpha: NonNegativeFloat = _shared(TrainHeadConfig, "rdrop_alpha")  # R-Drop: weight of the KL of two passes
     select: Select | None = None  # the val metric that picks the epoch: macro_f1 | accuracy | loss (default macro_f1)
-    patience: int = 3  # epochs without improvement before stopping
+    patience: Count = 3  # epochs without improvement before stopping
     seed: int = _shared(TrainHeadConfig, "seed")  # seeds the initialisation, the batch order and augmentation
     image_aug: ImageAug = "none"  # weak: crop, flip, colour jitter; strong: weak + RandAugment
     clean_text: bool = False  # drop URLs and @mentions, unwrap #tags, collapse whitespace
-    val_ratio: float = _shared(ExtractConfig, "val_ratio")  # the split `msa extract` makes with this ratio and seed
+    val_ratio: Fraction = _shared(ExtractConfig, "val_ratio")  # the split `msa extract` makes with this ratio and seed
     split_seed: int = _shared(ExtractConfig, "split_seed")  # seed of the stratified train/val split
     on_bad_image: OnBadImage = _shared(ExtractConfig, "on_bad_image")  # blank | skip | fail
     on_duplicate: OnDuplicate = _shared(ExtractConfig, "on_duplicate")  # a guid listed twice
-    limit: int | None = None  # only the first N listed items: a quick trial
+    limit: Count | None = None  # only the first N listed items: a quick trial
     device: Device = _shared(ExtractConfig, "device")  # auto: cuda when there is one
     precision: Precision = _shared(ExtractConfig, "precision")  # AMP; auto: CUDA bf16/fp16, CPU the faster measured
 
 
 @dataclasses.dataclass
-class SweepConfig:
+class SweepConfig(Checked):
     base: TrainHeadConfig  # every run starts from this config
     out: Path = Path("runs/sweep")  # one sub-directory per run, results.csv/parquet here; a sweep's resumes
     fusions: tuple[str, ...] = ("concat",)  # heads, comma-separated
     seeds: tuple[int, ...] = (0, 1, 2)  # seeds, comma-separated
     grid: dict[str, tuple] = dataclasses.field(default_factory=dict)  # TrainHeadConfig field -> values
-    workers: int = 1  # processes sharing the CPU threads (2 cores: 12 pooled-head runs 30.8 s -> 26.8 s)
+    workers: Count = 1  # processes sharing the CPU threads (2 cores: 12 pooled-head runs 30.8 s -> 26.8 s)
     backend: SweepBackend = "local"  # local: worker processes here; ray: tasks on a Ray cluster (msa[ray])
     address: str | None = None  # the Ray cluster's address (auto, ray://HOST:10001); default: start one here
 
@@ -223,7 +338,7 @@ SPLITS = get_args(Split)
 
 
 @dataclasses.dataclass
-class PredictConfig:
+class PredictConfig(Checked):
     run: Path  # a run directory from train-head or finetune
     data: Path | None = None  # raw MVSA data; default: the data the run was trained on
     split: Split = "test"  # which items to predict
@@ -235,7 +350,7 @@ class PredictConfig:
 
 
 @dataclasses.dataclass
-class EvaluateConfig:
+class EvaluateConfig(Checked):
     run: Path  # the run to evaluate
     data: Path | None = None  # new MVSA data to score (extracted as predict does); default: the run's own
     labels: Path | None = None  # a guid,tag file; default: the run's val predictions, or --data's labelled items

@@ -27,6 +27,13 @@ ON_BAD_IMAGE = ("skip", "blank", "fail")
 # first-if-same: keep the first of duplicates that agree, stop where their labels conflict.
 ON_DUPLICATE = ("first-if-same", "first", "error")
 BAD_ITEMS_FILE = "bad_items.csv"
+# Bounds on what one item may cost. A post is a few hundred bytes: the first 64 KiB of a text are
+# kept (flagged long_text), never 50 MB. An image may hold at most 64 megapixels (a 16 KB JPEG can
+# declare 65000x65000) and a side at most 20 times the other (a 65000x2 strip resized to the
+# encoder's short side would need gigabytes).
+MAX_TEXT_BYTES = 64 * 1024
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_IMAGE_ASPECT = 20
 
 
 class DataError(ValueError):
@@ -76,25 +83,40 @@ def decode_text(raw: bytes) -> tuple[str, str]:
 def check_image(path: Path) -> str | None:
     """Return None if the image decodes, else the flag naming what is wrong.
 
-    Decodes in JPEG draft mode (1/8 scale), which still reads every byte, so truncated
-    files are caught for about a millisecond per image.
+    The size comes from the header first (no pixel is decoded for a bomb), then the file is
+    decoded in JPEG draft mode (1/8 scale), which still reads every byte, so truncated files
+    are caught for about a millisecond per image.
     """
     if not path.is_file():
         return "missing_image"
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_ASPECT * max(1, min(width, height)):
+                return "oversized_image"
             img.draft("RGB", (32, 32))
             img.load()
+    except Image.DecompressionBombError:
+        return "oversized_image"
     except Exception:  # PIL raises many types for bad files; all mean the same here
         return "corrupt_image"
     return None
 
 
+def inside(root: Path, path: Path) -> bool:
+    """Whether `path`, its links followed, lies in `root`: msa reads nothing outside the inputs it was given."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
 def read_label_file(path: Path, labelled: bool) -> list[tuple[str, str | None, int]]:
     """Parse a `guid,tag` file into (guid, label, line number) rows."""
     rows = []
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        lines = f.read().splitlines()
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line_no = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line_no}: not UTF-8 (byte {err.object[err.start]:#04x}); guids and labels "
+                        "must be plain text") from None
     if not lines or [c.strip().lower() for c in lines[0].split(",")] != ["guid", "tag"]:
         raise DataError(f"{path}:1: expected the header 'guid,tag', got {lines[:1]!r}")
     for line_no, line in enumerate(lines[1:], start=2):
@@ -104,6 +126,8 @@ def read_label_file(path: Path, labelled: bool) -> list[tuple[str, str | None, i
         if len(parts) != 2 or not parts[0]:
             raise DataError(f"{path}:{line_no}: expected 'guid,tag', got {line!r}")
         guid, tag = parts
+        if [guid.lower(), tag.lower()] == ["guid", "tag"]:
+            raise DataError(f"{path}:{line_no}: a second header line (files joined together?); remove it")
         check_guid(guid, f"{path}:{line_no}")
         label: str | None = None
         if labelled:
@@ -146,6 +170,9 @@ def read_mvsa(data_dir: Path, on_bad_image: str = "blank", on_duplicate: str = "
         if not label_path.is_file():
             report.notes.append(f"{label_path}: not found, no {source} items")
             continue
+        if not inside(data_dir, label_path):
+            raise DataError(f"{label_path}: a link to {os.path.realpath(label_path)}, outside {data_dir}; msa reads "
+                            "only files inside the data folder")
         for guid, label, line_no in read_label_file(label_path, labelled=source == "train"):
             where = f"{label_path}:{line_no}"
             if guid in first_seen:
@@ -207,18 +234,27 @@ def write_bad_items(report: ReadReport, cache_dir: Path) -> Path:
 def _read_item(data_dir: Path, guid: str, label: str | None, source: str, where: str = "") -> Item:
     flags = []
     text_path = data_dir / "data" / f"{guid}.txt"
-    if text_path.is_file():
-        text, encoding = decode_text(text_path.read_bytes())
+    if text_path.is_file() and not inside(data_dir, text_path):
+        text, encoding = "", "none"
+        flags.append("outside_text")  # a link out of the data folder: never read
+    elif text_path.is_file():
+        with open(text_path, "rb") as f:
+            raw = f.read(MAX_TEXT_BYTES + 1)
+        if len(raw) > MAX_TEXT_BYTES:
+            raw = raw[:MAX_TEXT_BYTES].rsplit(b" ", 1)[0]  # at a space: never half of a character
+            flags.append("long_text")
+        text, encoding = decode_text(raw)
         text = " ".join(text.split())  # posts are one line; newlines and runs of spaces carry nothing
         if encoding == "utf-8-replace":
             flags.append("undecodable_text")
     else:
         text, encoding = "", "none"
         flags.append("missing_text")
-    if not text and "missing_text" not in flags:
+    if not text and not {"missing_text", "outside_text"} & set(flags):
         flags.append("empty_text")
     image_path = data_dir / "data" / f"{guid}.jpg"
-    image_problem = check_image(image_path)
+    image_problem = "outside_image" if image_path.exists() and not inside(data_dir, image_path) \
+        else check_image(image_path)
     if image_problem:
         flags.append(image_problem)
     return Item(guid, label, text, encoding, str(image_path.resolve()), flags, source, where)

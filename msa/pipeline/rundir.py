@@ -31,6 +31,7 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_SPEC = "model.json"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # msa < 0.2: a pickle, never loaded
 VAL_PREDICTIONS = "val_predictions.parquet"
+REFIT_DIR = "refit"  # RUN/refit: the model refit on every label, which predict uses for RUN
 
 
 class RunDirError(RuntimeError):
@@ -91,9 +92,15 @@ def load_model(run_dir: Path) -> tuple[dict, dict]:
                               "when loaded, so msa no longer reads it); train the run again")
         raise RunDirError(f"{run_dir}: no {MODEL_WEIGHTS}; is this a finished msa run?")
     try:
-        return load_file(str(weights)), read_json(run_dir / MODEL_SPEC)
+        state_dict, spec = load_file(str(weights)), read_json(run_dir / MODEL_SPEC)
     except (SafetensorError, OSError, ValueError) as err:
         raise RunDirError(f"{weights}: unreadable ({str(err).splitlines()[0]}); train the run again") from None
+    if not isinstance(spec, dict):
+        raise RunDirError(f"{run_dir / MODEL_SPEC}: not a model spec (a JSON object); train the run again")
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise RunDirError(f"{weights}: {name} holds NaN or infinite values; train the run again")
+    return state_dict, spec
 
 
 def read_json(path: Path) -> dict:
@@ -186,7 +193,16 @@ def write_predictions(path: Path, table: pa.Table) -> None:
 
 
 def is_finished(run_dir: Path) -> bool:
-    return (Path(run_dir) / METRICS).is_file()
+    """Finished when all of it is: metrics.json (written last) and, for a run asked to refit,
+    the refit's own; a run killed between its selection and its refit is unfinished."""
+    run_dir = Path(run_dir)
+    if not (run_dir / METRICS).is_file():
+        return False
+    try:
+        config = read_json(run_dir / CONFIG)
+    except (OSError, ValueError):
+        return False
+    return not (isinstance(config, dict) and config.get("refit")) or (run_dir / REFIT_DIR / METRICS).is_file()
 
 
 def lock_run(run_dir: Path):
@@ -198,24 +214,82 @@ def lock_run(run_dir: Path):
     return acquire(run_dir.parent / f".{run_dir.name}.lock", f"the run directory {run_dir}")
 
 
+MARKER = ".msa-run.json"  # written when msa claims a directory: only what carries it may be replaced
+# What msa writes in a run directory, and so may replace: the names above, the files of plots,
+# folds, refits, predictions and evaluations, and .tmp leftovers of an atomic write.
+OWNED_NAMES = {MARKER, CONFIG, HISTORY, METRICS, AUTOTUNE, MODEL_WEIGHTS, MODEL_SPEC, VAL_PREDICTIONS,
+               "curves.png", "confusion.png", "folds.csv", "last.pt", "log.txt", "tensorboard", REFIT_DIR,
+               "predict-cache", "evaluation"}
+OWNED_PATTERNS = ("fold-*", "predictions-*", "*.tmp", "events.out.tfevents.*")
+OWNED_TREES = {"tensorboard", "predict-cache", "evaluation"}  # made whole by msa: their content is msa's
+
+
+def is_owned_name(name: str) -> bool:
+    import fnmatch
+
+    return name in OWNED_NAMES or any(fnmatch.fnmatch(name, p) for p in OWNED_PATTERNS)
+
+
+def foreign_entries(run_dir: Path) -> list[Path]:
+    """What in a run directory msa did not write (a user's notes, sources): never deleted."""
+    foreign = []
+    for entry in sorted(Path(run_dir).iterdir()):
+        if not is_owned_name(entry.name) or entry.is_symlink():
+            foreign.append(entry)
+        elif entry.is_dir() and entry.name not in OWNED_TREES:
+            foreign += foreign_entries(entry)  # a fold or refit run: msa's names inside too
+    return foreign
+
+
+def marked_kind(run_dir: Path) -> str | None:
+    """The kind of run msa recorded when it claimed this directory, or None if it never did."""
+    try:
+        record = json.loads((Path(run_dir) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("kind") if isinstance(record, dict) and isinstance(record.get("kind"), str) else None
+
+
+def mark(run_dir: Path, kind: str) -> None:
+    write_json(Path(run_dir) / MARKER, {"kind": kind, "note": "made by msa; msa replaces only what it wrote here"})
+
+
+def clear_owned(run_dir: Path) -> None:
+    """Remove what msa wrote in a directory it marked, after checking that nothing else is there."""
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise RunDirError(f"--out {run_dir} holds files msa did not write ({names}); msa never deletes them: "
+                          "move them away or choose another --out")
+    for entry in Path(run_dir).iterdir():
+        if entry.name == MARKER:
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 def claim(run_dir: Path, kind: str, overwrite: bool = False):
     """Take `run_dir` for a new run of `kind` and hold its lock (returned; release it when done).
 
-    Nothing is lost silently: an absent or empty directory is created; one holding an msa run
-    is replaced only with `overwrite`; anything else (a cache, other files) is refused."""
+    Nothing is lost silently: an absent or empty directory is created and marked as msa's; one
+    that msa marked is replaced (only the files msa writes there) with `overwrite`, or without it
+    when its run never finished (a crash or Ctrl-C must not block the rerun); anything else
+    (a cache, a user's folder, a directory msa did not mark) is refused."""
     run_dir = Path(run_dir)
     lock = lock_run(run_dir)
     try:
+        if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+            raise RunDirError(f"--out {run_dir}: not a directory msa made; choose another --out")
         if run_dir.exists() and any(run_dir.iterdir()):
-            recorded = (read_json(run_dir / CONFIG).get("kind") if (run_dir / CONFIG).is_file() else None)
+            recorded = marked_kind(run_dir)
             if recorded is None:
-                raise RunDirError(f"--out {run_dir}: not empty and not an msa run directory; choose another --out")
-            if not overwrite:
-                state = "finished" if is_finished(run_dir) else "unfinished"
-                raise RunDirError(f"--out {run_dir} holds a {state} {recorded} run; pass --overwrite to replace it "
+                raise RunDirError(f"--out {run_dir}: not empty and not an msa run directory (msa marks those it "
+                                  f"makes with {MARKER}); choose another --out")
+            if is_finished(run_dir) and not overwrite:
+                raise RunDirError(f"--out {run_dir} holds a finished {recorded} run; pass --overwrite to replace it "
                                   "or choose another --out")
-            shutil.rmtree(run_dir)
+            clear_owned(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        mark(run_dir, kind)
     except BaseException:
         lock.release()
         raise

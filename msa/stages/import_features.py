@@ -25,6 +25,7 @@ from rich.table import Table
 from msa.cache.features import FeatureWriter, feature_path, is_complete
 from msa.cache.fingerprint import FORMAT_VERSION, config_id, file_digest, slug
 from msa.cache.manifest import SCHEMA, Manifest, write_manifest
+from msa.pipeline.finite import require_finite
 from msa.pipeline.mvsa import DataError
 
 SPLITS = {"train": "train", "valid": "val", "test": "test"}  # pickle key -> manifest split
@@ -67,12 +68,40 @@ def load_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             try:
-                return SafeUnpickler(f).load()
+                data = SafeUnpickler(f).load()
             except UnicodeDecodeError:  # written by Python 2, as some releases of these files are
                 f.seek(0)
-                return SafeUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as err:
+                data = SafeUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError,
+            MemoryError) as err:
         raise DataError(f"{path}: not a readable feature pickle: {err}") from err
+    check_expansion(path, data, budget=EXPANSION_PER_BYTE * path.stat().st_size + 100_000)
+    return data
+
+
+# A pickle refers to an object it built before by a memo index, in a few bytes: a 37 KB file of
+# lists of lists of references expands to billions of values once they become arrays. Real
+# feature files hold arrays (stored byte for byte) and short lists, so every value is paid for
+# in the file: more containers and numbers than this per byte is a bomb, refused before use.
+EXPANSION_PER_BYTE = 4
+
+
+def check_expansion(path: Path, data, budget: int) -> None:
+    """Count what `data` holds, references repeated as often as they occur, up to `budget`."""
+    pending, seen = [data], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if seen > budget:
+            raise DataError(f"{path}: expands to over {budget:,} values from {path.stat().st_size:,} bytes "
+                            "(objects referenced again and again); not a features file msa reads")
+        if isinstance(item, dict):
+            pending.extend(item.values())
+            pending.extend(item.keys())
+        elif isinstance(item, list | tuple | set | frozenset):
+            pending.extend(item)
+        elif isinstance(item, np.ndarray) and item.dtype == object:
+            pending.extend(item.ravel().tolist())
 
 
 def load_arrays(path: Path) -> dict:
@@ -88,7 +117,12 @@ def load_arrays(path: Path) -> dict:
         return data
     import h5py
 
+    from msa.cache.contained import outside_storage, refusal
+
     with h5py.File(path, "r") as f:
+        outside = outside_storage(f)
+        if outside:
+            raise DataError(refusal(path, outside))
         for split, group in f.items():
             if not isinstance(group, h5py.Group):
                 raise DataError(f"{path}: {split!r} is not a group of arrays (train/valid/test)")
@@ -228,6 +262,29 @@ def label_array(path: Path, key: str, name: str, value, n: int) -> np.ndarray:
     return labels.reshape(n)
 
 
+SCORE_RANGE = (-3.0, 3.0)  # sentiment scores as CMU-MOSI/MOSEI give them; the regression heads predict this range
+
+
+def check_labels(path: Path, key: str, split: SplitData) -> None:
+    """Every score finite and in SCORE_RANGE, every id once in its split: else a DataError naming the items."""
+    scores = np.asarray(split.scores, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        raise DataError(f"{path}: split '{key}': {len(bad)} label(s) are NaN or infinite (ids "
+                        f"{', '.join(split.guids[i] for i in bad[:5])})")
+    low, high = SCORE_RANGE
+    out = np.flatnonzero((scores < low) | (scores > high))
+    if len(out):
+        raise DataError(f"{path}: split '{key}': {len(out)} score(s) outside [{low:g}, {high:g}] (id "
+                        f"{split.guids[out[0]]}: {scores[out[0]]:g}); msa's regression heads predict that range")
+    seen: dict[str, int] = {}
+    for i, guid in enumerate(split.guids):
+        if guid in seen:
+            raise DataError(f"{path}: split '{key}': id {guid!r} is listed twice (rows {seen[guid]} and {i}); "
+                            "every item needs its own id")
+        seen[guid] = i
+
+
 def _guid(value) -> str:
     parts = np.ravel(np.asarray(value, dtype=object))
     return "_".join(p.decode() if isinstance(p, bytes) else str(p) for p in parts)
@@ -253,6 +310,8 @@ def run(path: Path, cache: Path) -> ImportResult:
         raise DataError(f"{path}: no {', '.join(repr(k) for k in missing)} split (has: {', '.join(map(str, data))})")
     layout = detect_layout(path, data)
     splits = {key: read_split(path, key, data[key], layout) for key in SPLITS}
+    for key, split in splits.items():
+        check_labels(path, key, split)
     modalities = list(splits["train"].arrays)
     for key, split in splits.items():
         if list(split.arrays) != modalities:
@@ -268,6 +327,10 @@ def run(path: Path, cache: Path) -> ImportResult:
             bad = ~np.isfinite(array)
             nonfinite[SPLITS[key]][name] = int(bad.sum())
             array[bad] = 0.0  # audio features hold +-inf in the distributed files
+            # As stored (float16), checked before any set is written: none is published if one cannot be.
+            with np.errstate(over="ignore"):
+                require_finite(array.astype(np.float16), f"{path}: '{key}/{name}' as stored in float16 (values "
+                               f"past +-65504)", split.guids)
 
     guids = [g for key in SPLITS for g in splits[key].guids]
     if len(set(guids)) != len(guids):  # ids repeat across splits in some releases: keep rows apart

@@ -6,6 +6,7 @@ first, with exactly the encoder configuration recorded with the run's feature se
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 from pathlib import Path
@@ -15,8 +16,8 @@ import torch
 
 from msa.cache.features import CacheError, find_feature_set
 from msa.cache.fingerprint import config_id, slug
-from msa.cache.manifest import build_manifest, read_manifest
-from msa.models.build import build_model
+from msa.cache.manifest import MANIFEST_FILE, build_manifest, read_manifest
+from msa.models.build import model_with_weights
 from msa.pipeline import rundir
 from msa.pipeline.autotune import Variant
 from msa.pipeline.compute import resolve_compute
@@ -29,6 +30,7 @@ from msa.pipeline.config import (
     PredictConfig,
     from_record,
 )
+from msa.pipeline.finite import require_finite
 from msa.pipeline.mvsa import read_mvsa
 from msa.pipeline.progress import ItemProgress
 from msa.pipeline.raw import RawData, raw_batches
@@ -62,8 +64,7 @@ class Predictions:
 def load_run_model(run_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """A run's model, rebuilt from its spec with its weights, in eval mode on the device."""
     state_dict, spec = rundir.load_model(run_dir)
-    model = build_model(spec)
-    model.load_state_dict(state_dict)
+    model = model_with_weights(spec, state_dict, run_dir)
     return model.to(device).eval(), spec
 
 
@@ -76,10 +77,12 @@ def ensure_features(run_dir: Path, data: Path | None, cache: Path | None, device
     run_cache = Path(config["cache"])
     run_data = Path(read_manifest(run_cache).info["data_dir"]) if (run_cache / "manifest.parquet").is_file() else None
     same_data = data is None or (run_data is not None and Path(data).resolve() == run_data)
-    if same_data and cache is None:
+    own_cache = cache is None or Path(cache).resolve() == run_cache.resolve()
+    if same_data and own_cache and run_data is not None:
         return run_cache, {m: info["name"] for m, info in config["feature_sets"].items()}
     if data is None:
-        raise ConfigError("--data is needed: the run's own cache is gone")
+        raise ConfigError(f"--data is needed: the run's cache {run_cache} holds no manifest any more (removed or "
+                          "moved?), so give the data to extract again")
     cache = Path(cache) if cache else Path(run_dir) / "predict-cache"
     names = {}
     for modality, info in config["feature_sets"].items():
@@ -144,6 +147,7 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
         if feature_set.fingerprint.get("manifest_id") != manifest.manifest_id:
             raise CacheError(f"{cache}: its manifest changed since {feature_set.name} was extracted (another "
                              "extract or predict on other data into the same cache?); run predict again")
+        feature_set.require_rows_of(manifest.guids, Path(cache) / MANIFEST_FILE)
     model, spec = models[0]  # the folds differ in weights only
     bank = FeatureBank.load(feature_sets, model.uses_tokens, tuple(spec["unfrozen"]))
     rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
@@ -159,7 +163,7 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
 
 
 def refit_model_dir(run_dir: Path) -> Path:
-    refit = run_dir / "refit"
+    refit = run_dir / rundir.REFIT_DIR
     if not (refit / rundir.METRICS).is_file():
         raise rundir.RunDirError(f"{refit} is unfinished (the refit was stopped); run train-head again with "
                                  "--overwrite, or without --refit")
@@ -193,14 +197,21 @@ def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str
 def write_predictions_file(predictions: Predictions, path: Path, probs: bool = False) -> Path:
     """`guid,tag` with a header, as test_without_label.txt (`guid,score` for regression runs), atomic;
     probs: the class probabilities too (`guid,tag,p_negative,p_neutral,p_positive`)."""
+    # Nothing is written from a NaN: a label argmax'ed from NaN probabilities would look like any other.
+    values = predictions.scores if predictions.scores is not None else predictions.probabilities
+    require_finite(values, "the predictions (NaN from the model's weights or the items' features)",
+                   predictions.guids)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = [TASKS["regression" if predictions.scores is not None else "classification"].prediction_header]
-    rows = [f"{g},{p}" for g, p in zip(predictions.guids, predictions.predicted)]
+    header = TASKS["regression" if predictions.scores is not None else "classification"].prediction_header.split(",")
+    rows = [[g, p] for g, p in zip(predictions.guids, predictions.predicted)]
     if probs and predictions.scores is None:
-        header = [header[0] + "".join(f",p_{name}" for name in predictions.class_names)]
-        rows = [row + "".join(f",{p:.6f}" for p in ps) for row, ps in zip(rows, predictions.probabilities)]
+        header += [f"p_{name}" for name in predictions.class_names]
+        rows = [row + [f"{p:.6f}" for p in ps] for row, ps in zip(rows, predictions.probabilities)]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(header + rows) + "\n")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:  # the csv module quotes a guid holding , or "
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
     os.replace(tmp, path)
     return path
 

@@ -24,7 +24,7 @@ from msa.cache.features import (
     find_feature_set,
     scan_feature_sets,
 )
-from msa.cache.manifest import Manifest, manifest_columns, read_manifest
+from msa.cache.manifest import MANIFEST_FILE, Manifest, manifest_columns, read_manifest
 from msa.models.build import build_model
 from msa.models.heads import HEADS, check_head, fit_standardisers
 from msa.models.unfrozen import parameter_groups
@@ -49,7 +49,7 @@ from msa.pipeline.training import (
 )
 
 KIND = "train-head"  # config.json's "kind": what wrote a run directory
-REFIT = "refit"  # RUN/refit: the model refit on every label, which predict uses for RUN
+REFIT = rundir.REFIT_DIR
 CV_KIND = "cross-validation"  # a directory of fold runs
 FOLD_SEED = 42  # folds depend on the data alone, never on a run's seed: every run is judged on the same folds
 MODALITY_ORDER = ("text", "image")  # roles of two-modality heads: the first is the "text" role
@@ -156,6 +156,8 @@ def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
     regression data, on the 3-class labels the import derived."""
     manifest = read_manifest(cache)
     feature_sets = select_feature_sets(cache, manifest, features, modalities)
+    for feature_set in feature_sets.values():
+        feature_set.require_rows_of(manifest.guids, Path(cache) / MANIFEST_FILE)
     bank = FeatureBank.load(feature_sets, with_tokens, split_names)
     task = TASKS[task_of(manifest.table.column_names) if task_name == "auto" else task_name]
     if task.is_regression:
@@ -226,6 +228,7 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
                                cfg.modalities, cfg.task)
     elif cfg.modalities and tuple(data.feature_sets) != tuple(cfg.modalities):
         data = data.restricted(cfg.modalities)
+    check_head(cfg.fusion, list(data.feature_sets))
     if data.task.name != cfg.task:
         raise ConfigError(f"--task {cfg.task}: {cfg.cache} holds {data.task.name} data")
     steps = {m: fs.shapes["tokens"][1] for m, fs in data.feature_sets.items()}
