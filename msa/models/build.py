@@ -55,7 +55,7 @@ def model_with_weights(spec: dict, state_dict: dict, where: Path | str) -> nn.Mo
     from msa.pipeline.rundir import RunDirError
 
     try:
-        if spec.get("kind") == "head":
+        if spec.get("kind") == "head" and not spec.get("unfrozen"):  # tops load pretrained weights: not on meta
             with torch.device("meta"):
                 check_shapes(build_model(spec), state_dict, where)
         model = build_model(spec)

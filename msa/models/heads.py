@@ -43,8 +43,8 @@ def check_head(name: str, modalities: list[str] | None = None) -> str:
         import difflib
 
         close = difflib.get_close_matches(name, list(HEADS), n=1)
-        raise ConfigError(f"unknown fusion head {name!r}{f'; did you mean {close[0]}?' if close else ''} "
-                          f"(known: {', '.join(sorted(HEADS))})")
+        raise ConfigError(f"unknown fusion head {name!r}; known: {', '.join(sorted(HEADS))}"
+                          f"{f'; did you mean {close[0]}?' if close else ''}")
     needed = HEADS[name].min_modalities
     if modalities is not None and len(modalities) < needed:
         raise ConfigError(f"--fusion {name} needs {needed} modalities and the run reads "
