@@ -358,7 +358,7 @@ def test_a_planted_pickle_is_refused_not_run(tmp_path, outcome):
     with pytest.raises(DataError, match="asks for posix.system"):
         import_features.run(path, tmp_path / "cache")
     assert not marker.exists()
-    outcome("planted __reduce__ in an import-features pickle", "clean error")
+    outcome("planted __reduce__ in an import-features pickle", "clean error", "code ran")
 
 
 def test_a_planted_resume_state_is_refused_not_run(messy_data_source, tiny_models, tmp_path, outcome):
@@ -371,7 +371,7 @@ def test_a_planted_resume_state_is_refused_not_run(messy_data_source, tiny_model
     with pytest.raises(rundir.RunDirError, match="not a checkpoint msa can load safely"):
         finetune.run(cfg, resume=True, show_progress=False, log=lambda *_: None)
     assert not marker.exists()
-    outcome("planted __reduce__ in finetune's resume state", "clean error")
+    outcome("planted __reduce__ in finetune's resume state", "clean error", "code ran")
 
 
 def test_a_planted_legacy_checkpoint_is_never_loaded(signal_cache, tmp_path, outcome):
@@ -382,7 +382,7 @@ def test_a_planted_legacy_checkpoint_is_never_loaded(signal_cache, tmp_path, out
     with pytest.raises(rundir.RunDirError, match="msa < 0.2 .*no longer reads it"):
         predict.run(PredictConfig(run=run, split="val"), show_progress=False)
     assert not marker.exists()
-    outcome("planted checkpoint.pt in a shared run directory", "clean error")
+    outcome("planted checkpoint.pt in a shared run directory", "clean error", "code ran")
 
 
 def test_damaged_weights_are_a_clean_error(signal_cache, tmp_path, outcome):
@@ -403,7 +403,7 @@ def test_a_guid_that_is_a_path_is_a_file_line_error(guid, messy_data, outcome):
     lines = (messy_data / "train.txt").read_text().splitlines()
     with pytest.raises(DataError, match=rf"train.txt:{len(lines)}: guid .* is not a plain file name"):
         read_mvsa(messy_data)
-    outcome(f"guid {guid!r} in train.txt", "clean error")
+    outcome(f"guid {guid!r} in train.txt", "clean error", "read outside")
 
 
 def test_model_paths_are_resolved_and_fingerprinted_by_content(extract_config, tiny_models, tmp_path, outcome):
