@@ -82,6 +82,60 @@ def test_cached_tops_give_the_same_logits_as_end_to_end(depth, extract_config, f
     torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("depth", [1, "all"])
+def test_cached_adapters_give_the_same_logits_as_end_to_end_adapters(depth, extract_config, finetune_config):
+    """LoRA in the top K text layers: trained on cached activations (train-head) or end to end
+    (finetune), the same model, adapters in those K layers only and nothing else of the encoder trained."""
+    from msa.models.text import top_layers
+
+    cfg = extract_config(text_split_layer=depth)
+    sets = {m: FeatureSet.open(r.path) for m, r in extract.run(cfg, show_progress=False).feature_sets.items()}
+    bank = FeatureBank.load(sets, with_tokens=True, split_names=("text",))
+    spec = {**head_spec(sets, bank, "concat", {"text": depth}), "lora": {"rank": 4, "targets": []}}
+    cached = build_model(spec).eval()
+    torch.manual_seed(0)
+    for name, parameter in cached.named_parameters():
+        if "lora_B" in name:  # adapters start at zero: give them something to say
+            parameter.data.normal_(0, 0.2)
+    end_to_end = end_to_end_model(finetune_config(fusion="concat", unfreeze_text_layers=depth, unfreeze_image_stages=0,
+                                                  lora_rank=4)).eval()
+    end_to_end.head.load_state_dict(cached.head.state_dict())
+    adapted = top_layers(end_to_end.encoders["text"].model, depth)
+    for mine, theirs in zip(cached.tops["text"].layers(), adapted, strict=True):
+        theirs.load_state_dict(mine.state_dict())
+    every_layer = len(top_layers(end_to_end.encoders["text"].model, "all"))
+    lora_layers = {n.split(".layer.")[1].split(".")[0] for n, _ in end_to_end.named_parameters() if "lora_" in n}
+    assert lora_layers == {str(i) for i in range(every_layer - len(adapted), every_layer)}  # those K only
+    for model in (cached, end_to_end):
+        trained = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        assert trained and all("lora_" in n for n in trained)
+    manifest = read_manifest(cfg.cache)
+    data = raw.RawData.read(manifest, end_to_end.encoders["text"], clean=False)
+    rows = torch.arange(len(manifest))
+    with torch.no_grad():
+        from_cache = cached(bank.batch(rows, with_tokens=True))["logits"]
+        pixels = raw.load_pixels(end_to_end, data, rows)
+        direct = end_to_end(raw.batch_inputs(end_to_end, data, rows, pixels, None, torch.device("cpu")))["logits"]
+    torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-4)
+
+
+def test_train_head_trains_adapters_from_the_cache_and_predicts(split_cache, tmp_path):
+    cfg, sets = split_cache
+    run_cfg = TrainHeadConfig(cache=cfg.cache, fusion="concat", out=tmp_path / "run", epochs=2, hidden=16,
+                              unfreeze_text_layers=1, lora_rank=2, lr_encoder=1e-2, batch_size=4)
+    result = train_head.run(run_cfg, log=lambda *_: None)
+    state_dict, spec = rundir.load_model(result.run_dir)
+    assert spec["lora"] == {"rank": 2, "targets": []}
+    adapters = {k: v for k, v in state_dict.items() if "lora_B" in k}
+    assert adapters and any(v.abs().sum() > 0 for v in adapters.values())  # the adapters were trained
+    _, own = predict.run(PredictConfig(run=result.run_dir, split="val"), show_progress=False)
+    saved = pd.read_parquet(result.run_dir / "val_predictions.parquet")
+    assert own.predicted == saved.prediction.tolist()
+    with pytest.raises(ConfigError, match="--lora-rank puts adapters in the unfrozen text layers"):
+        train_head.run(dataclasses.replace(run_cfg, unfreeze_text_layers=0, out=tmp_path / "run2"),
+                       log=lambda *_: None)
+
+
 def test_unfrozen_train_head_trains_the_tops_and_predicts(split_cache, tmp_path):
     cfg, sets = split_cache
     run_cfg = TrainHeadConfig(cache=cfg.cache, fusion="concat", out=tmp_path / "run", epochs=2, hidden=16,

@@ -21,7 +21,7 @@ from torch import nn
 from msa.cache.errors import CacheError
 from msa.models.heads import ModalityDims, ScaledScore, create_head
 from msa.models.image import build_image_encoder, trunk_stages
-from msa.models.text import TextEncoder, add_lora, transformer_layers
+from msa.models.text import TextEncoder, add_lora, top_layers, transformer_layers
 from msa.models.unfrozen import EndToEndModel, TopsAndHead
 from msa.pipeline.config import ConfigError, resolve_layer_count
 
@@ -32,17 +32,22 @@ def build_model(spec: dict) -> nn.Module:
     """The model a spec describes, with pretrained (or random-init head) weights."""
     if spec["kind"] == "end-to-end":
         text = TextEncoder(spec["text_model"], spec["max_len"], spec["pooling"])
+        text_layers = spec["unfreeze_text_layers"]
         if spec.get("lora_rank"):
-            add_lora(text, spec["lora_rank"], tuple(spec.get("lora_targets") or ()))
+            # Adapters in the layers spec["lora_layers"] names, which then train through them alone
+            # (runs of msa < 0.3 carry no lora_layers: adapters in every layer, the top ones unfrozen too).
+            adapted = spec.get("lora_layers", "all")
+            add_lora(top_layers(text.model, adapted), spec["lora_rank"], tuple(spec.get("lora_targets") or ()))
+            text_layers = 0 if "lora_layers" in spec else text_layers
         image = build_image_encoder(spec["image_model"], spec["image_weights"])
         dims = {"text": ModalityDims(text.dim, text.dim), "image": ModalityDims(image.dim, image.dim)}
         head = create_head(spec["fusion"], dims, spec["outputs"], spec["hidden"], spec["dropout"])
-        return EndToEndModel(text, image, head, spec["unfreeze_text_layers"], spec["unfreeze_image_stages"])
+        return EndToEndModel(text, image, head, text_layers, spec["unfreeze_image_stages"])
     dims = {m: ModalityDims(**d) for m, d in spec["dims"].items()}
     model = create_head(spec["fusion"], dims, spec["outputs"], spec["hidden"], spec["dropout"],
                         sequence_encoder=spec["sequence_encoder"])
     if spec["unfrozen"]:
-        model = TopsAndHead(model, build_tops(spec["feature_sets"], spec["unfrozen"]))
+        model = TopsAndHead(model, build_tops(spec["feature_sets"], spec["unfrozen"], spec.get("lora")))
     return ScaledScore(model, spec["output_scaling"]) if spec["task"] == "regression" else model
 
 
@@ -108,8 +113,10 @@ def text_encoder_of_run(run_dir: str) -> TextEncoder:
     return text.eval()
 
 
-def build_tops(feature_info: dict[str, dict], counts: dict[str, int | str]) -> dict[str, nn.Module]:
-    """Encoder tops with the pretrained weights of the encoders that extracted the features."""
+def build_tops(feature_info: dict[str, dict], counts: dict[str, int | str],
+               lora: dict | None = None) -> dict[str, nn.Module]:
+    """Encoder tops with the pretrained weights of the encoders that extracted the features;
+    with `lora` ({"rank", "targets"}), the text top trains through adapters in its layers alone."""
     tops = {}
     for modality, count in counts.items():
         if modality not in feature_info:
@@ -129,7 +136,9 @@ def build_tops(feature_info: dict[str, dict], counts: dict[str, int | str]) -> d
                              f"{cached}; unfreezing {count} needs {option} {count}")
         if modality == "text":
             tops[modality] = encoder.top(count)
-            tops[modality].requires_grad_(True)
+            tops[modality].requires_grad_(not lora)
+            if lora:
+                add_lora(list(tops[modality].layers()), lora["rank"], tuple(lora.get("targets") or ()))
         else:
             top = encoder.split(count)[1]
             top.requires_grad_(False)

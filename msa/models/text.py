@@ -147,19 +147,30 @@ class TextEncoder(nn.Module):
 LORA_TARGETS = ("query", "key", "value", "q", "k", "v", "o")
 
 
-def add_lora(encoder: TextEncoder, rank: int, targets: tuple[str, ...] = ()) -> None:
-    """Put LoRA adapters (peft) of rank `rank` into the encoder's linear layers named `targets`
-    (default: its attention projections). The base weights stay as they are; only the adapters
-    are new parameters, kept in the model's state dict, so a run's weights file carries them."""
+def add_lora(layers: list[nn.Module], rank: int, targets: tuple[str, ...] = ()) -> None:
+    """Put LoRA adapters (peft) of rank `rank` into the linear layers named `targets` (default:
+    the attention projections) of these transformer layers, in place. The base weights stay as
+    they are; only the adapters are new parameters, kept in the model's state dict, so a run's
+    weights file carries them. The same call serves the top layers of a whole encoder (end to
+    end) and the copies of them that run on cached activations (train-head)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    names = {name.rsplit(".", 1)[-1] for name, module in encoder.model.named_modules() if isinstance(module, nn.Linear)}
+    names = {name.rsplit(".", 1)[-1] for layer in layers for name, module in layer.named_modules()
+             if isinstance(module, nn.Linear)}
     chosen = [t for t in (targets or LORA_TARGETS) if t in names]
     if not chosen:
         raise ConfigError(f"--lora-targets {','.join(targets or LORA_TARGETS)}: no such linear layer in the text model "
                           f"(it has {', '.join(sorted(names))})")
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=chosen)
-    encoder.model = inject_adapter_in_model(config, encoder.model)
+    for layer in layers:
+        inject_adapter_in_model(config, layer)
+
+
+def top_layers(model: nn.Module, count: int | str) -> list[nn.Module]:
+    """The top `count` transformer layers of a whole encoder model (or all)."""
+    stack = transformer_layers(model)
+    count = resolve_layer_count(count, len(stack), "--unfreeze-text-layers")
+    return list(stack)[len(stack) - count:]
 
 
 def pool_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ Pooling = Literal["mean", "cls"]
 OnBadImage = Literal["blank", "skip", "fail"]
 OnDuplicate = Literal["first-if-same", "first", "error"]
 TextSource = Literal["raw", "caption", "raw+caption"]
+TextNormalise = Literal["none", "tweet"]
 Backend = Literal["transformers", "lavis"]
 Task = Literal["auto", "classification", "regression", "classification-2", "classification-7"]
 Loss = Literal["ce", "weighted-ce", "focal", "l1", "mse", "huber"]
@@ -185,6 +186,7 @@ class ExtractConfig(Checked):
     modalities: tuple[str, ...] = ("text", "image")  # which feature sets to build
     text_source: TextSource = "raw"  # raw+caption: post text <sep> caption (captions from `msa caption`)
     captions: str | None = None  # caption set for caption sources; default: the one set in the cache
+    text_normalise: TextNormalise = "none"  # tweet: URLs, @mentions to placeholders, #HashTags and emoji to words
     text_split_layer: LayerCount | None = None  # also cache the input of the top K text layers (all: the embeddings)
     image_split_stage: LayerCount | None = None  # also cache the activation entering the last K image stages (or all)
 
@@ -262,6 +264,8 @@ class TrainHeadConfig(Checked):
     unfreeze_text_layers: LayerCount = 0  # train the top K text layers, or all (needs extract --text-split-layer K)
     unfreeze_image_stages: LayerCount = 0  # train the last K image stages, or all (needs extract --image-split-stage K)
     lr_encoder: PositiveFloat = 1e-5  # learning rate of unfrozen encoder layers (the top one, with --layer-decay)
+    lora_rank: NonNegativeInt = 0  # LoRA adapters of this rank in the unfrozen text layers, trained in their place
+    lora_targets: tuple[str, ...] = ()  # the linear layers adapted; default: the attention projections
     layer_decay: DecayFactor = 1.0  # each text layer below the top learns at this times the rate of the one above
     lr_fusion: PositiveFloat = 5e-5  # of the head's fusion layers, when something is unfrozen
     lr_head: PositiveFloat = 1e-4  # of the classifier, when something is unfrozen
@@ -290,7 +294,7 @@ class FinetuneConfig(Checked):
     hidden: Count = _shared(TrainHeadConfig, "hidden")  # width of the head
     dropout: Fraction = _shared(TrainHeadConfig, "dropout")  # dropout in the head
     unfreeze_text_layers: LayerCount = 2  # top transformer layers trained, or all (the embeddings stay frozen)
-    lora_rank: NonNegativeInt = 0  # LoRA adapters of this rank in every text layer (0: none), trained at --lr-encoder
+    lora_rank: NonNegativeInt = _shared(TrainHeadConfig, "lora_rank")  # LoRA rank in the top K text layers (0: none)
     lora_targets: tuple[str, ...] = ()  # the linear layers adapted; default: the attention projections
     unfreeze_image_stages: LayerCount = 1  # last stages trained, or all (ResNet: layer4)
     lr_encoder: PositiveFloat = _shared(TrainHeadConfig, "lr_encoder")  # learning rate of the unfrozen encoder layers
@@ -357,3 +361,4 @@ class EvaluateConfig(Checked):
     text_run: Path | None = None  # a text-only run, for the agreement analysis
     image_run: Path | None = None  # an image-only run, for the agreement analysis
     out: Path | None = None  # default: RUN/evaluation
+    ensemble: tuple[Path, ...] = ()  # more runs averaged with --run (of cross-validations: out of fold)

@@ -97,6 +97,22 @@ def _mean(values: pd.Series) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
+def averaged(first: pd.DataFrame, others: list[pd.DataFrame]) -> pd.DataFrame:
+    """The runs' probabilities averaged item by item (matched by guid), and the prediction they give:
+    of cross-validation runs, the out-of-fold estimate of their ensemble."""
+    columns = [c for c in first.columns if c.startswith("p_")]
+    table = first.drop(columns=[c for c in ("gate",) if c in first.columns]).set_index("guid")
+    for other in others:
+        other = other.set_index("guid")
+        if set(other.index) != set(table.index) or [c for c in other.columns if c.startswith("p_")] != columns:
+            raise ConfigError("--ensemble: the runs differ in their items or classes; only runs of one cache and "
+                              "label set (and, for cross-validations, one set of folds) can be averaged")
+        table[columns] += other.loc[table.index, columns].to_numpy()
+    table[columns] /= 1 + len(others)
+    table["prediction"] = [c.removeprefix("p_") for c in table[columns].idxmax(axis=1)]
+    return table.reset_index()
+
+
 def gate_statistics(table: pd.DataFrame) -> dict:
     """Mean/std of the first modality's gate by true class and by correct / incorrect."""
     correct = np.where(table["prediction"] == table["label"], "correct", "incorrect")
@@ -115,6 +131,8 @@ def run(cfg: EvaluateConfig) -> dict:
     # New data is extracted once, into the evaluated run's predict cache, for the unimodal runs too.
     shared_cache = Path(cfg.run) / "predict-cache" if cfg.data else None
     table = run_predictions(cfg.run, cfg.labels, cfg.data, shared_cache)
+    if cfg.ensemble:
+        table = averaged(table, [run_predictions(r, cfg.labels, cfg.data, shared_cache) for r in cfg.ensemble])
     class_names = [c.removeprefix("p_") for c in table.columns if c.startswith("p_")]
     index = {name: i for i, name in enumerate(class_names)}
     metrics = classification_metrics(table["label"].map(index).to_numpy(),

@@ -45,6 +45,7 @@ from msa.pipeline.compute import Compute, encoding_streams, in_cpu_streams, load
 from msa.pipeline.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
 from msa.pipeline.distributed import Rank, barrier, current_rank, join
 from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
+from msa.pipeline.normalise import normalise
 from msa.pipeline.progress import ItemProgress, console, rate_text
 
 MODALITIES = ("text", "image", "lexicon")
@@ -110,7 +111,9 @@ def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, com
         text = {**common, "model": model_reference(cfg.text_model), "weights": model_identity(cfg.text_model),
                 "max_len": cfg.max_len, "pooling": cfg.pooling, "pool_layers": cfg.pool_layers,
                 "text_source": cfg.text_source,
-                "split_layer": cfg.text_split_layer}
+                "split_layer": cfg.text_split_layer,
+                # a key only where it is on: sets extracted before it existed keep their names
+                **({"text_normalise": cfg.text_normalise} if cfg.text_normalise != "none" else {})}
         return {**text, "captions": captions.fingerprint} if captions else text
     if modality == "image":
         preprocess = image_preprocess(cfg.image_model)
@@ -207,7 +210,7 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         with writer:
             if modality == "text":
                 encode_texts(encoder, manifest, pending, writer, modality_compute, cfg.batch_size, show_progress,
-                             on_batch, captions, cfg.text_source, cfg.text_split_layer)
+                             on_batch, captions, cfg.text_source, cfg.text_split_layer, cfg.text_normalise)
             elif modality == "image":
                 encode_images(encoder, manifest, pending, writer, modality_compute, cfg.batch_size,
                               show_progress, on_batch, use_compile, cfg.image_split_stage)
@@ -420,10 +423,11 @@ def source_signature(cfg: ExtractConfig) -> str:
 
 def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, writer: FeatureWriter,
                  compute: Compute, batch_size: int, show_progress: bool, on_batch: BatchCallback | None,
-                 captions: CaptionSet | None = None, text_source: str = "raw", split_layer: int | None = None) -> None:
+                 captions: CaptionSet | None = None, text_source: str = "raw", split_layer: int | None = None,
+                 text_normalise: str = "none") -> None:
     encoder.to(compute.device)
     texts, guids = manifest.column("text"), manifest.guids
-    posts = [texts[r] for r in rows]
+    posts = normalise([texts[r] for r in rows], text_normalise)
     caption_texts = captions.texts([guids[r] for r in rows]) if captions else None
     if text_source == "caption":
         token_ids = encoder.tokenize(caption_texts)

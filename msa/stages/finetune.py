@@ -52,7 +52,9 @@ def model_spec(cfg: FinetuneConfig) -> dict:
             **{k: getattr(cfg, k) for k in ("fusion", "hidden", "dropout", "text_model", "max_len", "pooling",
                                             "image_model", "image_weights", "unfreeze_text_layers",
                                             "unfreeze_image_stages", "lora_rank")},
-            "lora_targets": list(cfg.lora_targets)}
+            "lora_targets": list(cfg.lora_targets),
+            # LoRA in the top --unfreeze-text-layers K layers (0: every layer), which then train through it alone
+            **({"lora_layers": cfg.unfreeze_text_layers or "all"} if cfg.lora_rank else {})}
 
 
 def resolved(cfg: FinetuneConfig) -> FinetuneConfig:

@@ -190,6 +190,9 @@ def resolved(cfg: TrainHeadConfig) -> TrainHeadConfig:
     task = task_named(task_of(manifest_columns(cfg.cache)) if cfg.task == "auto" else cfg.task)
     cfg = dataclasses.replace(cfg, task=task.name, batch_size=cfg.batch_size or HEADS[cfg.fusion].default_batch_size,
                               loss=cfg.loss or task.default_loss, select=cfg.select or task.default_select)
+    if cfg.lora_rank and not cfg.unfreeze_text_layers:
+        raise ConfigError("--lora-rank puts adapters in the unfrozen text layers: give --unfreeze-text-layers K too "
+                          "(on a cache extracted with --text-split-layer K)")
     if cfg.select not in task.selects:
         raise ConfigError(f"--select must be one of {', '.join(task.selects)} for {task.name}")
     if cfg.loss not in task.losses:
@@ -213,7 +216,8 @@ def model_spec(cfg: TrainHeadConfig, data: TrainData, feature_info: dict) -> dic
     return {"kind": "head", "fusion": cfg.fusion, "hidden": cfg.hidden, "dropout": cfg.dropout,
             "task": cfg.task, "outputs": data.task.outputs, "sequence_encoder": cfg.sequence_encoder,
             "output_scaling": cfg.output_scaling, "unfrozen": unfrozen(cfg), "class_names": list(data.task.classes),
-            "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()}, "feature_sets": feature_info}
+            "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()}, "feature_sets": feature_info,
+            **({"lora": {"rank": cfg.lora_rank, "targets": list(cfg.lora_targets)}} if cfg.lora_rank else {})}
 
 
 def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrite: bool = False) -> TrainResult:
