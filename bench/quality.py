@@ -1,27 +1,26 @@
-"""Quality on MVSA by 5-fold cross-validation: recipe, accuracy, macro-F1, weighted-F1,
-neutral F1 (mean ± std over folds) and minutes on this machine.
+"""Quality on MVSA by 5-fold cross-validation: every lever under the same folds, accuracy,
+macro-F1, weighted-F1, neutral F1 (mean ± std over folds) and minutes on this machine.
 
-    python bench/quality.py --data ../shared/datasets/mvsa-lab5 --cache bench-cache \
-        --text-model ~/.cache/msa/offline-models/all-mpnet-base-v2 \
-        --image-model timm:tf_efficientnet_lite0 \
-        --image-weights ~/.cache/msa/offline-models/tf_efficientnet_lite0.pth [--out quality.json]
+    python bench/quality.py --data ../shared/datasets/mvsa-lab5 --root bench-quality \
+        [--models ~/.cache/msa/offline-models] [--out quality.json]
 
-Every row is judged on the same folds of the labelled items (msa.pipeline.folds, seed 42);
-nothing looks at test items' labels (there are none). Rows: the linear baseline, frozen
-heads, the lexicon modality and multi-layer pooling (--pool-layers 4) as levers, and the
-probability average of the heads (a head ensemble, per fold).
+A view is one cache: a text encoder (on the raw or the normalised tweet), an image encoder
+and the lexicon. Rows: heads on each view, --loss weighted-ce, and probability averages of
+heads (ensembles, what recipes/mvsa.sh runs); "+ biases" rows add class offsets fitted on the
+other folds' out-of-fold probabilities (nested, bench/biases.py). Nothing looks at test
+items' labels (there are none); the folds are msa's (msa.pipeline.folds, seed 42).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from biases import nested_predictions
 
 from msa.pipeline.config import ExtractConfig, TrainHeadConfig
 from msa.pipeline.metrics import classification_metrics
@@ -29,30 +28,27 @@ from msa.pipeline.mvsa import LABELS
 from msa.stages import extract, train_head
 
 FOLDS = 5
-TEXT, IMAGE, LEXICON = ("text", "image", "lexicon")
-POOL4 = "text4"  # the text set pooled over the last 4 layers (--pool-layers 4)
-RECIPES = {  # name -> (fusion, feature sets)
-    "linear baseline (text+image)": ("linear", (TEXT, IMAGE)),
-    "text-only": ("text-only", (TEXT, IMAGE)),
-    "concat": ("concat", (TEXT, IMAGE)),
-    "gmu": ("gmu", (TEXT, IMAGE)),
-    "late": ("late", (TEXT, IMAGE)),
-    "linear + lexicon": ("linear", (TEXT, IMAGE, LEXICON)),
-    "concat + lexicon": ("concat", (TEXT, IMAGE, LEXICON)),
-    "gmu + lexicon": ("gmu", (TEXT, IMAGE, LEXICON)),
-    "late + lexicon": ("late", (TEXT, IMAGE, LEXICON)),
-    "linear, text pooled over 4 layers": ("linear", (POOL4, IMAGE)),
-    "gmu + lexicon, 4 layers": ("gmu", (POOL4, IMAGE, LEXICON)),
-    "late + lexicon, 4 layers": ("late", (POOL4, IMAGE, LEXICON)),
-    "concat + lexicon, 4 layers": ("concat", (POOL4, IMAGE, LEXICON)),
+VIEWS = {  # name -> (text model, normalisation, image model)
+    "mpnet-lite0": ("all-mpnet-base-v2", "none", "tf_efficientnet_lite0"),
+    "mpnet-tweet-lite0": ("all-mpnet-base-v2", "tweet", "tf_efficientnet_lite0"),
+    "minilm-lite2": ("all-MiniLM-L6-v2", "none", "tf_efficientnet_lite2"),
+    "minilm-tweet-lite2": ("all-MiniLM-L6-v2", "tweet", "tf_efficientnet_lite2"),
 }
-ENSEMBLES = {"ensemble of concat, gmu, late + lexicon": ("concat + lexicon", "gmu + lexicon", "late + lexicon"),
-             "ensemble of concat, gmu, late + lexicon, 4 layers": ("concat + lexicon, 4 layers",
-                                                                  "gmu + lexicon, 4 layers",
-                                                                  "late + lexicon, 4 layers")}
+HEADS = {  # row -> (view, fusion, extra options)
+    **{f"{fusion} on {view}": (view, fusion, {}) for view in VIEWS for fusion in ("late", "gmu")},
+    "linear on mpnet-lite0": ("mpnet-lite0", "linear", {}),
+    "late, weighted-ce, on mpnet-lite0": ("mpnet-lite0", "late", {"loss": "weighted-ce"}),
+}
+ENSEMBLES = {
+    "ensemble: late + gmu on mpnet-lite0": ["late on mpnet-lite0", "gmu on mpnet-lite0"],
+    "ensemble: late + gmu on both mpnet views": [f"{f} on {v}" for v in ("mpnet-lite0", "mpnet-tweet-lite0")
+                                                for f in ("late", "gmu")],
+    "ensemble: late + gmu on every view (recipes/mvsa.sh)": [f"{f} on {v}" for v in VIEWS for f in ("late", "gmu")],
+}
 
 
-def summary(per_fold: list[dict]) -> dict:
+def fold_metrics(truth: np.ndarray, predicted: np.ndarray, folds: np.ndarray) -> dict:
+    per_fold = [classification_metrics(truth[folds == k], predicted[folds == k], list(LABELS)) for k in range(FOLDS)]
     out = {}
     for key in ("accuracy", "macro_f1", "weighted_f1", "neutral_f1"):
         values = [m[key] if key != "neutral_f1" else m["per_class"]["neutral"]["f1"] for m in per_fold]
@@ -60,58 +56,56 @@ def summary(per_fold: list[dict]) -> dict:
     return out
 
 
-def ensemble_folds(run_dirs: list[Path]) -> list[dict]:
-    """Per fold, the metrics of the runs' averaged val probabilities (the folds are shared)."""
-    per_fold = []
-    for k in range(FOLDS):
-        tables = [pd.read_parquet(d / f"fold-{k}" / "val_predictions.parquet") for d in run_dirs]
-        probabilities = np.mean([t[[f"p_{c}" for c in LABELS]].to_numpy() for t in tables], axis=0)
-        truth = tables[0]["label"].map({c: i for i, c in enumerate(LABELS)}).to_numpy()
-        per_fold.append(classification_metrics(truth, probabilities.argmax(1), list(LABELS)))
-    return per_fold
+def out_of_fold(run_dir: Path) -> pd.DataFrame:
+    """guid, label, fold, p_<class>: every labelled item once, predicted by the fold that held it out."""
+    tables = [pd.read_parquet(run_dir / f"fold-{k}" / "val_predictions.parquet").assign(fold=k) for k in range(FOLDS)]
+    return pd.concat(tables).sort_values("guid").reset_index(drop=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, required=True)
-    parser.add_argument("--runs", type=Path, default=Path("bench-quality-runs"))
-    parser.add_argument("--text-model", required=True)
-    parser.add_argument("--image-model", required=True)
-    parser.add_argument("--image-weights")
+    parser.add_argument("--root", type=Path, default=Path("bench-quality"), help="Caches and runs go here.")
+    parser.add_argument("--models", type=Path, default=Path.home() / ".cache/msa/offline-models")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    start = time.perf_counter()
-    base = ExtractConfig(data=args.data, cache=args.cache, text_model=args.text_model, image_model=args.image_model,
-                         image_weights=args.image_weights, modalities=(TEXT, IMAGE, LEXICON))
-    sets = {m: r.name for m, r in extract.run(base, show_progress=False).feature_sets.items()}
-    pooled4 = dataclasses.replace(base, modalities=(TEXT,), pool_layers=4)
-    sets[POOL4] = extract.run(pooled4, show_progress=False).feature_sets[TEXT].name
-    extract_minutes = (time.perf_counter() - start) / 60
-    rows, run_dirs = [], {}
-    for name, (fusion, chosen) in RECIPES.items():
+    minutes = {}
+    for view, (text, normalise, image) in VIEWS.items():
         start = time.perf_counter()
-        out = args.runs / "".join(c if c.isalnum() else "_" for c in name)
-        modalities = tuple(TEXT if s == POOL4 else s for s in chosen)
-        result = train_head.run(TrainHeadConfig(cache=args.cache, fusion=fusion, modalities=modalities,
-                                                features=tuple(sets[s] for s in chosen), folds=FOLDS, out=out),
-                                log=lambda *_: None, overwrite=True)
-        run_dirs[name] = out
-        rows.append({"recipe": name, **summary(result.metrics["per_fold"]),
-                     "minutes": (time.perf_counter() - start) / 60})
-        print(rows[-1], flush=True)
-    for name, members in ENSEMBLES.items():
-        rows.append({"recipe": name, **summary(ensemble_folds([run_dirs[m] for m in members])),
-                     "minutes": sum(r["minutes"] for r in rows if r["recipe"] in members)})
-    print(f"\nextract (text, image, lexicon; cached after the first run): {extract_minutes:.1f} min")
+        extract.run(ExtractConfig(data=args.data, cache=args.root / f"cache-{view}", text_model=str(args.models / text),
+                                  text_normalise=normalise, image_model=f"timm:{image}",
+                                  image_weights=str(args.models / f"{image}.pth"),
+                                  modalities=("text", "image", "lexicon")), show_progress=False)
+        minutes[f"extract {view}"] = (time.perf_counter() - start) / 60
+    tables, rows = {}, []
+    for name, (view, fusion, extra) in HEADS.items():
+        start = time.perf_counter()
+        out = args.root / "".join(c if c.isalnum() else "_" for c in name)
+        train_head.run(TrainHeadConfig(cache=args.root / f"cache-{view}", fusion=fusion, folds=FOLDS, out=out, **extra),
+                       log=lambda *_: None, overwrite=True)
+        minutes[name] = (time.perf_counter() - start) / 60
+        tables[name] = out_of_fold(out)
+    first = next(iter(tables.values()))
+    truth = first["label"].map({c: i for i, c in enumerate(LABELS)}).to_numpy()
+    folds = first["fold"].to_numpy()
+    columns = [f"p_{c}" for c in LABELS]
+    groups = {name: [name] for name in HEADS} | ENSEMBLES
+    for name, members in groups.items():
+        probabilities = np.mean([tables[m][columns].to_numpy() for m in members], axis=0)
+        spent = sum(minutes[m] for m in members)
+        rows.append({"recipe": name, **fold_metrics(truth, probabilities.argmax(1), folds), "minutes": spent})
+        if name in ENSEMBLES or name == "late on mpnet-lite0":
+            rows.append({"recipe": f"{name} + biases", "minutes": spent,
+                         **fold_metrics(truth, nested_predictions(probabilities, truth, folds), folds)})
+    print("\n" + "\n".join(f"{k}: {v:.1f} min" for k, v in minutes.items() if k.startswith("extract")))
     print("| recipe | accuracy | macro-F1 | weighted-F1 | neutral F1 | minutes |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         cells = [f"{row[k][0]:.3f} ± {row[k][1]:.3f}" for k in ("accuracy", "macro_f1", "weighted_f1", "neutral_f1")]
         print(f"| {row['recipe']} | {' | '.join(cells)} | {row['minutes']:.1f} |")
     if args.out:
-        args.out.write_text(json.dumps({"extract_minutes": extract_minutes, "rows": rows}, indent=1))
+        args.out.write_text(json.dumps({"minutes": minutes, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

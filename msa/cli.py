@@ -208,8 +208,10 @@ def train_head_command(config: Path = config_option(), overwrite: bool = OVERWRI
     from msa.stages import train_head
 
     result = train_head.run(from_options(TrainHeadConfig, options), log=console.print, overwrite=overwrite)
-    summary = task_of_metrics(result.metrics).summary(result.metrics)
-    console.print(f"{summary}  (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
+    task = task_of_metrics(result.metrics)
+    console.print(f"{task.summary(result.metrics)}  (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
+    if task.baseline_summary(result.metrics):
+        console.print(task.baseline_summary(result.metrics))
     for warning in result.warnings:
         console.print(f"[yellow]warning: {warning}[/yellow]")
     console.print(f"run: {result.run_dir}")

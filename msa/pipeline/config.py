@@ -272,6 +272,7 @@ class TrainHeadConfig(Checked):
     grad_accum: Count = 1  # batches per optimizer step
     grad_clip: NonNegativeFloat = 0.0  # max gradient norm (0: off)
     device: Device = "auto"  # auto: cuda when there is one
+    baseline: bool = True  # also fit the task's linear model on the same split and features, to compare with
     folds: NonNegativeInt = 0  # K >= 2: K-fold cross-validation over every labelled item (0: the extract's val split)
     refit: bool = False  # then train again on train+val for the selected epochs, into RUN/refit (what predict uses)
 

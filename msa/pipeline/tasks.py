@@ -17,6 +17,8 @@ from msa.pipeline.config import ConfigError
 from msa.pipeline.metrics import classification_metrics, regression_metrics
 from msa.pipeline.mvsa import LABELS
 
+LARGER_IS_BETTER = {"macro_f1": True, "accuracy": True, "loss": False, "mae": False, "corr": True}
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -37,6 +39,30 @@ class Task:
     @property
     def is_regression(self) -> bool:
         return not self.classes
+
+    @property
+    def key_metric(self) -> tuple[str, str]:
+        """(metric, title) that ranks runs and compares a run with its baseline."""
+        return self.leaderboard[0]
+
+    def baseline_gap(self, metrics: dict) -> float | None:
+        """How far a run is ahead of its linear baseline on the key metric (negative: behind)."""
+        metric = self.key_metric[0]
+        baseline = metrics.get("baseline") or {}
+        if metric not in baseline or metric not in metrics:
+            return None
+        gap = metrics[metric] - baseline[metric]
+        return gap if LARGER_IS_BETTER.get(metric, True) else -gap
+
+    def baseline_summary(self, metrics: dict) -> str | None:
+        """e.g. "linear baseline (logistic regression) macro-F1 0.6120, the run +1.52 points"."""
+        gap = self.baseline_gap(metrics)
+        if gap is None:
+            return None
+        metric, title = self.key_metric
+        scale, unit = (100, " points") if metric in ("macro_f1", "accuracy", "acc2", "f1") else (1, "")
+        return (f"linear baseline ({metrics['baseline']['model']}) {title} {metrics['baseline'][metric]:.4f}, "
+                f"the run {'+' if gap >= 0 else ''}{gap * scale:.2f}{unit} {'ahead' if gap >= 0 else 'behind'}")
 
     @property
     def default_loss(self) -> str:
@@ -112,7 +138,7 @@ TASKS["classification-7"] = _classes_of_scores_task("classification-7", SEVEN_CL
                                                     lambda s: str(int(np.round(np.clip(s, -3, 3)))))
 
 # Selection metrics: name -> True if larger is better.
-LARGER_IS_BETTER = {"macro_f1": True, "accuracy": True, "loss": False, "mae": False, "corr": True}
+
 
 
 def task_named(name: str) -> Task:

@@ -86,7 +86,10 @@ def finished(run_cfg: TrainHeadConfig, overwrite: bool = False) -> bool:
     if not rundir.is_finished(run_cfg.out):
         return False
     saved = rundir.read_json(run_cfg.out / rundir.CONFIG)
-    differing = sorted(k for k, v in train_head.recorded_options(run_cfg).items() if k != "out" and saved.get(k) != v)
+    # An option a run predates (absent from its record) counts as its default.
+    defaults = to_json(TrainHeadConfig())
+    differing = sorted(k for k, v in train_head.recorded_options(run_cfg).items()
+                       if k != "out" and saved.get(k, defaults.get(k)) != v)
     if differing and not overwrite:
         raise rundir.RunDirError(f"{run_cfg.out} holds a finished run with other options ({', '.join(differing)}); "
                                  "pass --overwrite to train it again, or choose another --out")
@@ -244,7 +247,8 @@ def results_table(runs: list[TrainHeadConfig], grid: dict) -> pd.DataFrame:
         used = rundir.read_json(run_cfg.out / rundir.CONFIG)["modalities_used"]
         rows.append({"run": run_cfg.out.name, "task": task.name, "fusion": run_cfg.fusion, "seed": run_cfg.seed,
                      **{k: getattr(run_cfg, k) for k in grid}, "modalities_used": "+".join(used),
-                     **{k: metrics.get(k) for k in task.results}})
+                     **{k: metrics.get(k) for k in task.results},
+                     "vs_baseline": task.baseline_gap(metrics)})
     return pd.DataFrame(rows)
 
 
@@ -252,7 +256,8 @@ def leaderboard(table: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
     """Mean and std over seeds per configuration, best first (by the task's first leaderboard metric)."""
     keys = ["fusion", *grid_keys]
     task = TASKS[table["task"].iloc[0]]
-    metrics = [m for m, _ in task.leaderboard] + ["train_seconds"]
+    # vs_baseline: the key metric's lead over the linear baseline (negative: the head learned less)
+    metrics = [m for m, _ in task.leaderboard] + ["vs_baseline", "train_seconds"]
     grouped = table.groupby(keys, dropna=False)[metrics].agg(["mean", "std"])
     grouped.columns = [f"{m}_{s}" for m, s in grouped.columns]
     grouped["runs"] = table.groupby(keys, dropna=False).size()
@@ -274,9 +279,11 @@ def mean_std(row: pd.Series, metric: str) -> str:
 def leaderboard_table(board: pd.DataFrame, grid_keys: list[str]) -> Table:
     table = Table(title="Leaderboard (val, mean ± std over seeds)")
     columns = TASKS[board["task"].iloc[0]].leaderboard
-    for column in ["fusion", *grid_keys, *(title for _, title in columns), "s/run", "runs"]:
+    key_title = columns[0][1]
+    for column in ["fusion", *grid_keys, *(title for _, title in columns), f"{key_title} vs linear", "s/run", "runs"]:
         table.add_column(column)
     for _, row in board.iterrows():
+        gap = row["vs_baseline_mean"]
         table.add_row(row["fusion"], *(grid_value(row[k]) for k in grid_keys), *(mean_std(row, m) for m, _ in columns),
-                      f"{row['train_seconds_mean']:.1f}", str(row["runs"]))
+                      "-" if pd.isna(gap) else f"{gap:+.4f}", f"{row['train_seconds_mean']:.1f}", str(row["runs"]))
     return table

@@ -29,6 +29,7 @@ from msa.models.build import build_model
 from msa.models.heads import HEADS, check_head, fit_standardisers
 from msa.models.unfrozen import parameter_groups
 from msa.pipeline import autotune, plots, rundir
+from msa.pipeline.baselines import closed_form_baseline
 from msa.pipeline.compute import Compute, resolve_compute
 from msa.pipeline.config import ConfigError, TrainHeadConfig, to_json
 from msa.pipeline.distributed import single_process_only
@@ -275,9 +276,14 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
     metrics = {**summary, **{f"{k}_std": float(np.std([r.metrics[k] for r in results])) for k in keys},
                "task": data.task.name, "folds": cfg.folds, "best_epoch": best_epoch,
                "per_fold": [r.metrics for r in results]}
+    if cfg.baseline:  # the folds' baselines, averaged as the run's metrics are
+        baselines = [r.metrics["baseline"] for r in results]
+        metrics["baseline"] = {"model": baselines[0]["model"], **{k: float(np.mean([b[k] for b in baselines]))
+                                                                  for k in keys if k in baselines[0]}}
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the cross-validation is finished
+    fold_warnings = [w for r in results for w in r.warnings if "baseline" not in w]
     return TrainResult(run_dir, metrics, metrics["best_epoch"], sum(r.seconds for r in results),
-                       [w for r in results for w in r.warnings])
+                       list(dict.fromkeys(fold_warnings)) + baseline_warnings(metrics, data.task))
 
 
 def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
@@ -304,13 +310,17 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     seconds = time.perf_counter() - start
     metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds,
                "precision": compute.precision}
+    if cfg.baseline:
+        pooled = {m: data.bank.pooled[m].numpy() for m in data.feature_sets}
+        metrics["baseline"] = closed_form_baseline(data.task, pooled, data.targets.numpy(), train_rows, val_rows)
     if decision:  # how fast, not how good: beside the metrics, not in them
         rundir.write_json(run_dir / rundir.AUTOTUNE, decision.record())
     rundir.save_model(run_dir, best["state_dict"], spec)
     rundir.write_val_predictions(run_dir, data.task, data.manifest, val_rows, best["out"], list(data.feature_sets))
     plots.plot_run(run_dir, metrics)
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
-    return TrainResult(run_dir, metrics, state.best_epoch, seconds, collapse_warnings(best["out"], data.task.classes))
+    return TrainResult(run_dir, metrics, state.best_epoch, seconds,
+                       collapse_warnings(best["out"], data.task.classes) + baseline_warnings(metrics, data.task))
 
 
 def refit(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, epochs: int, log=print) -> dict:
@@ -399,6 +409,17 @@ def training_precision(cfg: TrainHeadConfig, data: TrainData, spec: dict, model:
            f"unfrozen={json.dumps(spec['unfrozen'])}|tokens={model.uses_tokens}")
     return autotune.decide_training("train-head", key, cfg.epochs * len(train_rows), model, inputs, targets, loss_fn,
                                     compute, MEASURED_STEPS)
+
+
+def baseline_warnings(metrics: dict, task) -> list[str]:
+    """A head behind the linear model on the same features learned nothing the features did not say linearly."""
+    gap = task.baseline_gap(metrics)
+    if gap is None or gap >= 0:
+        return []
+    metric, title = task.key_metric
+    return [f"the run is behind its linear baseline on {title} ({metrics[metric]:.4f} against "
+            f"{metrics['baseline'][metric]:.4f}); try another --fusion, a lower --lr, more --dropout or "
+            "--weight-decay, or fewer --epochs"]
 
 
 def collapse_warnings(val: dict, classes: tuple[str, ...]) -> list[str]:

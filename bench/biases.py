@@ -1,4 +1,4 @@
-"""Class biases fitted on out-of-fold probabilities, to trade accuracy for the small classes.
+"""bench helper: class biases fitted on out-of-fold probabilities (a lever bench/quality.py judges).
 
 A head trained with cross-entropy on MVSA (neutral: 10% of the items) rarely says neutral.
 Adding a per-class offset to the log-probabilities before the argmax moves the decision
