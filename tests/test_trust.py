@@ -125,6 +125,18 @@ def test_an_unfinished_run_never_blocks_its_rerun(signal_cache, tmp_path, outcom
     outcome("rerun into a run directory left by Ctrl-C", "identical")
 
 
+def test_a_resumable_run_is_never_taken_over_unasked(tmp_path, outcome):
+    run = tmp_path / "ft"
+    rundir.claim(run, "finetune").release()
+    (run / "last.pt").write_bytes(b"hours of training")
+    with pytest.raises(rundir.RunDirError, match="can resume; pass --resume"):
+        rundir.claim(run, "finetune")
+    assert (run / "last.pt").read_bytes() == b"hours of training"
+    rundir.claim(run, "finetune", overwrite=True).release()
+    assert not (run / "last.pt").exists() and rundir.marked_kind(run) == "finetune"
+    outcome("finetune rerun (no --resume) onto a run that can resume", "clean error")
+
+
 # --- 2. nothing is read outside the inputs ------------------------------------------------------
 
 @pytest.fixture

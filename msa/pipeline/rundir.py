@@ -31,6 +31,7 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_SPEC = "model.json"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # msa < 0.2: a pickle, never loaded
 VAL_PREDICTIONS = "val_predictions.parquet"
+RESUME_STATE = "last.pt"  # finetune's state after its last epoch (read with weights_only)
 REFIT_DIR = "refit"  # RUN/refit: the model refit on every label, which predict uses for RUN
 
 
@@ -218,7 +219,7 @@ MARKER = ".msa-run.json"  # written when msa claims a directory: only what carri
 # What msa writes in a run directory, and so may replace: the names above, the files of plots,
 # folds, refits, predictions and evaluations, and .tmp leftovers of an atomic write.
 OWNED_NAMES = {MARKER, CONFIG, HISTORY, METRICS, AUTOTUNE, MODEL_WEIGHTS, MODEL_SPEC, VAL_PREDICTIONS,
-               "curves.png", "confusion.png", "folds.csv", "last.pt", "log.txt", "tensorboard", REFIT_DIR,
+               "curves.png", "confusion.png", "folds.csv", RESUME_STATE, "log.txt", "tensorboard", REFIT_DIR,
                "predict-cache", "evaluation"}
 OWNED_PATTERNS = ("fold-*", "predictions-*", "*.tmp", "events.out.tfevents.*")
 OWNED_TREES = {"tensorboard", "predict-cache", "evaluation"}  # made whole by msa: their content is msa's
@@ -287,6 +288,9 @@ def claim(run_dir: Path, kind: str, overwrite: bool = False):
             if is_finished(run_dir) and not overwrite:
                 raise RunDirError(f"--out {run_dir} holds a finished {recorded} run; pass --overwrite to replace it "
                                   "or choose another --out")
+            if (run_dir / RESUME_STATE).is_file() and not overwrite:  # hours of training: never dropped unasked
+                raise RunDirError(f"--out {run_dir} holds an unfinished {recorded} run that can resume; pass --resume "
+                                  f"{run_dir} to continue it, or --overwrite to start again")
             clear_owned(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         mark(run_dir, kind)

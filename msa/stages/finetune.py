@@ -41,7 +41,7 @@ from msa.pipeline.training import (
     warmup_cosine,
 )
 
-LAST = "last.pt"  # the state to resume from, rewritten after every epoch (read with weights_only)
+LAST = rundir.RESUME_STATE  # the state to resume from, rewritten after every epoch
 KIND = "finetune"  # config.json's "kind"
 TASK = TASKS["classification"]
 
