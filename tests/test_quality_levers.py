@@ -199,3 +199,20 @@ def test_refit_trains_on_every_label_for_the_selected_epochs_and_predict_uses_it
     (run / "refit" / "metrics.json").unlink()  # as when the refit was killed
     with pytest.raises(rundir.RunDirError, match="refit is unfinished"):
         predict.predict(run, show_progress=False)
+
+
+def test_evaluate_of_an_ensemble_of_cross_validations_averages_out_of_fold(signal_cache, tmp_path):
+    from msa.pipeline.config import EvaluateConfig
+    from msa.stages import evaluate
+
+    runs = [train_head.run(TrainHeadConfig(cache=signal_cache, fusion=fusion, epochs=2, folds=3, precision="fp32",
+                                           out=tmp_path / fusion), log=lambda *_: None).run_dir
+            for fusion in ("late", "gmu")]
+    tables = [evaluate.val_predictions(r).set_index("guid").sort_index() for r in runs]
+    columns = [c for c in tables[0].columns if c.startswith("p_")]
+    expected = (tables[0][columns] + tables[1][columns]) / 2
+    report = evaluate.run(EvaluateConfig(run=runs[0], ensemble=(runs[1],), out=tmp_path / "evaluation"))
+    predicted = expected.idxmax(axis=1).str.removeprefix("p_")
+    truth = tables[0]["label"]
+    assert report["metrics"]["n"] == len(truth) == len(set(truth.index))  # every labelled item once
+    assert report["metrics"]["accuracy"] == pytest.approx(float((predicted == truth).mean()))
