@@ -63,6 +63,18 @@ def end_to_end_model(cfg: FinetuneConfig):
     return build_model(finetune.model_spec(finetune.resolved(cfg)))
 
 
+def assert_same_logits(cached, bank: FeatureBank, end_to_end, cache) -> None:
+    """Every item's logits from the cached path and end to end agree (fp32)."""
+    manifest = read_manifest(cache)
+    data = raw.RawData.read(manifest, end_to_end.encoders["text"], clean=False)
+    rows = torch.arange(len(manifest))
+    with torch.no_grad():
+        from_cache = cached(bank.batch(rows, with_tokens=True))["logits"]
+        pixels = raw.load_pixels(end_to_end, data, rows)
+        direct = end_to_end(raw.batch_inputs(end_to_end, data, rows, pixels, None, torch.device("cpu")))["logits"]
+    torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("depth", [1, "all"])
 def test_cached_tops_give_the_same_logits_as_end_to_end(depth, extract_config, finetune_config):
     cfg = extract_config(text_split_layer=depth, image_split_stage=depth)
@@ -72,14 +84,7 @@ def test_cached_tops_give_the_same_logits_as_end_to_end(depth, extract_config, f
     end_to_end = end_to_end_model(finetune_config(fusion="co-attn", unfreeze_text_layers=depth,
                                                   unfreeze_image_stages=depth)).eval()
     end_to_end.head.load_state_dict(cached.head.state_dict())
-    manifest = read_manifest(cfg.cache)
-    data = raw.RawData.read(manifest, end_to_end.encoders["text"], clean=False)
-    rows = torch.arange(len(manifest))
-    with torch.no_grad():
-        from_cache = cached(bank.batch(rows, with_tokens=True))["logits"]
-        pixels = raw.load_pixels(end_to_end, data, rows)
-        direct = end_to_end(raw.batch_inputs(end_to_end, data, rows, pixels, None, torch.device("cpu")))["logits"]
-    torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-4)
+    assert_same_logits(cached, bank, end_to_end, cfg.cache)
 
 
 @pytest.mark.parametrize("depth", [1, "all"])
@@ -109,14 +114,7 @@ def test_cached_adapters_give_the_same_logits_as_end_to_end_adapters(depth, extr
     for model in (cached, end_to_end):
         trained = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
         assert trained and all("lora_" in n for n in trained)
-    manifest = read_manifest(cfg.cache)
-    data = raw.RawData.read(manifest, end_to_end.encoders["text"], clean=False)
-    rows = torch.arange(len(manifest))
-    with torch.no_grad():
-        from_cache = cached(bank.batch(rows, with_tokens=True))["logits"]
-        pixels = raw.load_pixels(end_to_end, data, rows)
-        direct = end_to_end(raw.batch_inputs(end_to_end, data, rows, pixels, None, torch.device("cpu")))["logits"]
-    torch.testing.assert_close(from_cache, direct, atol=1e-5, rtol=1e-4)
+    assert_same_logits(cached, bank, end_to_end, cfg.cache)
 
 
 def test_train_head_trains_adapters_from_the_cache_and_predicts(split_cache, tmp_path):
