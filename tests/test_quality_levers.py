@@ -13,6 +13,7 @@ from msa.cache.features import FeatureSet
 from msa.cache.manifest import read_manifest
 from msa.models.heads import ModalityDims, create_head, fit_standardisers
 from msa.models.lexicon import FEATURES, LexiconScorer
+from msa.pipeline.compute import resolve_compute
 from msa.pipeline.config import TrainHeadConfig
 from msa.pipeline.training import FeatureBank
 from msa.stages import extract, train_head
@@ -216,3 +217,15 @@ def test_evaluate_of_an_ensemble_of_cross_validations_averages_out_of_fold(signa
     truth = tables[0]["label"]
     assert report["metrics"]["n"] == len(truth) == len(set(truth.index))  # every labelled item once
     assert report["metrics"]["accuracy"] == pytest.approx(float((predicted == truth).mean()))
+
+
+def test_tweets_are_normalised_as_documented(extract_config):
+    from msa.pipeline.normalise import normalise_tweet
+
+    assert normalise_tweet("RT @jenny: #NotJustForGirls soooo happy 😍 https://t.co/x") == \
+        "@user: not just for girls soo happy smiling face with heart-eyes http"
+    assert normalise_tweet("#LarryIsReal2 @a_b www.x.org") == "larry is real 2 @user http"
+    raw = extract.feature_fingerprint(extract_config(), "text", "m", resolve_compute("cpu", "fp32"))
+    tweet = extract.feature_fingerprint(extract_config(text_normalise="tweet"), "text", "m",
+                                        resolve_compute("cpu", "fp32"))
+    assert "text_normalise" not in raw and tweet["text_normalise"] == "tweet"  # a set of its own
