@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 from biases import nested_predictions
 
+from msa.pipeline import rundir
 from msa.pipeline.config import ExtractConfig, TrainHeadConfig
 from msa.pipeline.metrics import classification_metrics
 from msa.pipeline.mvsa import LABELS
-from msa.stages import extract, train_head
+from msa.stages import evaluate, extract, train_head
 
 FOLDS = 5
 VIEWS = {  # name -> (text model, normalisation, image model)
@@ -58,8 +59,8 @@ def fold_metrics(truth: np.ndarray, predicted: np.ndarray, folds: np.ndarray) ->
 
 def out_of_fold(run_dir: Path) -> pd.DataFrame:
     """guid, label, fold, p_<class>: every labelled item once, predicted by the fold that held it out."""
-    tables = [pd.read_parquet(run_dir / f"fold-{k}" / "val_predictions.parquet").assign(fold=k) for k in range(FOLDS)]
-    return pd.concat(tables).sort_values("guid").reset_index(drop=True)
+    folds = pd.read_csv(run_dir / rundir.FOLDS_FILE, dtype={"guid": str})
+    return evaluate.val_predictions(run_dir).merge(folds, on="guid").sort_values("guid").reset_index(drop=True)
 
 
 def main() -> None:

@@ -157,8 +157,7 @@ def load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Path
     known = {p.name for p in ctx.command.params}
     fields = {f.name for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
     defaults = {}
-    hints = {f.name: typing.get_type_hints(cls, include_extras=True)[f.name]
-             for cls in CONFIG_CLASSES for f in dataclasses.fields(cls)}
+    hints = {name: hint for cls in CONFIG_CLASSES for name, hint in configs.declared_types(cls).items()}
     for key, item in data.items():
         key = key.replace("-", "_")
         if key not in known | fields | RUN_RECORD_KEYS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import types
@@ -153,12 +154,18 @@ def check_value(field: str, hint: Any, value: Any) -> None:
         raise ConfigError(f"{field} must be a {hint.__name__}, got {type(value).__name__}")
 
 
+@functools.cache
+def declared_types(config_class: type) -> dict[str, Any]:
+    """Each field's type with its Annotated range (resolved once per class: configs are made often)."""
+    return typing.get_type_hints(config_class, include_extras=True)
+
+
 class Checked:
     """A stage config checked when made: every field against its type, choices and range, in
     one place, so that a bad option stops a command before it writes anything."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self), include_extras=True)
+        hints = declared_types(type(self))
         for field in dataclasses.fields(self):
             check_value(field.name, hints[field.name], getattr(self, field.name))
 

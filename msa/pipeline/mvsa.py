@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -105,7 +106,13 @@ def check_image(path: Path) -> str | None:
 
 def inside(root: Path, path: Path) -> bool:
     """Whether `path`, its links followed, lies in `root`: msa reads nothing outside the inputs it was given."""
-    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+    return Path(os.path.realpath(path)).is_relative_to(_real(root))
+
+
+@functools.lru_cache(maxsize=8)
+def _real(root: Path) -> str:
+    """A data folder's real path, resolved once per read rather than once per file."""
+    return os.path.realpath(root)
 
 
 def read_label_file(path: Path, labelled: bool) -> list[tuple[str, str | None, int]]:

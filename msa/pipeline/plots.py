@@ -26,10 +26,10 @@ def plot_run(run_dir: Path, metrics: dict) -> None:
     metric = select if select != "loss" else ("mae" if "mae" in metrics else "macro_f1")
     _curves(right, history, metric, metrics["best_epoch"], majority_baseline(metrics, metric))
     fig.tight_layout()
-    fig.savefig(Path(run_dir) / "curves.png", dpi=100)
+    fig.savefig(Path(run_dir) / rundir.CURVES, dpi=100)
     plt.close(fig)
     if "confusion_matrix" in metrics:
-        plot_confusion(Path(run_dir) / "confusion.png", metrics, title(config))
+        plot_confusion(Path(run_dir) / rundir.CONFUSION, metrics, title(config))
 
 
 def title(config: dict) -> str:

@@ -33,6 +33,10 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # msa < 0.2: a pickle, never loaded
 VAL_PREDICTIONS = "val_predictions.parquet"
 RESUME_STATE = "last.pt"  # finetune's state after its last epoch (read with weights_only)
 REFIT_DIR = "refit"  # RUN/refit: the model refit on every label, which predict uses for RUN
+FOLDS_FILE = "folds.csv"  # guid, fold of a cross-validation run
+CURVES, CONFUSION = "curves.png", "confusion.png"
+PREDICT_CACHE = "predict-cache"  # new data extracted for a run's predictions
+EVALUATION_DIR = "evaluation"  # msa evaluate's output (evaluation-DATA for new data)
 
 
 class RunDirError(RuntimeError):
@@ -218,11 +222,10 @@ def lock_run(run_dir: Path):
 MARKER = ".msa-run.json"  # written when msa claims a directory: only what carries it may be replaced
 # What msa writes in a run directory, and so may replace: the names above, the files of plots,
 # folds, refits, predictions and evaluations, and .tmp leftovers of an atomic write.
-OWNED_NAMES = {MARKER, CONFIG, HISTORY, METRICS, AUTOTUNE, MODEL_WEIGHTS, MODEL_SPEC, VAL_PREDICTIONS,
-               "curves.png", "confusion.png", "folds.csv", RESUME_STATE, "log.txt", "tensorboard", REFIT_DIR,
-               "predict-cache", "evaluation"}
-OWNED_PATTERNS = ("fold-*", "predictions-*", "*.tmp", "events.out.tfevents.*")
-OWNED_TREES = {"tensorboard", "predict-cache", "evaluation"}  # made whole by msa: their content is msa's
+OWNED_NAMES = {MARKER, CONFIG, HISTORY, METRICS, AUTOTUNE, MODEL_WEIGHTS, MODEL_SPEC, VAL_PREDICTIONS, CURVES,
+               CONFUSION, FOLDS_FILE, RESUME_STATE, "tensorboard", REFIT_DIR, PREDICT_CACHE, EVALUATION_DIR}
+OWNED_PATTERNS = ("fold-*", "predictions-*", f"{EVALUATION_DIR}-*", "*.tmp", "events.out.tfevents.*")
+OWNED_TREES = {"tensorboard", PREDICT_CACHE, EVALUATION_DIR}  # made whole by msa: their content is msa's
 
 
 def is_owned_name(name: str) -> bool:
@@ -237,7 +240,7 @@ def foreign_entries(run_dir: Path) -> list[Path]:
     for entry in sorted(Path(run_dir).iterdir()):
         if not is_owned_name(entry.name) or entry.is_symlink():
             foreign.append(entry)
-        elif entry.is_dir() and entry.name not in OWNED_TREES:
+        elif entry.is_dir() and entry.name not in OWNED_TREES and not entry.name.startswith(f"{EVALUATION_DIR}-"):
             foreign += foreign_entries(entry)  # a fold or refit run: msa's names inside too
     return foreign
 

@@ -129,7 +129,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if own_val and task_of_metrics(rundir.read_json(Path(cfg.run) / rundir.METRICS)).name == "regression":
         return regression_report(cfg)
     # New data is extracted once, into the evaluated run's predict cache, for the unimodal runs too.
-    shared_cache = Path(cfg.run) / "predict-cache" if cfg.data else None
+    shared_cache = Path(cfg.run) / rundir.PREDICT_CACHE if cfg.data else None
     table = run_predictions(cfg.run, cfg.labels, cfg.data, shared_cache)
     if cfg.ensemble:
         table = averaged(table, [run_predictions(r, cfg.labels, cfg.data, shared_cache) for r in cfg.ensemble])
@@ -163,14 +163,14 @@ def run(cfg: EvaluateConfig) -> dict:
 def default_output(run_dir: Path, data: Path | None) -> Path:
     """RUN/evaluation for the run's own data; new data's beside it, named after the data."""
     if data is None:
-        return Path(run_dir) / "evaluation"
-    return Path(run_dir) / f"evaluation-{data_tag(data)}"
+        return Path(run_dir) / rundir.EVALUATION_DIR
+    return Path(run_dir) / f"{rundir.EVALUATION_DIR}-{data_tag(data)}"
 
 
 def regression_report(cfg: EvaluateConfig) -> dict:
     """Regression runs: the field's metrics on the validation predictions, and the largest errors."""
     table = val_predictions(Path(cfg.run))
-    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "evaluation"
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / rundir.EVALUATION_DIR
     out.mkdir(parents=True, exist_ok=True)
     table["error"] = table["prediction"] - table["score"]
     table.reindex(table["error"].abs().sort_values(ascending=False).index).to_csv(out / "bad_cases.csv", index=False)

@@ -83,7 +83,7 @@ def ensure_features(run_dir: Path, data: Path | None, cache: Path | None, device
     if data is None:
         raise ConfigError(f"--data is needed: the run's cache {run_cache} holds no manifest any more (removed or "
                           "moved?), so give the data to extract again")
-    cache = Path(cache) if cache else Path(run_dir) / "predict-cache"
+    cache = Path(cache) if cache else Path(run_dir) / rundir.PREDICT_CACHE
     names = {}
     for modality, info in config["feature_sets"].items():
         recorded = info.get("extract_config") or _recorded_in_cache(run_cache, info["name"])
@@ -137,7 +137,7 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
     # A cross-validation predicts with its fold ensemble: the folds share one extraction and one load.
     members = sorted(Path(run_dir).glob("fold-*"), key=lambda p: int(p.name.split("-")[1])) \
         if kind == "cross-validation" else [Path(run_dir)]
-    cache = cache or (Path(run_dir) / "predict-cache" if data and len(members) > 1 else None)
+    cache = cache or (Path(run_dir) / rundir.PREDICT_CACHE if data and len(members) > 1 else None)
     cache, names = ensure_features(members[0], data, cache, device, show_progress)
     compute = resolve_compute(device, "fp32")
     models = [load_run_model(member, compute.device) for member in members]
@@ -254,7 +254,7 @@ def run(cfg: PredictConfig, show_progress: bool = True, overwrite: bool = False)
     if cfg.out and Path(cfg.out).exists() and not overwrite:
         raise rundir.RunDirError(f"--out {cfg.out} exists; pass --overwrite to replace it or choose another file")
     # New data is extracted once into one cache for all the runs (sets are shared by fingerprint).
-    cache = cfg.cache or (Path(cfg.run) / "predict-cache" if cfg.data and len(runs) > 1 else None)
+    cache = cfg.cache or (Path(cfg.run) / rundir.PREDICT_CACHE if cfg.data and len(runs) > 1 else None)
     members = [predict(r, cfg.data, cfg.split, cache, cfg.device, show_progress) for r in runs]
     predictions = ensemble(members) if len(members) > 1 else members[0]
     path = write_predictions_file(predictions, out, cfg.probs)

@@ -50,7 +50,6 @@ from msa.pipeline.training import (
 )
 
 KIND = "train-head"  # config.json's "kind": what wrote a run directory
-REFIT = rundir.REFIT_DIR
 CV_KIND = "cross-validation"  # a directory of fold runs
 FOLD_SEED = 42  # folds depend on the data alone, never on a run's seed: every run is judged on the same folds
 MODALITY_ORDER = ("text", "image")  # roles of two-modality heads: the first is the "text" role
@@ -264,7 +263,8 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
     folds = stratified_folds(labels, cfg.folds, FOLD_SEED)
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": CV_KIND, "out": str(run_dir),
                                                 "modalities_used": list(data.feature_sets), "fold_seed": FOLD_SEED})
-    pd.DataFrame({"guid": [guids[r] for r in labelled], "fold": folds}).to_csv(run_dir / "folds.csv", index=False)
+    folds_table = pd.DataFrame({"guid": [guids[r] for r in labelled], "fold": folds})
+    folds_table.to_csv(run_dir / rundir.FOLDS_FILE, index=False)
     results = []
     for k in range(cfg.folds):
         log(f"fold {k + 1}/{cfg.folds}")
@@ -328,7 +328,7 @@ def refit(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, epochs: int, log
     epochs selection found, into RUN/refit, a run directory of its own that predict uses for RUN.
     The schedule is selection's (sized for --epochs), cut at the selected epoch; nothing is
     validated, so RUN's metrics stay those of selection."""
-    refit_dir = run_dir / REFIT
+    refit_dir = run_dir / rundir.REFIT_DIR
     if refit_dir.exists():  # a refit killed before it finished: start it again
         shutil.rmtree(refit_dir)
     spec = write_run_config(dataclasses.replace(cfg, refit=False, folds=0), data, refit_dir)  # a plain run
