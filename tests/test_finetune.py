@@ -297,3 +297,45 @@ def test_the_recipe_script_says_what_it_needs(tmp_path):
     missing = subprocess.run(["bash", str(script), str(tmp_path), str(tmp_path / "out")], capture_output=True,
                              text=True, env={"MSA_OFFLINE_MODELS": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert missing.returncode == 2 and "all-mpnet-base-v2/config.json missing" in missing.stderr
+
+
+def test_finetune_cross_validates_on_the_stored_folds_and_predicts_with_its_folds(finetune_config, tmp_path):
+    cfg = finetune_config(out=tmp_path / "cv", folds=2, epochs=1)
+    run_dir = finetune.run(cfg, show_progress=False, log=lambda *_: None)
+    manifest = read_manifest(run_dir)
+    fold_of = dict(zip(manifest.guids, manifest.folds(2)))
+    metrics = rundir.read_json(run_dir / rundir.METRICS)
+    assert metrics["folds"] == 2 and len(metrics["per_fold"]) == 2
+    assert metrics["accuracy"] == pytest.approx(np.mean([m["accuracy"] for m in metrics["per_fold"]]))
+    for k in range(2):
+        val = pd.read_parquet(run_dir / f"fold-{k}" / rundir.VAL_PREDICTIONS)
+        assert {fold_of[g] for g in val.guid} == {k}
+    members = [predict.predict(run_dir / f"fold-{k}", split="test", show_progress=False) for k in range(2)]
+    together = predict.predict(run_dir, split="test", show_progress=False)
+    assert together.guids == members[0].guids and len(together.guids) > 0
+    np.testing.assert_allclose(together.probabilities, np.mean([m.probabilities for m in members], axis=0),
+                               atol=1e-6)
+    report = evaluate.run(EvaluateConfig(run=run_dir))  # out of fold: every labelled item once
+    assert report["metrics"]["n"] == int((manifest.folds(2) >= 0).sum())
+
+    # A rerun of an unfinished cross-validation keeps its finished folds.
+    (run_dir / rundir.METRICS).unlink()
+    (run_dir / "fold-1" / rundir.METRICS).unlink()
+    kept = (run_dir / "fold-0" / rundir.MODEL_WEIGHTS).stat().st_mtime_ns
+    finetune.run(cfg, show_progress=False, log=lambda *_: None)
+    assert (run_dir / "fold-0" / rundir.MODEL_WEIGHTS).stat().st_mtime_ns == kept
+    assert (run_dir / "fold-1" / rundir.METRICS).is_file() and (run_dir / rundir.METRICS).is_file()
+
+
+def test_finetune_refit_trains_every_label_for_the_selected_epochs_and_predict_uses_it(finetune_config, tmp_path):
+    run_dir = finetune.run(finetune_config(out=tmp_path / "r", refit=True, epochs=2), show_progress=False,
+                           log=lambda *_: None)
+    best_epoch = rundir.read_json(run_dir / rundir.METRICS)["best_epoch"]
+    refit = run_dir / rundir.REFIT_DIR
+    assert rundir.read_json(refit / rundir.METRICS)["refit"]["epochs"] == best_epoch
+    refit_manifest = read_manifest(refit)
+    assert set(refit_manifest.column("split")) <= {"train", "test"}
+    assert len(refit_manifest.rows_of_split("train")) == len(read_manifest(run_dir).labelled_rows())
+    assert len(rundir.read_history(refit)) == best_epoch and rundir.is_finished(run_dir)
+    np.testing.assert_array_equal(predict.predict(run_dir, split="test", show_progress=False).probabilities,
+                                  predict.predict(refit, split="test", show_progress=False).probabilities)

@@ -111,6 +111,24 @@ def test_folds_are_stratified_disjoint_complete_and_fixed():
         assert per_fold.max() - per_fold.min() <= 1  # stratified
 
 
+def test_the_manifest_stores_the_folds_and_every_cross_validation_of_the_cache_uses_them(signal_cache, tmp_path):
+    manifest = read_manifest(signal_cache)
+    stored = np.asarray(manifest.column("fold"))
+    assert manifest.info["folds"] == 5 and set(stored[stored >= 0]) == set(range(5))
+    assert (stored[np.asarray(manifest.column("split")) == "test"] == -1).all()
+    tables = []
+    for seed in (0, 1):
+        train_head.run(TrainHeadConfig(cache=signal_cache, fusion="linear", folds=5, seed=seed, epochs=1,
+                                       out=tmp_path / f"cv{seed}", baseline=False))
+        tables.append(__import__("pandas").read_csv(tmp_path / f"cv{seed}" / "folds.csv", dtype={"guid": str}))
+    assert tables[0].equals(tables[1])
+    fold_of = dict(zip(manifest.guids, stored))
+    assert [fold_of[g] for g in tables[0].guid] == tables[0].fold.tolist()  # the manifest's, not recomputed
+    for k in range(5):  # each fold run validated on its fold
+        val = __import__("pandas").read_parquet(tmp_path / "cv0" / f"fold-{k}" / "val_predictions.parquet")
+        assert {fold_of[g] for g in val.guid} == {k}
+
+
 def test_cross_validation_reports_mean_and_std_and_predicts_with_the_fold_ensemble(signal_cache, tmp_path):
     from msa.pipeline.config import PredictConfig
     from msa.stages import predict

@@ -13,9 +13,15 @@ import pyarrow.parquet as pq
 
 from msa.cache.errors import CacheError, write_error
 from msa.cache.fingerprint import config_id, file_size
+from msa.pipeline.folds import stratified_folds
 from msa.pipeline.mvsa import Item, bad_image_flag
 
 MANIFEST_FILE = "manifest.parquet"
+# Every manifest stores a K-fold assignment of its labelled items, so every cross-validation of a
+# cache (train-head, finetune, sweep, bench) is judged on the same folds whatever the code's version.
+FOLDS = 5
+FOLD_SEED = 42  # folds depend on the data alone, never on a run's seed
+LABELLED_SPLITS = ("train", "val")  # test items carry no label a fold could use
 SCHEMA = pa.schema(
     [
         ("guid", pa.string()),
@@ -55,6 +61,38 @@ class Manifest:
 
     def rows_of_split(self, split: str) -> np.ndarray:
         return np.flatnonzero(np.asarray(self.column("split")) == split)
+
+    def labelled_rows(self) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.column("split"), LABELLED_SPLITS))
+
+    def folds(self, k: int) -> np.ndarray:
+        """[N] fold of each row (-1: not labelled): the stored assignment for K = FOLDS, the same
+        stratified deal computed for another K (older manifests, without the column, compute it too)."""
+        if self.info.get("folds") == k and "fold" in self.table.column_names:
+            return np.asarray(self.column("fold"), dtype=np.int64)
+        return fold_column(self.column("split"), self.strata(), k)
+
+    def strata(self) -> list:
+        """What folds are stratified by: the label; regression scores are not classes, so one stratum."""
+        if "score" in self.table.column_names:
+            return ["score"] * len(self)
+        return self.column("label")
+
+
+def fold_column(splits: list[str], strata: list, k: int) -> np.ndarray:
+    labelled = np.flatnonzero(np.isin(splits, LABELLED_SPLITS))
+    column = np.full(len(splits), -1, dtype=np.int64)
+    column[labelled] = stratified_folds([strata[r] for r in labelled], k, FOLD_SEED)
+    return column
+
+
+def with_folds(manifest: Manifest) -> Manifest:
+    """The manifest with its stored K-fold assignment (column `fold`, info["folds"])."""
+    table = manifest.table
+    if "fold" in table.column_names:
+        table = table.drop_columns(["fold"])
+    column = fold_column(table.column("split").to_pylist(), Manifest(table, manifest.info).strata(), FOLDS)
+    return Manifest(table.append_column("fold", pa.array(column, type=pa.int8())), {**manifest.info, "folds": FOLDS})
 
 
 def stratified_split(labels: list[str], val_ratio: float, seed: int) -> list[str]:
@@ -101,7 +139,7 @@ def build_manifest(items: list[Item], data_dir: Path, val_ratio: float, split_se
         "splits": table.column("split").to_pylist(),
     }
     info["manifest_id"] = config_id(content)
-    return Manifest(table, info)
+    return with_folds(Manifest(table, info))
 
 
 def write_manifest(manifest: Manifest, cache_dir: Path) -> Path:

@@ -332,6 +332,8 @@ class FinetuneConfig(Checked):
     limit: Count | None = None  # only the first N listed items: a quick trial
     device: Device = _shared(ExtractConfig, "device")  # auto: cuda when there is one
     precision: Precision = _shared(ExtractConfig, "precision")  # AMP; auto: CUDA bf16/fp16, CPU the faster measured
+    folds: NonNegativeInt = _shared(TrainHeadConfig, "folds")  # K >= 2: K-fold cross-validation, RUN/fold-k each
+    refit: bool = _shared(TrainHeadConfig, "refit")  # then train on every label for the selected epochs, into RUN/refit
 
 
 @dataclasses.dataclass

@@ -46,3 +46,13 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         "acc7": float(np.mean(np.round(np.clip(y_true, -3, 3)) == np.round(np.clip(y_pred, -3, 3)))),
         "n": int(len(y_true)),
     }
+
+
+def fold_summary(per_fold: list[dict]) -> dict:
+    """A cross-validation's metrics: each number's mean over folds, its std beside it (`KEY_std`),
+    the folds' own metrics under `per_fold`, and the epoch count a refit uses (the folds' mean)."""
+    keys = [k for k, v in per_fold[0].items() if isinstance(v, int | float) and k != "best_epoch"]
+    return {**{k: float(np.mean([m[k] for m in per_fold])) for k in keys},
+            **{f"{k}_std": float(np.std([m[k] for m in per_fold])) for k in keys},
+            "folds": len(per_fold), "best_epoch": round(float(np.mean([m["best_epoch"] for m in per_fold]))),
+            "per_fold": per_fold}

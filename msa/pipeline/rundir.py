@@ -34,6 +34,7 @@ VAL_PREDICTIONS = "val_predictions.parquet"
 RESUME_STATE = "last.pt"  # finetune's state after its last epoch (read with weights_only)
 REFIT_DIR = "refit"  # RUN/refit: the model refit on every label, which predict uses for RUN
 FOLDS_FILE = "folds.csv"  # guid, fold of a cross-validation run
+CROSS_VALIDATION = "cross-validation"  # config.json's "kind" of a directory of fold runs (RUN/fold-k)
 CURVES, CONFUSION = "curves.png", "confusion.png"
 PREDICT_CACHE = "predict-cache"  # new data extracted for a run's predictions
 EVALUATION_DIR = "evaluation"  # msa evaluate's output (evaluation-DATA for new data)
@@ -271,8 +272,10 @@ def clear_owned(run_dir: Path) -> None:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def claim(run_dir: Path, kind: str, overwrite: bool = False):
+def claim(run_dir: Path, kind: str, overwrite: bool = False, continues: dict | None = None):
     """Take `run_dir` for a new run of `kind` and hold its lock (returned; release it when done).
+    `continues`: the config.json of a run that resumes its parts (a cross-validation's folds); an
+    unfinished run that recorded the same is continued, its finished parts kept.
 
     Nothing is lost silently: an absent or empty directory is created and marked as msa's; one
     that msa marked is replaced (only the files msa writes there) with `overwrite`, or without it
@@ -294,7 +297,9 @@ def claim(run_dir: Path, kind: str, overwrite: bool = False):
             if (run_dir / RESUME_STATE).is_file() and not overwrite:  # hours of training: never dropped unasked
                 raise RunDirError(f"--out {run_dir} holds an unfinished {recorded} run that can resume; pass --resume "
                                   f"{run_dir} to continue it, or --overwrite to start again")
-            clear_owned(run_dir)
+            if overwrite or continues is None or not (run_dir / CONFIG).is_file() or \
+                    read_json(run_dir / CONFIG) != continues:
+                clear_owned(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         mark(run_dir, kind)
     except BaseException:

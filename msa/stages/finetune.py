@@ -13,20 +13,32 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import torch
 
 from msa.cache.fingerprint import local_path
-from msa.cache.manifest import build_manifest, read_manifest, write_manifest
+from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
 from msa.models.build import build_model
 from msa.models.unfrozen import parameter_groups
 from msa.pipeline import autotune, plots, rundir
 from msa.pipeline.compute import Compute, resolve_compute
 from msa.pipeline.config import ConfigError, FinetuneConfig, to_json
-from msa.pipeline.distributed import Rank, barrier, current_rank, every_rank_ok, join, summed_over_ranks
+from msa.pipeline.distributed import (
+    Rank,
+    barrier,
+    current_rank,
+    every_rank_ok,
+    join,
+    single_process_only,
+    summed_over_ranks,
+)
+from msa.pipeline.metrics import fold_summary
 from msa.pipeline.mvsa import read_mvsa
 from msa.pipeline.progress import ItemProgress
 from msa.pipeline.raw import IMAGE_AUGS, RawData, image_augmentation, raw_batches
@@ -79,6 +91,10 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
             raise ConfigError("under torchrun, give --out: every rank must write to the same run directory")
     run_dir = Path(cfg.out or Path("runs") / f"finetune-{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = resolved(cfg)
+    if cfg.folds >= 2 or cfg.refit:
+        single_process_only("finetune --folds/--refit")
+    if cfg.folds >= 2:
+        return cross_validate(cfg, run_dir, show_progress, log, overwrite)
     if resume and not (run_dir / LAST).is_file():
         raise rundir.RunDirError(f"--resume {run_dir}: no {LAST} there, so nothing to resume")
     main = rank is None or rank.is_main
@@ -94,11 +110,80 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
         raise failure or rundir.RunDirError(f"{run_dir}: rank 0 could not claim the run directory (its message "
                                             "says why)")
     try:
-        return _train(cfg, run_dir, resume, show_progress and main, log if main else (lambda *_: None), on_epoch,
-                      rank)
+        run_dir = _train(cfg, run_dir, resume, show_progress and main, log if main else (lambda *_: None), on_epoch,
+                         rank)
+        if cfg.refit:
+            refit(cfg, read_manifest(run_dir), run_dir, rundir.read_json(run_dir / rundir.METRICS)["best_epoch"],
+                  show_progress, log)
+        return run_dir
     finally:
         if lock is not None:
             lock.release()
+
+
+def data_manifest(cfg: FinetuneConfig) -> Manifest:
+    items, _ = read_mvsa(cfg.data, cfg.on_bad_image, cfg.on_duplicate)
+    return build_manifest(items[: cfg.limit] if cfg.limit else items, cfg.data, cfg.val_ratio, cfg.split_seed,
+                          cfg.on_bad_image)
+
+
+def with_splits(manifest: Manifest, train_rows: np.ndarray, val_rows: np.ndarray) -> Manifest:
+    """The manifest with train and val re-dealt (a fold's, or every label train for a refit)."""
+    splits = np.full(len(manifest), "test", dtype=object)
+    splits[train_rows], splits[val_rows] = "train", "val"
+    table = manifest.table.set_column(manifest.table.column_names.index("split"), "split",
+                                      pa.array(splits.tolist(), type=pa.string()))
+    return Manifest(table, manifest.info)
+
+
+def cross_validate(cfg: FinetuneConfig, run_dir: Path, show_progress: bool, log, overwrite: bool) -> Path:
+    """K end-to-end runs on the manifest's folds, in RUN/fold-k (each a finetune run of its own, resumed
+    from its last.pt by a rerun: finished folds are kept), their mean and std in RUN/metrics.json; with
+    refit, RUN/refit trains on every label for the folds' mean best epoch. Predict averages the folds."""
+    manifest = data_manifest(cfg)  # its folds: a rerun continues only on the same data and options
+    config = json.loads(json.dumps({**to_json(cfg), "kind": rundir.CROSS_VALIDATION, "trained_by": KIND,
+                                    "out": str(run_dir), "cache": str(run_dir),
+                                    "manifest_id": manifest.manifest_id}))  # as it reads back
+    lock = rundir.claim(run_dir, rundir.CROSS_VALIDATION, overwrite, continues=config)
+    try:
+        write_manifest(manifest, run_dir)
+        rundir.write_json(run_dir / rundir.CONFIG, config)
+        folds = manifest.folds(cfg.folds)
+        labelled = np.flatnonzero(folds >= 0)
+        pd.DataFrame({"guid": [manifest.guids[r] for r in labelled], "fold": folds[labelled]}).to_csv(
+            run_dir / rundir.FOLDS_FILE, index=False)
+        per_fold = []
+        for k in range(cfg.folds):
+            fold_dir = run_dir / f"fold-{k}"
+            if not (fold_dir / rundir.METRICS).is_file():
+                log(f"fold {k + 1}/{cfg.folds}")
+                resume = (fold_dir / LAST).is_file()  # a fold stopped midway continues where it stopped
+                if not resume:
+                    shutil.rmtree(fold_dir, ignore_errors=True)
+                    write_manifest(with_splits(manifest, labelled[folds[labelled] != k], np.flatnonzero(folds == k)),
+                                   fold_dir)
+                _train(dataclasses.replace(cfg, folds=0, refit=False, out=fold_dir), fold_dir, resume, show_progress,
+                       log, None, manifest_given=True)
+            per_fold.append(rundir.read_json(fold_dir / rundir.METRICS))
+        metrics = {**fold_summary(per_fold), "task": TASK.name}
+        if cfg.refit:
+            refit(cfg, manifest, run_dir, metrics["best_epoch"], show_progress, log)
+        rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the cross-validation is finished
+        return run_dir
+    finally:
+        lock.release()
+
+
+def refit(cfg: FinetuneConfig, manifest: Manifest, run_dir: Path, epochs: int, show_progress: bool, log) -> None:
+    """The configuration trained again on every labelled item for `epochs`, into RUN/refit (what
+    predict uses for RUN); nothing is validated."""
+    refit_dir = run_dir / rundir.REFIT_DIR
+    if refit_dir.exists():  # a refit stopped before it finished: start it again
+        shutil.rmtree(refit_dir)
+    write_manifest(with_splits(manifest, manifest.labelled_rows(), np.array([], dtype=np.int64)), refit_dir)
+    log(f"refit on {len(manifest.labelled_rows())} labelled items for {epochs} epochs")
+    _train(dataclasses.replace(cfg, folds=0, refit=False, out=refit_dir, epochs=epochs), refit_dir, False,
+           show_progress, log, None, manifest_given=True)
 
 
 def training_precision(cfg: FinetuneConfig, spec: dict, model: torch.nn.Module, data: RawData,
@@ -116,19 +201,19 @@ def training_precision(cfg: FinetuneConfig, spec: dict, model: torch.nn.Module, 
 
 
 def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool, log, on_epoch,
-           rank: Rank | None = None) -> Path:
+           rank: Rank | None = None, manifest_given: bool = False) -> Path:
+    """One run; its manifest is read from run_dir when resuming or given (a fold's, a refit's: a
+    refit has no val items, so it trains its epochs without selection), else built from the data."""
     compute = resolve_compute(cfg.device, cfg.precision)  # on a CPU, auto is measured below
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     main = rank is None or rank.is_main
     spec = model_spec(cfg)
     model = build_model(spec).to(compute.device)
-    if resume:
+    if resume or manifest_given:
         manifest = read_manifest(run_dir)
     else:
-        items, _ = read_mvsa(cfg.data, cfg.on_bad_image, cfg.on_duplicate)
-        manifest = build_manifest(items[: cfg.limit] if cfg.limit else items, cfg.data, cfg.val_ratio,
-                                  cfg.split_seed, cfg.on_bad_image)
+        manifest = data_manifest(cfg)
         if main:
             write_manifest(manifest, run_dir)
     if main:
@@ -139,7 +224,8 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
     trained = model if rank is None else torch.nn.parallel.DistributedDataParallel(model)
     data = RawData.read(manifest, model.encoders["text"], cfg.clean_text)
     train_rows, val_rows = manifest.rows_of_split("train"), manifest.rows_of_split("val")
-    if len(train_rows) == 0 or len(val_rows) == 0:
+    refitting = manifest_given and len(val_rows) == 0
+    if len(train_rows) == 0 or (len(val_rows) == 0 and not refitting):
         raise ConfigError(f"{cfg.data}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
 
     loss_fn = training_loss(TASK, cfg, data.targets[train_rows].numpy(), compute.device)
@@ -178,10 +264,11 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
                        functools.partial(summed_over_ranks, device=compute.device) if shared else None)
         return {**TASK.metrics(data.targets[val_rows].numpy(), out), "loss": out["loss"]}, out
 
-    def keep_best(state, out: dict) -> None:
+    def keep_best(state, out: dict | None) -> None:
         if main:
             rundir.save_model(run_dir, model.state_dict(), spec)
-            rundir.write_val_predictions(run_dir, TASK, manifest, val_rows, out)
+            if out is not None:
+                rundir.write_val_predictions(run_dir, TASK, manifest, val_rows, out)
 
     def after_epoch(state) -> None:
         if rank is not None:
@@ -190,12 +277,15 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
             on_epoch(state.epoch)
 
     # The state saved is world-size free, so a resume may use another number of ranks.
-    state = fit(train_epoch, validate, TASK, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best,
-                resume_state=run_dir / LAST, stateful={"model": model, **step.state_dicts()}, generator=generator,
-                log=log, after_epoch=after_epoch, writes=main)
+    state = fit(train_epoch, None if refitting else validate, TASK, cfg.select, cfg.epochs, cfg.patience, run_dir,
+                keep_best, resume_state=run_dir / LAST, stateful={"model": model, **step.state_dicts()},
+                generator=generator, log=log, after_epoch=after_epoch, writes=main)
     metrics = {**state.best_metrics, "task": TASK.name, "best_epoch": state.best_epoch}
-    if main:
+    if refitting:
+        metrics = {"task": TASK.name, "refit": {"epochs": state.epoch, "items": len(train_rows)}}
+    elif main:
         plots.plot_run(run_dir, metrics)
+    if main:
         rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
     if rank is not None:
         barrier()

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from msa.cache.features import FeatureWriter, feature_path, is_complete
 from msa.cache.fingerprint import FORMAT_VERSION, config_id, file_digest, slug
-from msa.cache.manifest import SCHEMA, Manifest, write_manifest
+from msa.cache.manifest import SCHEMA, Manifest, with_folds, write_manifest
 from msa.pipeline.finite import require_finite
 from msa.pipeline.mvsa import DataError
 
@@ -348,7 +348,7 @@ def run(path: Path, cache: Path) -> ImportResult:
     info = {"data_dir": str(path.resolve()), "task": "regression", "source_digest": source,
             "source_format": layout, "dims": dims,
             "manifest_id": config_id({"source": source, "guids": guids, "splits": split_column})}
-    manifest = Manifest(table, info)
+    manifest = with_folds(Manifest(table, info))
     write_manifest(manifest, cache)
 
     feature_sets = {}

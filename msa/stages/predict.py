@@ -16,7 +16,7 @@ import torch
 
 from msa.cache.features import CacheError, find_feature_set
 from msa.cache.fingerprint import config_id, slug
-from msa.cache.manifest import MANIFEST_FILE, build_manifest, read_manifest
+from msa.cache.manifest import MANIFEST_FILE, Manifest, build_manifest, read_manifest
 from msa.models.build import model_with_weights
 from msa.pipeline import rundir
 from msa.pipeline.autotune import Variant
@@ -136,7 +136,11 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
         return _predict_finetuned(run_dir, data, split, device, show_progress)
     # A cross-validation predicts with its fold ensemble: the folds share one extraction and one load.
     members = sorted(Path(run_dir).glob("fold-*"), key=lambda p: int(p.name.split("-")[1])) \
-        if kind == "cross-validation" else [Path(run_dir)]
+        if kind == rundir.CROSS_VALIDATION else [Path(run_dir)]
+    if config.get("trained_by") == "finetune":  # end-to-end folds read the raw data, each with its own model
+        manifest = None if data else read_manifest(run_dir)  # the run's own data under its own splits
+        return ensemble([_predict_finetuned(member, data, split, device, show_progress, manifest)
+                         for member in members])
     cache = cache or (Path(run_dir) / rundir.PREDICT_CACHE if data and len(members) > 1 else None)
     cache, names = ensure_features(members[0], data, cache, device, show_progress)
     compute = resolve_compute(device, "fp32")
@@ -171,17 +175,17 @@ def refit_model_dir(run_dir: Path) -> Path:
 
 
 def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str,
-                       show_progress: bool) -> Predictions:
-    """An end-to-end run reads raw data: its own (the manifest kept in the run) or new data."""
+                       show_progress: bool, manifest: Manifest | None = None) -> Predictions:
+    """An end-to-end run reads raw data: its own (the manifest kept in the run, or `manifest`) or new data."""
     cfg = from_record(FinetuneConfig, rundir.read_json(Path(run_dir) / rundir.CONFIG))
     precision, tuned = cfg.precision, Path(run_dir) / rundir.AUTOTUNE
     if precision == "auto" and tuned.is_file():  # the precision it validated in: predictions match its val ones
         precision = Variant.parse(rundir.read_json(tuned)["variant"]).precision
     compute = resolve_compute(device, precision)
     model, spec = load_run_model(run_dir, compute.device)
-    if data is None:
+    if manifest is None and data is None:
         manifest = read_manifest(run_dir)
-    else:
+    elif manifest is None:
         items, _ = read_mvsa(data, cfg.on_bad_image, cfg.on_duplicate)
         manifest = build_manifest(items, data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
     raw = RawData.read(manifest, model.encoders["text"], cfg.clean_text)

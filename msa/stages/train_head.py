@@ -33,7 +33,7 @@ from msa.pipeline.baselines import closed_form_baseline
 from msa.pipeline.compute import Compute, resolve_compute
 from msa.pipeline.config import ConfigError, TrainHeadConfig, to_json
 from msa.pipeline.distributed import single_process_only
-from msa.pipeline.folds import stratified_folds
+from msa.pipeline.metrics import fold_summary
 from msa.pipeline.tasks import TASKS, Task, task_named, training_loss
 from msa.pipeline.training import (
     FeatureBank,
@@ -50,8 +50,7 @@ from msa.pipeline.training import (
 )
 
 KIND = "train-head"  # config.json's "kind": what wrote a run directory
-CV_KIND = "cross-validation"  # a directory of fold runs
-FOLD_SEED = 42  # folds depend on the data alone, never on a run's seed: every run is judged on the same folds
+CV_KIND = rundir.CROSS_VALIDATION
 MODALITY_ORDER = ("text", "image")  # roles of two-modality heads: the first is the "text" role
 
 
@@ -255,14 +254,11 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
     """K runs, fold k the validation items of run k and the other folds its training items (every
     labelled item, the extract's train and val alike), in RUN/fold-k; RUN/metrics.json holds the
     mean and std over folds, and predict averages the folds' probabilities."""
-    labelled = np.flatnonzero(np.isin(data.manifest.column("split"), ("train", "val")))  # test items carry none
-    guids = data.manifest.guids
-    # Regression scores are not classes: one stratum, so the folds are a seeded shuffle.
-    every_label = ["score"] * len(guids) if data.task.is_regression else data.task.labels(data.manifest)
-    labels = [every_label[r] for r in labelled]
-    folds = stratified_folds(labels, cfg.folds, FOLD_SEED)
+    every_fold = data.manifest.folds(cfg.folds)  # the cache's own: every run of it uses the same
+    labelled = np.flatnonzero(every_fold >= 0)
+    folds, guids = every_fold[labelled], data.manifest.guids
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": CV_KIND, "out": str(run_dir),
-                                                "modalities_used": list(data.feature_sets), "fold_seed": FOLD_SEED})
+                                                "modalities_used": list(data.feature_sets)})
     folds_table = pd.DataFrame({"guid": [guids[r] for r in labelled], "fold": folds})
     folds_table.to_csv(run_dir / rundir.FOLDS_FILE, index=False)
     results = []
@@ -270,12 +266,8 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
         log(f"fold {k + 1}/{cfg.folds}")
         rows = (labelled[folds != k], labelled[folds == k])
         results.append(train(dataclasses.replace(cfg, folds=0), data, run_dir / f"fold-{k}", log, rows))
-    keys = [k for k, v in results[0].metrics.items() if isinstance(v, int | float) and k != "best_epoch"]
-    summary = {k: float(np.mean([r.metrics[k] for r in results])) for k in keys}
-    best_epoch = round(float(np.mean([r.best_epoch for r in results])))
-    metrics = {**summary, **{f"{k}_std": float(np.std([r.metrics[k] for r in results])) for k in keys},
-               "task": data.task.name, "folds": cfg.folds, "best_epoch": best_epoch,
-               "per_fold": [r.metrics for r in results]}
+    metrics = {**fold_summary([r.metrics for r in results]), "task": data.task.name}
+    keys = [k for k in metrics if f"{k}_std" in metrics]
     if cfg.baseline:  # the folds' baselines, averaged as the run's metrics are
         baselines = [r.metrics["baseline"] for r in results]
         metrics["baseline"] = {"model": baselines[0]["model"], **{k: float(np.mean([b[k] for b in baselines]))
