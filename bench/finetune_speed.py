@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--text-layers", type=int, default=2)
     parser.add_argument("--image-stages", type=int, default=1)
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters of this rank in the unfrozen text "
+                        "layers, trained in their place, on both paths (0: the layers themselves)")
     parser.add_argument("--fusion", default="concat")
     parser.add_argument("--seeds", default="0", help="comma-separated; each trains both paths")
     parser.add_argument("--lr-encoder", type=float, default=1e-5)
@@ -54,7 +56,7 @@ def main() -> None:
                          f"torch {torch.__version__}", **{k: str(v) for k, v in vars(args).items() if k != "out"}}
     common = dict(text_model=args.text_model, image_model=args.image_model, image_weights=args.image_weights,
                   limit=args.items, device="cpu")
-    rates = dict(lr_encoder=args.lr_encoder, lr_fusion=args.lr_fusion, lr_head=args.lr_head)
+    rates = dict(lr_encoder=args.lr_encoder, lr_fusion=args.lr_fusion, lr_head=args.lr_head, lora_rank=args.lora_rank)
     precisions = args.precisions.split(",")
     e2e = {p: "end to end" if precisions == ["auto"] else f"end to end, {p}" for p in precisions}
     runs = {"cached": [], **{name: [] for name in e2e.values()}}

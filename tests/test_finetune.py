@@ -134,6 +134,28 @@ def test_train_head_trains_adapters_from_the_cache_and_predicts(split_cache, tmp
                        log=lambda *_: None)
 
 
+def test_adapters_trained_on_the_cache_export_as_an_encoder(split_cache, extract_config, tmp_path):
+    """`msa extract --text-model RUN` of a train-head run: the cache's encoder with the run's adapted
+    top layers, whose features equal what the run's tops compute on the cached activations."""
+    cfg, sets = split_cache
+    run_dir = train_head.run(TrainHeadConfig(cache=cfg.cache, fusion="concat", out=tmp_path / "run", epochs=1,
+                                             hidden=16, unfreeze_text_layers=1, lora_rank=2, lr_encoder=1e-2,
+                                             batch_size=4, precision="fp32"), log=lambda *_: None).run_dir
+    exported = extract.run(extract_config(text_model=str(run_dir), modalities=("text",), cache=tmp_path / "c"),
+                           show_progress=False)
+    features = FeatureSet.open(exported.feature_sets["text"].path).load("pooled")[:8].astype(np.float32)
+    model = build_model(rundir.load_model(run_dir)[1])
+    model.load_state_dict(rundir.load_model(run_dir)[0])
+    split = torch.from_numpy(sets["text"].load("split")[:8].astype(np.float32))
+    mask = torch.from_numpy(sets["text"].load("mask")[:8])
+    with torch.no_grad():
+        _, pooled = model.tops["text"].eval()(split, mask)
+    np.testing.assert_allclose(features, pooled.numpy(), atol=3e-3, rtol=3e-3)
+    plain = FeatureSet.open(extract.run(extract_config(modalities=("text",), cache=tmp_path / "c"),
+                                        show_progress=False).feature_sets["text"].path).load("pooled")[:8]
+    assert not np.allclose(features, plain.astype(np.float32), atol=3e-3)  # the adapters changed them
+
+
 def test_unfrozen_train_head_trains_the_tops_and_predicts(split_cache, tmp_path):
     cfg, sets = split_cache
     run_cfg = TrainHeadConfig(cache=cfg.cache, fusion="concat", out=tmp_path / "run", epochs=2, hidden=16,

@@ -91,25 +91,39 @@ def is_run_dir(name: str | None) -> bool:
 
 
 def run_text_options(run_dir: str) -> dict:
-    """The text options a finetune run's encoder was trained with (extract must use the same)."""
+    """The text options a run's encoder was trained with (extract must use the same)."""
     spec = json.loads((Path(run_dir) / "model.json").read_text())
+    if spec.get("kind") == "head":  # tops trained on a cache: the options of the extract that made it
+        recorded = spec.get("feature_sets", {}).get("text", {}).get("extract_config", {})
+        return {"max_len": recorded.get("max_len"), "pooling": recorded.get("pooling")}
     return {"max_len": spec.get("max_len"), "pooling": spec.get("pooling")}
 
 
 def text_encoder_of_run(run_dir: str) -> TextEncoder:
-    """The text encoder of a finetune run, with its trained weights (LoRA adapters merged in,
-    tops included), to extract features with like any pretrained model."""
+    """The text encoder of a run, with its trained weights (LoRA adapters merged in, tops
+    included), to extract features with like any pretrained model: a finetune run's own, or the
+    encoder that extracted a train-head run's cache with the top layers that run trained."""
     from msa.pipeline import rundir
 
     state_dict, spec = rundir.load_model(run_dir)
-    if spec.get("kind") != "end-to-end":
-        raise ConfigError(f"{run_dir}: a {spec.get('kind')} run has no text encoder of its own; use a finetune run")
     model = model_with_weights(spec, state_dict, run_dir)
-    text = model.encoders["text"]
-    if spec.get("lora_rank"):
-        for module in text.model.modules():  # fold each adapter into its linear layer: plain weights again
-            if hasattr(module, "merge") and hasattr(module, "lora_A"):
-                module.merge()
+    if spec.get("kind") == "end-to-end":
+        text = model.encoders["text"]
+    elif spec.get("kind") == "head" and "text" in spec.get("unfrozen", {}):
+        recorded = spec["feature_sets"]["text"]["extract_config"]
+        text = TextEncoder(recorded["text_model"], recorded["max_len"], recorded["pooling"])
+        trained = list(model.tops["text"].layers())
+        layers = top_layers(text.model, len(trained))
+        if spec.get("lora"):
+            add_lora(layers, spec["lora"]["rank"], tuple(spec["lora"].get("targets") or ()))
+        for layer, trained_layer in zip(layers, trained, strict=True):
+            layer.load_state_dict(trained_layer.state_dict())
+    else:
+        raise ConfigError(f"{run_dir}: a {spec.get('kind')} run without trained text layers has no text encoder of "
+                          "its own; use a finetune run or a train-head run with --unfreeze-text-layers")
+    for module in text.model.modules():  # fold each adapter into its linear layer: plain weights again
+        if hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge()
     return text.eval()
 
 
