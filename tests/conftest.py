@@ -3,16 +3,81 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from msa.pipeline.autotune import DECISIONS_ENV
+from msa.pipeline.compute import PRECISION_PROBE_ENV
 from msa.pipeline.config import ExtractConfig
 from msa.pipeline.demo import make_demo_dataset, make_tiny_captioner, make_tiny_image_weights, make_tiny_text_model
 
 TINY_IMAGE_MODEL = "timm:test_efficientnet"
+
+
+PRECISION_TESTS = Path(__file__).parent.parent / ".pytest_cache" / "precision-tests.txt"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--precision-only", action="store_true",
+                     help="run only the tests that consulted the CPU class in the last full run (CI's second pass, "
+                          "as a bf16 CPU: every other test's outcome is the same on both)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--precision-only") or not PRECISION_TESTS.is_file():
+        return  # without a record of a full run, every test runs
+    wanted = set(PRECISION_TESTS.read_text().split())
+    config.hook.pytest_deselected(items=[i for i in items if i.nodeid not in wanted])
+    items[:] = [i for i in items if i.nodeid in wanted]
+
+
+def pytest_sessionstart(session):
+    session.precision_tests = set()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    whole_suite = all(Path(arg).resolve() == Path(__file__).parent for arg in config.args)
+    if whole_suite and not (config.getoption("--precision-only") or config.option.keyword or config.option.markexpr):
+        PRECISION_TESTS.parent.mkdir(exist_ok=True)
+        PRECISION_TESTS.write_text("".join(f"{nodeid}\n" for nodeid in sorted(session.precision_tests)))
+
+
+PRECISION_FIXTURES: set[str] = set()  # shared fixtures (caches made once) that asked for the CPU class
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    if fixturedef.scope == "function":  # those run after precision_probe, inside the test's record
+        yield
+        return
+    probe = Path(tempfile.mkdtemp()) / "precision-probe"
+    before = os.environ.get(PRECISION_PROBE_ENV)
+    os.environ[PRECISION_PROBE_ENV] = str(probe)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PRECISION_PROBE_ENV, None)
+        else:
+            os.environ[PRECISION_PROBE_ENV] = before
+        if probe.exists():
+            PRECISION_FIXTURES.add(fixturedef.argname)
+
+
+@pytest.fixture(autouse=True)
+def precision_probe(request, tmp_path, monkeypatch):
+    """Records the test when it, a process it starts or a shared fixture it uses asks which CPU
+    class this is: its outcome can depend on the precision auto resolves to."""
+    probe = tmp_path / "precision-probe"
+    monkeypatch.setenv(PRECISION_PROBE_ENV, str(probe))
+    yield
+    if probe.exists() or PRECISION_FIXTURES & set(request.fixturenames):
+        request.session.precision_tests.add(request.node.nodeid)
 
 
 @pytest.fixture(autouse=True)

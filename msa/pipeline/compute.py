@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -35,8 +36,17 @@ class Compute:
 CPU_BF16_ENV = "MSA_CPU_BF16"
 
 
+# The suite's record of which tests consult the CPU class (tests/conftest.py): a file touched
+# here, in the test's process or any it starts, marks the test as one whose outcome can depend
+# on the precision, the only ones CI's second pass (a bf16 CPU) runs again.
+PRECISION_PROBE_ENV = "MSA_PRECISION_PROBE"
+
+
 def forced_cpu_bf16() -> bool | None:
     """MSA_CPU_BF16=1 / 0: play a CPU with / without fast bf16; None when unset."""
+    probe = os.environ.get(PRECISION_PROBE_ENV)
+    if probe:
+        Path(probe).touch()
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
     return forced == "1" if forced in ("0", "1") else None
 

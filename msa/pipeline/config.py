@@ -25,7 +25,7 @@ Task = Literal["auto", "classification", "regression", "classification-2", "clas
 Loss = Literal["ce", "weighted-ce", "focal", "l1", "mse", "huber"]
 Select = Literal["macro_f1", "accuracy", "loss", "mae", "corr"]
 SequenceEncoder = Literal["lstm", "transformer"]
-OutputScaling = Literal["tanh", "sigmoid"]
+OutputScaling = Literal["tanh", "sigmoid", "clip"]
 ImageAug = Literal["none", "weak", "strong"]
 Split = Literal["test", "val", "train", "all"]
 SweepBackend = Literal["local", "ray"]
@@ -256,7 +256,7 @@ class TrainHeadConfig(Checked):
     task: Task = "auto"  # auto: regression where items carry float scores; classification-2/-7: classes of scores
     modalities: tuple[str, ...] = ()  # a subset of the cache's modalities; default: every modality it holds
     sequence_encoder: SequenceEncoder = "lstm"  # per-modality encoder of the sequence heads
-    output_scaling: OutputScaling = "tanh"  # how a regression output is bounded to [-3, 3]
+    output_scaling: OutputScaling | None = None  # how a regression output is bounded to [-3, 3]; default: the head's
     loss: Loss | None = None  # default ce (classification), l1 (regression)
     class_weights: tuple[PositiveFloat, ...] | None = None  # weighted-ce/focal, in class order; default: 1/frequency
     label_smoothing: Fraction = 0.0  # of the cross-entropy targets

@@ -320,13 +320,15 @@ class FitState:
 def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, dict]] | None, task: Task, select: str,
         epochs: int, patience: int, run_dir: Path, on_best: Callable[[FitState, dict], None],
         resume_state: Path | None = None, stateful: dict | None = None, generator: torch.Generator | None = None,
-        log=print, after_epoch: Callable[[FitState], None] | None = None, writes: bool = True) -> FitState:
+        log=print, after_epoch: Callable[[FitState], None] | None = None, writes: bool = True,
+        judge_start: bool = False) -> FitState:
     """The epoch loop. train_epoch(epoch) -> train figures; validate() -> (val metrics, outputs);
     on_best(state, outputs) keeps the best model; without validate (a refit on every label), the
     last epoch is the best and patience does not apply. With resume_state, every epoch ends by saving
     `stateful` (objects with state_dict), every RNG state (the batch `generator` too) and the
     FitState there, and a run that finds the file resumes from it exactly. after_epoch(state) follows.
-    writes=False (the other ranks of a distributed run) reads the resume state but writes nothing."""
+    writes=False (the other ranks of a distributed run) reads the resume state but writes nothing.
+    judge_start: the model before any epoch is a candidate too, as epoch 0 (a closed-form start)."""
     state = FitState()
     if resume_state and resume_state.is_file():
         state = load_resume_state(resume_state, stateful, generator)
@@ -334,6 +336,11 @@ def fit(train_epoch: Callable[[int], dict], validate: Callable[[], tuple[dict, d
             rundir.truncate_history(run_dir, state.epoch)  # rows written after the saved state
         log(f"resuming {run_dir} after epoch {state.epoch}")
     larger = LARGER_IS_BETTER[select]
+    if judge_start and validate and state.epoch == 0:
+        metrics, outputs = validate()
+        state.best_score, state.best_metrics = (metrics[select] if larger else -metrics[select]), metrics
+        on_best(state, outputs)
+        log(f"start: val {select} {metrics[select]:.4f}")
     tensorboard = rundir.tensorboard_writer(run_dir) if writes else None
     for epoch in range(state.epoch + 1, epochs + 1):
         if state.stale >= patience:

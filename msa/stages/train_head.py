@@ -26,7 +26,7 @@ from msa.cache.features import (
 )
 from msa.cache.manifest import MANIFEST_FILE, Manifest, manifest_columns, read_manifest
 from msa.models.build import build_model
-from msa.models.heads import HEADS, check_head, fit_standardisers
+from msa.models.heads import HEADS, check_head, fit_standardisers, start_linear_paths, starts_closed_form
 from msa.models.unfrozen import parameter_groups
 from msa.pipeline import autotune, plots, rundir
 from msa.pipeline.baselines import closed_form_baseline
@@ -188,7 +188,8 @@ def resolved(cfg: TrainHeadConfig) -> TrainHeadConfig:
     # Only the manifest's footer is read: a sweep resolves every planned run's config.
     task = task_named(task_of(manifest_columns(cfg.cache)) if cfg.task == "auto" else cfg.task)
     cfg = dataclasses.replace(cfg, task=task.name, batch_size=cfg.batch_size or HEADS[cfg.fusion].default_batch_size,
-                              loss=cfg.loss or task.default_loss, select=cfg.select or task.default_select)
+                              loss=cfg.loss or task.default_loss, select=cfg.select or task.default_select,
+                              output_scaling=cfg.output_scaling or HEADS[cfg.fusion].output_scaling)
     if cfg.lora_rank and not cfg.unfreeze_text_layers:
         raise ConfigError("--lora-rank puts adapters in the unfrozen text layers: give --unfreeze-text-layers K too "
                           "(on a cache extracted with --text-split-layer K)")
@@ -298,7 +299,8 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
         best.update(state_dict=copy.deepcopy(model.state_dict()), out=out)
 
     start = time.perf_counter()
-    state = fit(train_epoch, validate, data.task, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best, log=log)
+    state = fit(train_epoch, validate, data.task, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best, log=log,
+                judge_start=starts_closed_form(model))
     seconds = time.perf_counter() - start
     metrics = {**state.best_metrics, "task": data.task.name, "best_epoch": state.best_epoch, "train_seconds": seconds,
                "precision": compute.precision}
@@ -356,6 +358,8 @@ def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_ro
     compute = resolve_compute(cfg.device, "fp32" if cfg.precision == "auto" else cfg.precision)
     model = build_model(spec)
     fit_standardisers(model, data.bank.statistics(train_rows))  # from the training rows only
+    start_linear_paths(model, {m: data.bank.pooled[m][train_rows] for m in data.feature_sets},
+                       data.targets[train_rows])
     model = model.to(compute.device)
     loss_fn = training_loss(data.task, cfg, data.targets[train_rows].numpy(), compute.device)
     decision = training_precision(cfg, data, spec, model, loss_fn, train_rows, compute)
