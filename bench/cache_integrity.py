@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from msa.cache.features import CHUNK_BYTES, FeatureSet, FeatureWriter
-from msa.pipeline.training import FeatureBank
+from msa.training.loop import FeatureBank
 
 SHAPES = {"text": (128, 768), "image": (49, 1280)}  # all-mpnet-base-v2 at max_len 128; EfficientNet-Lite0 at 224 px
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from msa.pipeline import autotune
-from msa.pipeline.config import CaptionConfig
+from msa.core.config import CaptionConfig
 from msa.stages import caption
+from msa.training import autotune
 
 
 def make_random_blip_base(path: Path, vocab: Path) -> Path:

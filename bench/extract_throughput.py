@@ -25,14 +25,14 @@ import torch
 from PIL import Image
 
 from msa.cache.features import FeatureSet
+from msa.core.compute import Compute, encoding_streams, in_cpu_streams
+from msa.core.config import ExtractConfig
+from msa.data.mvsa import read_mvsa
 from msa.models.image import build_image_encoder
 from msa.models.text import TextEncoder
-from msa.pipeline import autotune
-from msa.pipeline.autotune import Variant
-from msa.pipeline.compute import Compute, encoding_streams, in_cpu_streams
-from msa.pipeline.config import ExtractConfig
-from msa.pipeline.mvsa import read_mvsa
 from msa.stages import extract
+from msa.training import autotune
+from msa.training.autotune import Variant
 
 
 def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

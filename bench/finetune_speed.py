@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from msa.pipeline import autotune, rundir
-from msa.pipeline.config import ExtractConfig, FinetuneConfig, TrainHeadConfig
+from msa.core import rundir
+from msa.core.config import ExtractConfig, FinetuneConfig, TrainHeadConfig
 from msa.stages import extract, finetune, train_head
+from msa.training import autotune
 
 
 def epoch_seconds(run_dir: Path) -> float:

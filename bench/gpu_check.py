@@ -5,7 +5,7 @@ Runs extract (auto precision: bf16 on a GPU that has it), caption at fp16 with a
 (a random-init BLIP-base: no BLIP weights exist offline; speed does not depend on them) and
 one epoch of finetune, each on the first N items, and prints items per second. The image
 extract runs twice, its batches loaded ahead by one thread (as before this round) and by a
-thread per core (msa.pipeline.compute.loading_workers), each against the bare bf16 forward
+thread per core (msa.core.compute.loading_workers), each against the bare bf16 forward
 pass on the same images, decoded beforehand.
 
     python bench/gpu_check.py --data DATA --models MODELS [--random-text-encoder] [--limit 1024] [--json F]
@@ -86,8 +86,8 @@ def bare_image_forward(cfg, paths: list[str], batch_size: int, device: torch.dev
 
 def loading_rates(cfg, paths: list[str], batch_size: int) -> dict:
     """Images/s of loading alone (decode, resize, crop, batch) by 1 to 16 threads."""
+    from msa.core.compute import prefetch
     from msa.models.image import build_image_encoder
-    from msa.pipeline.compute import prefetch
 
     preprocess = build_image_encoder(cfg.image_model, cfg.image_weights).preprocess
     batches = [paths[i: i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -117,9 +117,9 @@ def main() -> None:
 
     from caption_throughput import make_random_blip_base
 
-    from msa.pipeline.compute import loading_workers
-    from msa.pipeline.config import CaptionConfig, ExtractConfig, FinetuneConfig
-    from msa.pipeline.mvsa import read_mvsa
+    from msa.core.compute import loading_workers
+    from msa.core.config import CaptionConfig, ExtractConfig, FinetuneConfig
+    from msa.data.mvsa import read_mvsa
     from msa.stages import caption, extract, finetune
 
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (a run of the script, not a figure)"

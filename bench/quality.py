@@ -8,7 +8,7 @@ A view is one cache: a text encoder (on the raw or the normalised tweet), an ima
 and the lexicon. Rows: heads on each view, --loss weighted-ce, and probability averages of
 heads (ensembles, what recipes/mvsa.sh runs); "+ biases" rows add class offsets fitted on the
 other folds' out-of-fold probabilities (nested, bench/biases.py). Nothing looks at test
-items' labels (there are none); the folds are msa's (msa.pipeline.folds, seed 42).
+items' labels (there are none); the folds are msa's (msa.data.folds, seed 42).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 from biases import nested_predictions
 
-from msa.pipeline import rundir
-from msa.pipeline.config import ExtractConfig, TrainHeadConfig
-from msa.pipeline.metrics import classification_metrics
-from msa.pipeline.mvsa import LABELS
+from msa.core import rundir
+from msa.core.config import ExtractConfig, TrainHeadConfig
+from msa.data.mvsa import LABELS
 from msa.stages import evaluate, extract, train_head
+from msa.training.metrics import classification_metrics
 
 FOLDS = 5
 VIEWS = {  # name -> (text model, normalisation, image model)

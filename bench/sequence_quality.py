@@ -1,5 +1,5 @@
 """Do the sequence heads learn? Each head against a ridge regression on mean-pooled features,
-on generated MOSI-style data whose score is planted three ways (msa.pipeline.demo.
+on generated MOSI-style data whose score is planted three ways (msa.data.demo.
 make_sequence_signal): in the per-modality means (the ridge's home ground: every head should
 be within 10% of its MAE and 5% of its correlation), in the last steps (order matters), and
 in an interaction between text and audio (the best head should beat the ridge).
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from msa.pipeline.baselines import pooled_ridge
-from msa.pipeline.config import TrainHeadConfig
-from msa.pipeline.demo import SIGNALS, make_sequence_signal
+from msa.core.config import TrainHeadConfig
+from msa.data.demo import SIGNALS, make_sequence_signal
 from msa.stages import import_features, train_head
+from msa.training.baselines import pooled_ridge
 
 HEADS = ("linear", "sum-lstm", "attention", "seq-concat", "tfn")
 SEQUENCE_HEADS = HEADS[1:]

@@ -20,11 +20,11 @@ import shutil
 import time
 from pathlib import Path
 
-from msa.models.heads import HEADS
+from msa.core.config import SweepConfig, TrainHeadConfig
+from msa.models.registry import HEADS
 from msa.models.sequence_heads import SequenceHead
-from msa.pipeline import autotune
-from msa.pipeline.config import SweepConfig, TrainHeadConfig
 from msa.stages import sweep, train_head
+from msa.training import autotune
 
 ABLATIONS_LAST = ["text-only", "image-only"]
 PRECISION_HEADS = ("concat", "cross-attn", "hierarchical", "co-attn", "early")

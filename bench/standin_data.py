@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from msa.pipeline.mvsa import LABELS
+from msa.data.mvsa import LABELS
 
 # Smooth colour fields plus noise of this strength, saved at this quality, come out at
 # 0.15 bytes a pixel, as MVSA's photos do (0.151 over the first 1,100).

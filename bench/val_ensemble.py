@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from msa.pipeline import rundir
-from msa.pipeline.metrics import classification_metrics
-from msa.pipeline.mvsa import LABELS
+from msa.core import rundir
+from msa.data.mvsa import LABELS
+from msa.training.metrics import classification_metrics
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The `msa` command line: each command parses options into a stage config and runs it.
 
 Options come from the stage configs' fields (msa/cli_options.py): their defaults, choices
-and help are stated once, in msa/pipeline/config.py. Every command takes `--config FILE`.
+and help are stated once, in msa/core/config.py. Every command takes `--config FILE`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import typer
 
 from msa import __version__
 from msa.cli_options import Settings, config_option, from_options, one_line_errors, with_options
-from msa.pipeline.config import (
+from msa.core.config import (
     CaptionConfig,
     ConfigError,
     EvaluateConfig,
@@ -26,7 +26,7 @@ from msa.pipeline.config import (
     default,
     from_record,
 )
-from msa.pipeline.progress import console
+from msa.core.progress import console
 
 app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False)
 cache_app = typer.Typer(help="Inspect and maintain a feature cache.", no_args_is_help=True)
@@ -37,7 +37,7 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Replace what --out holds (a
 
 
 def head_names() -> tuple[str, ...]:
-    from msa.models.heads import HEADS
+    from msa.models.registry import HEADS
 
     return tuple(sorted(HEADS))
 
@@ -204,8 +204,8 @@ def cache_merge(name: str = typer.Argument(..., help="Feature set name whose sha
 @with_options(TrainHeadConfig, choices={"fusion": head_names()})
 def train_head_command(config: Path = config_option(), overwrite: bool = OVERWRITE, **options) -> None:
     """Train one fusion head on cached features; writes a run directory."""
-    from msa.pipeline.tasks import task_of_metrics
     from msa.stages import train_head
+    from msa.training.tasks import task_of_metrics
 
     result = train_head.run(from_options(TrainHeadConfig, options), log=console.print, overwrite=overwrite)
     task = task_of_metrics(result.metrics)
@@ -264,9 +264,9 @@ def finetune(
     **options,
 ) -> None:
     """Fine-tune the encoders' tops and a fusion head end to end on raw data (checkpointed every epoch)."""
-    from msa.pipeline import rundir
-    from msa.pipeline.tasks import task_of_metrics
+    from msa.core import rundir
     from msa.stages import finetune as stage
+    from msa.training.tasks import task_of_metrics
 
     if resume:
         cfg = from_record(FinetuneConfig, rundir.read_json(resume / rundir.CONFIG), out=resume)
@@ -324,7 +324,7 @@ def demo(
 
 @app.command("reference", hidden=True)
 def reference() -> None:
-    """Print the command reference in Markdown (the README's is this output)."""
+    """Print the command reference in Markdown (docs/cli.md's is this output)."""
     from msa.cli_reference import markdown
 
     typer.echo(markdown(app), nl=False)

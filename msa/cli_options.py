@@ -3,7 +3,7 @@
 Every field of a stage's config dataclass is one option: its name (`text_model` ->
 `--text-model`), its default, its type (a Literal's values are the choices `--help` lists
 and shells complete; tuples are comma-separated), and as help the comment beside the
-field in msa/pipeline/config.py. So the defaults and the documentation live once, in
+field in msa/core/config.py. So the defaults and the documentation live once, in
 the config, and `--config FILE` can give any option by its field name.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 
 import typer
 
-from msa.pipeline import config as configs
+from msa.core import config as configs
 
 # Keys a run's config.json holds beyond options: a --config FILE may carry them, unused.
 RUN_RECORD_KEYS = {"kind", "feature_sets", "modalities_used", "base", "fusions", "seeds", "grid"}
@@ -180,11 +180,11 @@ def config_option():
 
 
 def known_errors() -> tuple[type[Exception], ...]:
-    from msa.cache.errors import CacheError
+    from msa.core.errors import CacheError
+    from msa.core.finite import NonFiniteError
+    from msa.core.rundir import RunDirError
+    from msa.data.mvsa import DataError
     from msa.models.text import EncoderLoadError
-    from msa.pipeline.finite import NonFiniteError
-    from msa.pipeline.mvsa import DataError
-    from msa.pipeline.rundir import RunDirError
 
     return (DataError, EncoderLoadError, CacheError, RunDirError, configs.ConfigError, NonFiniteError,
             FileNotFoundError)
@@ -193,11 +193,11 @@ def known_errors() -> tuple[type[Exception], ...]:
 def one_line_errors(command):
     """Our own errors (a problem the user can fix) and a full disk end in one line, `error: ...`,
     and exit code 2; anything else is a bug and keeps its traceback. --verbose: tracebacks always."""
-    from msa.pipeline.progress import errors
+    from msa.core.progress import errors
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from msa.cache.errors import NO_ROOM, write_error
+        from msa.core.errors import NO_ROOM, write_error
 
         try:
             return command(*args, **kwargs)

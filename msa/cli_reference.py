@@ -1,5 +1,5 @@
-"""The README's command reference, made from the CLI itself (`msa reference`), so the two
-cannot drift apart: a test compares the README's section with this output."""
+"""The documented command reference (docs/cli.md), made from the CLI itself (`msa reference`),
+so the two cannot drift apart: a test compares the page's section with this output."""
 
 from __future__ import annotations
 

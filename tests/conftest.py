@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from msa.pipeline.autotune import DECISIONS_ENV
-from msa.pipeline.compute import PRECISION_PROBE_ENV
-from msa.pipeline.config import ExtractConfig
-from msa.pipeline.demo import make_demo_dataset, make_tiny_captioner, make_tiny_image_weights, make_tiny_text_model
+from msa.core.compute import PRECISION_PROBE_ENV
+from msa.core.config import ExtractConfig
+from msa.data.demo import make_demo_dataset, make_tiny_captioner, make_tiny_image_weights, make_tiny_text_model
+from msa.training.autotune import DECISIONS_ENV
 
 TINY_IMAGE_MODEL = "timm:test_efficientnet"
 

@@ -5,7 +5,7 @@ tests/test_distributed.py."""
 import os
 import signal
 
-from msa.pipeline import training
+from msa.training import loop as training
 
 save = training.save_resume_state
 

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from msa.cli import app
-from msa.pipeline.config import SweepConfig, TrainHeadConfig
-from msa.pipeline.demo import make_mosi_pickle
+from msa.core.config import SweepConfig, TrainHeadConfig
+from msa.data.demo import make_mosi_pickle
 from msa.stages import import_features, sweep, train_head
 
 runner = CliRunner()
@@ -41,7 +41,7 @@ def test_a_regression_run_holds_its_ridge_baseline(mosi_cache, tmp_path):
                                             precision="fp32"), log=lambda *_: None)
     baseline = result.metrics["baseline"]
     assert baseline["model"] == "ridge" and baseline["mae"] > 0 and "corr" in baseline
-    from msa.pipeline.tasks import TASKS
+    from msa.training.tasks import TASKS
 
     assert TASKS["regression"].baseline_gap(result.metrics) == pytest.approx(baseline["mae"] - result.metrics["mae"])
 

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from msa.cache.captions import BAD_IMAGE, CaptionSet, caption_dir
 from msa.cache.features import CacheError, FeatureSet
 from msa.cli import app
+from msa.core.config import CaptionConfig, PredictConfig, TrainHeadConfig
+from msa.data.demo import make_demo_dataset
 from msa.models.text import EncoderLoadError
-from msa.pipeline.config import CaptionConfig, PredictConfig, TrainHeadConfig
-from msa.pipeline.demo import make_demo_dataset
 from msa.stages import caption, extract, predict, train_head
 
 BAD_IMAGE_GUIDS = {"9005", "9006", "9007"}  # missing, truncated, not an image

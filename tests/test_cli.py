@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from msa.cache.features import FeatureSet
 from msa.cli import app
+from msa.data.demo import make_tiny_image_weights
 from msa.models.image import build_image_encoder
 from msa.models.text import EncoderLoadError, TextEncoder
-from msa.pipeline.demo import make_tiny_image_weights
 
 runner = CliRunner(env={"COLUMNS": "200"})  # rich tables truncate cells at the default 80
 
@@ -113,7 +113,7 @@ def test_text_encoder_cls_pooling(tiny_models):
 
 KILL_AFTER_THREE_BATCHES = """
 import os, signal, sys
-from msa.pipeline.config import ExtractConfig
+from msa.core.config import ExtractConfig
 from msa.stages import extract
 cfg = ExtractConfig(data=sys.argv[1], cache=sys.argv[2], text_model=sys.argv[3], max_len=16,
                     image_model="timm:test_efficientnet", image_weights=sys.argv[4], batch_size=2,
@@ -238,13 +238,13 @@ def test_predict_probs(signal_cache, tmp_path):
     assert all(abs(sum(float(v) for v in line.split(",")[2:]) - 1) < 1e-4 for line in lines[1:])
 
 
-def test_readme_command_reference_is_the_cli_s_own():
-    """The README's reference is `msa reference`'s output: regenerate it when the CLI changes."""
+def test_the_documented_command_reference_is_the_cli_s_own():
+    """docs/cli.md's reference is `msa reference`'s output: regenerate it when the CLI changes."""
     from pathlib import Path
 
     from msa.cli_reference import BEGIN, END, markdown
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert BEGIN in readme and END in readme, "README.md lacks the command reference markers"
-    section = readme[readme.index(BEGIN): readme.index(END) + len(END)] + "\n"
-    assert section == markdown(app), "README's command reference is stale: run `msa reference` and paste it in"
+    page = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    assert BEGIN in page and END in page, "docs/cli.md lacks the command reference markers"
+    section = page[page.index(BEGIN): page.index(END) + len(END)] + "\n"
+    assert section == markdown(app), "docs/cli.md's command reference is stale: run `msa reference` and paste it in"

@@ -68,7 +68,7 @@ def test_a_rank_killed_mid_run_publishes_nothing_and_the_next_run_resumes(extrac
 
 
 def test_stages_that_do_not_share_work_refuse_to_run_under_torchrun(monkeypatch, signal_cache, tmp_path):
-    from msa.pipeline.config import ConfigError, TrainHeadConfig
+    from msa.core.config import ConfigError, TrainHeadConfig
     from msa.stages import train_head
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -81,7 +81,7 @@ def test_stages_that_do_not_share_work_refuse_to_run_under_torchrun(monkeypatch,
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 def test_ddp_finetune_on_two_ranks_matches_one_process_with_the_same_global_batch_and_resumes(
         messy_data_source, tiny_models, tmp_path):
-    from msa.pipeline import rundir
+    from msa.core import rundir
 
     def command(out: Path) -> list[str]:
         return ["-q", "finetune", "--data", str(messy_data_source), "--out", str(out),
@@ -130,7 +130,7 @@ def test_ddp_finetune_on_two_ranks_matches_one_process_with_the_same_global_batc
 
 def test_a_sweep_on_a_local_ray_cluster_gives_the_local_backend_s_results(signal_cache, tmp_path):
     pytest.importorskip("ray")
-    from msa.pipeline.config import SweepConfig, TrainHeadConfig
+    from msa.core.config import SweepConfig, TrainHeadConfig
     from msa.stages import sweep
 
     base = TrainHeadConfig(cache=signal_cache, epochs=3)
@@ -147,7 +147,7 @@ def test_a_sweep_on_a_local_ray_cluster_gives_the_local_backend_s_results(signal
 
 
 def test_without_ray_the_ray_backend_says_how_to_install_it(signal_cache, tmp_path, monkeypatch):
-    from msa.pipeline.config import ConfigError, SweepConfig, TrainHeadConfig
+    from msa.core.config import ConfigError, SweepConfig, TrainHeadConfig
     from msa.stages import sweep
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed

@@ -27,16 +27,17 @@ import torch
 
 from msa.cache import maintenance
 from msa.cache.captions import CaptionSet
-from msa.cache.errors import BusyError, CacheError, WriteError
 from msa.cache.features import FeatureSet, feature_path, partial_path
-from msa.cache.locks import set_lock
 from msa.cache.manifest import read_manifest
-from msa.pipeline import plots, rundir
-from msa.pipeline.compute import CPU_BF16_ENV, resolve_compute
-from msa.pipeline.config import CaptionConfig, FinetuneConfig, PredictConfig, SweepConfig, TrainHeadConfig
-from msa.pipeline.demo import make_demo_dataset
-from msa.pipeline.mvsa import DataError, read_mvsa
+from msa.core import rundir
+from msa.core.compute import CPU_BF16_ENV, resolve_compute
+from msa.core.config import CaptionConfig, FinetuneConfig, PredictConfig, SweepConfig, TrainHeadConfig
+from msa.core.errors import BusyError, CacheError, WriteError
+from msa.core.locks import set_lock
+from msa.data.demo import make_demo_dataset
+from msa.data.mvsa import DataError, read_mvsa
 from msa.stages import caption, extract, finetune, import_features, predict, sweep, train_head
+from msa.training import plots
 
 PARTS = ("pooled", "tokens", "mask")
 
@@ -297,7 +298,7 @@ def test_a_truncated_manifest_is_named_and_rebuilt(extract_config, reference, ou
 
 def test_extract_killed_hard_resumes_identical(extract_config, reference, outcome):
     cfg = extract_config(batch_size=4)
-    script = (f"import os, signal\nfrom msa.stages import extract\nfrom msa.pipeline.config import ExtractConfig\n"
+    script = (f"import os, signal\nfrom msa.stages import extract\nfrom msa.core.config import ExtractConfig\n"
               f"cfg = ExtractConfig(**{ {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()} !r})\n"
               "n = []\n"
               "def kill(modality, rows):\n    n.append(rows)\n"

@@ -11,12 +11,13 @@ import torch
 
 from msa.cache.features import CacheError, FeatureSet
 from msa.cache.manifest import read_manifest
+from msa.core import rundir
+from msa.core.config import ConfigError, EvaluateConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
 from msa.models.build import build_model, build_tops
 from msa.models.unfrozen import TopsAndHead, parameter_groups
-from msa.pipeline import raw, rundir
-from msa.pipeline.config import ConfigError, EvaluateConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
-from msa.pipeline.training import FeatureBank
 from msa.stages import evaluate, extract, finetune, predict, train_head
+from msa.training import raw
+from msa.training.loop import FeatureBank
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import collections
 import numpy as np
 
 from msa.cache.manifest import build_manifest, read_manifest, stratified_split, write_manifest
-from msa.pipeline.mvsa import read_mvsa
+from msa.data.mvsa import read_mvsa
 
 
 def test_split_is_deterministic_and_stratified():

@@ -10,11 +10,11 @@ import pytest
 
 from msa.cache.features import FeatureSet
 from msa.cache.manifest import read_manifest
-from msa.pipeline.config import EvaluateConfig, PredictConfig, SweepConfig, TrainHeadConfig
-from msa.pipeline.demo import make_mosi_pickle
-from msa.pipeline.metrics import regression_metrics
-from msa.pipeline.mvsa import DataError
+from msa.core.config import EvaluateConfig, PredictConfig, SweepConfig, TrainHeadConfig
+from msa.data.demo import make_mosi_pickle
+from msa.data.mvsa import DataError
 from msa.stages import evaluate, import_features, predict, sweep, train_head
+from msa.training.metrics import regression_metrics
 
 
 @pytest.fixture(scope="module")

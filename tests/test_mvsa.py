@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from msa.pipeline.mvsa import DataError, decode_text, read_mvsa
+from msa.data.mvsa import DataError, decode_text, read_mvsa
 
 
 def test_decode_text_falls_back_and_records_encoding():

@@ -11,12 +11,13 @@ from sklearn.preprocessing import StandardScaler
 
 from msa.cache.features import FeatureSet
 from msa.cache.manifest import read_manifest
-from msa.models.heads import ModalityDims, create_head, fit_standardisers
+from msa.core.compute import resolve_compute
+from msa.core.config import TrainHeadConfig
+from msa.models.heads import ModalityDims, fit_standardisers
 from msa.models.lexicon import FEATURES, LexiconScorer
-from msa.pipeline.compute import resolve_compute
-from msa.pipeline.config import TrainHeadConfig
-from msa.pipeline.training import FeatureBank
+from msa.models.registry import create_head
 from msa.stages import extract, train_head
+from msa.training.loop import FeatureBank
 
 
 def test_lexicon_features_are_vader_s_and_the_emoji_ranking_s(extract_config):
@@ -81,7 +82,7 @@ def _modality(values: np.ndarray):
 
 
 def test_an_ensemble_averages_the_runs_probabilities_exactly(signal_cache, tmp_path):
-    from msa.pipeline.config import PredictConfig
+    from msa.core.config import PredictConfig
     from msa.stages import predict
 
     runs = [train_head.run(TrainHeadConfig(cache=signal_cache, fusion=f, seed=s, out=tmp_path / f"{f}{s}",
@@ -97,7 +98,7 @@ def test_an_ensemble_averages_the_runs_probabilities_exactly(signal_cache, tmp_p
 
 
 def test_folds_are_stratified_disjoint_complete_and_fixed():
-    from msa.pipeline.folds import stratified_folds
+    from msa.data.folds import stratified_folds
 
     rng = np.random.default_rng(3)
     labels = list(rng.choice(["negative", "neutral", "positive"], size=203, p=[0.3, 0.1, 0.6])) + [None] * 7
@@ -130,7 +131,7 @@ def test_the_manifest_stores_the_folds_and_every_cross_validation_of_the_cache_u
 
 
 def test_cross_validation_reports_mean_and_std_and_predicts_with_the_fold_ensemble(signal_cache, tmp_path):
-    from msa.pipeline.config import PredictConfig
+    from msa.core.config import PredictConfig
     from msa.stages import predict
 
     result = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="concat", folds=3, out=tmp_path / "cv",
@@ -146,7 +147,7 @@ def test_cross_validation_reports_mean_and_std_and_predicts_with_the_fold_ensemb
     _, together = predict.run(PredictConfig(run=tmp_path / "cv"), show_progress=False)
     np.testing.assert_array_equal(together.probabilities, np.mean([m.probabilities for m in members], axis=0))
     assert len(together.guids) == 20  # the test items
-    from msa.pipeline.config import EvaluateConfig
+    from msa.core.config import EvaluateConfig
     from msa.stages import evaluate
 
     report = evaluate.run(EvaluateConfig(run=tmp_path / "cv"))  # the folds' val predictions: every label once
@@ -154,7 +155,7 @@ def test_cross_validation_reports_mean_and_std_and_predicts_with_the_fold_ensemb
 
 
 def test_a_sweep_ranks_by_cross_validation(signal_cache, tmp_path):
-    from msa.pipeline.config import SweepConfig
+    from msa.core.config import SweepConfig
     from msa.stages import sweep
 
     cfg = SweepConfig(base=TrainHeadConfig(cache=signal_cache, epochs=2, folds=2), out=tmp_path / "sweep",
@@ -179,8 +180,8 @@ def test_multi_layer_pooling_averages_the_last_layers(tiny_models):
 
 
 def test_a_fold_ensemble_extracts_new_data_once(signal_cache, tmp_path, monkeypatch):
-    from msa.pipeline.config import PredictConfig
-    from msa.pipeline.demo import make_demo_dataset
+    from msa.core.config import PredictConfig
+    from msa.data.demo import make_demo_dataset
     from msa.stages import predict
 
     train_head.run(TrainHeadConfig(cache=signal_cache, fusion="linear", folds=2, out=tmp_path / "cv", epochs=1))
@@ -197,7 +198,7 @@ def test_a_fold_ensemble_extracts_new_data_once(signal_cache, tmp_path, monkeypa
 def test_refit_trains_on_every_label_for_the_selected_epochs_and_predict_uses_it(folds, signal_cache, tmp_path):
     import pandas as pd
 
-    from msa.pipeline import rundir
+    from msa.core import rundir
     from msa.stages import predict
 
     run = tmp_path / "run"
@@ -221,7 +222,7 @@ def test_refit_trains_on_every_label_for_the_selected_epochs_and_predict_uses_it
 
 
 def test_evaluate_of_an_ensemble_of_cross_validations_averages_out_of_fold(signal_cache, tmp_path):
-    from msa.pipeline.config import EvaluateConfig
+    from msa.core.config import EvaluateConfig
     from msa.stages import evaluate
 
     runs = [train_head.run(TrainHeadConfig(cache=signal_cache, fusion=fusion, epochs=2, folds=3, precision="fp32",
@@ -238,7 +239,7 @@ def test_evaluate_of_an_ensemble_of_cross_validations_averages_out_of_fold(signa
 
 
 def test_tweets_are_normalised_as_documented(extract_config):
-    from msa.pipeline.normalise import normalise_tweet
+    from msa.data.normalise import normalise_tweet
 
     assert normalise_tweet("RT @jenny: #NotJustForGirls soooo happy 😍 https://t.co/x") == \
         "@user: not just for girls soo happy smiling face with heart-eyes http"

@@ -13,14 +13,15 @@ import torch
 
 from msa.cache.features import CacheError, FeatureSet
 from msa.cache.manifest import read_manifest
-from msa.models.heads import Modality, ModalityDims, create_head
+from msa.core import rundir
+from msa.core.config import ConfigError, ExtractConfig, PredictConfig, SweepConfig, TrainHeadConfig
+from msa.data.demo import make_mmsa_pickle, make_sequence_signal
+from msa.data.mvsa import DataError
+from msa.models.heads import Modality, ModalityDims
+from msa.models.registry import create_head
 from msa.models.text import TextEncoder
-from msa.pipeline import rundir
-from msa.pipeline.baselines import pooled_ridge
-from msa.pipeline.config import ConfigError, ExtractConfig, PredictConfig, SweepConfig, TrainHeadConfig
-from msa.pipeline.demo import make_mmsa_pickle, make_sequence_signal
-from msa.pipeline.mvsa import DataError
 from msa.stages import extract, import_features, predict, sweep, train_head
+from msa.training.baselines import pooled_ridge
 
 SMALL = {"sizes": {"train": 400, "valid": 100, "test": 20}, "steps": 10, "dims": {"text": 24, "audio": 8, "vision": 6},
          "seed": 3}

@@ -17,11 +17,8 @@ from PIL import Image
 
 from msa.cache.features import FeatureSet
 from msa.cache.manifest import read_manifest
-from msa.models.image import ImagePreprocess, build_image_encoder, decode_rgb
-from msa.models.text import TextEncoder
-from msa.pipeline import autotune, rundir
-from msa.pipeline.autotune import Measurement, Variant
-from msa.pipeline.compute import (
+from msa.core import rundir
+from msa.core.compute import (
     CPU_BF16_ENV,
     encoding_streams,
     in_cpu_streams,
@@ -29,8 +26,12 @@ from msa.pipeline.compute import (
     prefetch,
     resolve_compute,
 )
-from msa.pipeline.config import CaptionConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
+from msa.core.config import CaptionConfig, FinetuneConfig, PredictConfig, TrainHeadConfig
+from msa.models.image import ImagePreprocess, build_image_encoder, decode_rgb
+from msa.models.text import TextEncoder
 from msa.stages import caption, extract, finetune, predict, train_head
+from msa.training import autotune
+from msa.training.autotune import Measurement, Variant
 
 
 def test_the_fastest_variant_close_to_fp32_is_chosen_counting_compile_time():

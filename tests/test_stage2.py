@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 
 from msa.cache.features import FeatureSet
 from msa.cli import app
-from msa.models.heads import HEADS, Modality, ModalityDims, create_head
-from msa.pipeline.config import ConfigError, EvaluateConfig, PredictConfig, SweepConfig, TrainHeadConfig
-from msa.pipeline.demo import make_demo_dataset
-from msa.pipeline.rundir import RunDirError
+from msa.core.config import ConfigError, EvaluateConfig, PredictConfig, SweepConfig, TrainHeadConfig
+from msa.core.rundir import RunDirError
+from msa.data.demo import make_demo_dataset
+from msa.models.heads import Modality, ModalityDims
+from msa.models.registry import HEADS, create_head
 from msa.stages import evaluate, predict, sweep, train_head
 
 FAST = dict(epochs=12, batch_size=16, lr=3e-3, hidden=64, patience=12)
@@ -266,7 +267,7 @@ def test_head_contract_options_and_alignment(signal_cache, tmp_path):
 
 
 def test_plots_name_the_run_and_draw_the_baseline(signal_cache, tmp_path):
-    from msa.pipeline import plots
+    from msa.training import plots
 
     run = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="gmu", out=tmp_path / "run", epochs=2)).run_dir
     config = json.loads((run / "config.json").read_text())

@@ -22,19 +22,19 @@ import torch
 from PIL import Image
 
 from msa.cache import maintenance
-from msa.cache.errors import CacheError
 from msa.cache.features import FeatureSet, FeatureWriter, feature_path, problem_of
 from msa.cache.manifest import read_manifest
+from msa.core import rundir
+from msa.core.compute import resolve_compute
+from msa.core.config import CaptionConfig, ConfigError, ExtractConfig, SweepConfig, TrainHeadConfig
+from msa.core.errors import CacheError
+from msa.core.finite import NonFiniteError
+from msa.data.demo import make_demo_dataset, make_mosi_pickle
+from msa.data.mvsa import MAX_TEXT_BYTES, DataError, check_image, read_mvsa
 from msa.models.build import model_with_weights
 from msa.models.captioner import TransformersCaptioner
 from msa.models.image import decode_rgb
 from msa.models.text import EncoderLoadError, TextEncoder
-from msa.pipeline import rundir
-from msa.pipeline.compute import resolve_compute
-from msa.pipeline.config import CaptionConfig, ConfigError, ExtractConfig, SweepConfig, TrainHeadConfig
-from msa.pipeline.demo import make_demo_dataset, make_mosi_pickle
-from msa.pipeline.finite import NonFiniteError
-from msa.pipeline.mvsa import MAX_TEXT_BYTES, DataError, check_image, read_mvsa
 from msa.stages import extract, import_features, predict, sweep, train_head
 
 SECRET = "the-secret-outside-the-data"
@@ -580,7 +580,7 @@ def test_bad_imported_labels_are_named(fault, tmp_path, outcome):
 
 
 def test_an_mmsa_nan_label_is_named(tmp_path, outcome):
-    from msa.pipeline.demo import make_mmsa_pickle
+    from msa.data.demo import make_mmsa_pickle
 
     path = make_mmsa_pickle(tmp_path / "aligned_50.pkl", sizes={"train": 8, "valid": 4, "test": 4})
     data = pickle.loads(path.read_bytes())

@@ -19,9 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from msa.cache.errors import CacheError, write_error
-from msa.cache.fingerprint import config_id, slug
-from msa.cache.locks import set_lock
+from msa.core.errors import CacheError, write_error
+from msa.core.fingerprint import config_id, slug
+from msa.core.locks import set_lock
 
 CAPTION_DIR = "captions"
 SCHEMA = pa.schema([("guid", pa.string()), ("caption", pa.string()), ("flag", pa.string()),

@@ -23,10 +23,10 @@ import h5py
 import numpy as np
 
 from msa.cache.contained import outside_storage
-from msa.cache.errors import CacheError, WriteError, free_bytes, write_error
-from msa.cache.locks import set_lock
-from msa.pipeline.config import ConfigError
-from msa.pipeline.finite import non_finite_rows, require_finite
+from msa.core.config import ConfigError
+from msa.core.errors import CacheError, WriteError, free_bytes, write_error
+from msa.core.finite import non_finite_rows, require_finite
+from msa.core.locks import set_lock
 
 __all__ = ["CacheError", "FeatureSet", "FeatureWriter"]
 

@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 
 from msa.cache.captions import caption_dir, list_caption_sets
-from msa.cache.errors import CacheError
 from msa.cache.features import (
     DAMAGED_SUFFIX,
     FEATURES_DIR,
@@ -28,8 +27,9 @@ from msa.cache.features import (
     published_files,
     set_name,
 )
-from msa.cache.locks import is_busy, set_lock, writable_here
 from msa.cache.manifest import read_manifest
+from msa.core.errors import CacheError
+from msa.core.locks import is_busy, set_lock, writable_here
 
 
 @dataclasses.dataclass

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from msa.cache.errors import CacheError, write_error
-from msa.cache.fingerprint import config_id, file_size
-from msa.pipeline.folds import stratified_folds
-from msa.pipeline.mvsa import Item, bad_image_flag
+from msa.core.errors import CacheError, write_error
+from msa.core.fingerprint import config_id, file_size
+from msa.data.folds import stratified_folds
+from msa.data.mvsa import Item, bad_image_flag
 
 MANIFEST_FILE = "manifest.parquet"
 # Every manifest stores a K-fold assignment of its labelled items, so every cross-validation of a

@@ -1,1 +1,3 @@
-"""Encoders (text, image) and fusion heads."""
+"""Encoders and fusion heads. Importing the package registers every head (models.registry)."""
+
+from msa.models import heads, sequence_heads  # noqa: F401  (each registers its heads)

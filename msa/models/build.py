@@ -18,12 +18,13 @@ from pathlib import Path
 
 from torch import nn
 
-from msa.cache.errors import CacheError
-from msa.models.heads import ModalityDims, ScaledScore, create_head
+from msa.core.config import ConfigError, resolve_layer_count
+from msa.core.errors import CacheError
+from msa.models.heads import ModalityDims, ScaledScore
 from msa.models.image import build_image_encoder, trunk_stages
+from msa.models.registry import create_head
 from msa.models.text import TextEncoder, add_lora, top_layers, transformer_layers
 from msa.models.unfrozen import EndToEndModel, TopsAndHead
-from msa.pipeline.config import ConfigError, resolve_layer_count
 
 SPLIT_OPTIONS = {"text": ("split_layer", "--text-split-layer"), "image": ("split_stage", "--image-split-stage")}
 
@@ -57,7 +58,7 @@ def model_with_weights(spec: dict, state_dict: dict, where: Path | str) -> nn.Mo
     2e7, weights of another shape) is a named error before anything is allocated."""
     import torch
 
-    from msa.pipeline.rundir import RunDirError
+    from msa.core.rundir import RunDirError
 
     try:
         if spec.get("kind") == "head" and not spec.get("unfrozen"):  # tops load pretrained weights: not on meta
@@ -72,7 +73,7 @@ def model_with_weights(spec: dict, state_dict: dict, where: Path | str) -> nn.Mo
 
 
 def check_shapes(model: nn.Module, state_dict: dict, where: Path | str) -> None:
-    from msa.pipeline.rundir import RunDirError
+    from msa.core.rundir import RunDirError
 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     stored = {k: tuple(v.shape) for k, v in state_dict.items()}
@@ -103,7 +104,7 @@ def text_encoder_of_run(run_dir: str) -> TextEncoder:
     """The text encoder of a run, with its trained weights (LoRA adapters merged in, tops
     included), to extract features with like any pretrained model: a finetune run's own, or the
     encoder that extracted a train-head run's cache with the top layers that run trained."""
-    from msa.pipeline import rundir
+    from msa.core import rundir
 
     state_dict, spec = rundir.load_model(run_dir)
     model = model_with_weights(spec, state_dict, run_dir)

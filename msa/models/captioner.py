@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from msa.core.compute import Compute
+from msa.core.config import CaptionConfig, ConfigError
 from msa.models.text import EncoderLoadError, model_identity, refuse_remote_code
-from msa.pipeline.compute import Compute
-from msa.pipeline.config import CaptionConfig, ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -17,41 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from msa.pipeline.config import ConfigError
-
-HEADS: dict[str, type[nn.Module]] = {}
-
-
-def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
-        HEADS[name] = cls
-        return cls
-
-    return add
-
-
-def create_head(name: str, dims: dict[str, ModalityDims], num_classes: int, hidden: int = 256,
-                dropout: float = 0.1, **options) -> nn.Module:
-    """The one place heads are built; num_classes 1 is a regression score. `options` are run
-    options (e.g. sequence_encoder); each head takes those it declares in its `options`."""
-    cls = HEADS[check_head(name)]
-    return cls(dims, num_classes, hidden, dropout, **{k: options[k] for k in cls.options if k in options})
-
-
-def check_head(name: str, modalities: list[str] | None = None) -> str:
-    """The head's name if it exists and (given the modalities it would read) has enough of them."""
-    if name not in HEADS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(HEADS), n=1)
-        raise ConfigError(f"unknown fusion head {name!r}; known: {', '.join(sorted(HEADS))}"
-                          f"{f'; did you mean {close[0]}?' if close else ''}")
-    needed = HEADS[name].min_modalities
-    if modalities is not None and len(modalities) < needed:
-        raise ConfigError(f"--fusion {name} needs {needed} modalities and the run reads "
-                          f"{len(modalities)} ({', '.join(modalities) or 'none'}); choose another head or "
-                          "extract the missing modality")
-    return name
+from msa.core.config import ConfigError
+from msa.models.registry import register_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,5 +439,3 @@ class ScaledScore(nn.Module):
         squashed = torch.tanh(raw) if self.scaling == "tanh" else 2 * torch.sigmoid(raw) - 1
         return {**out, "logits": self.bound * squashed}
 
-
-from msa.models import sequence_heads  # noqa: E402, F401  (registers the sequence heads)

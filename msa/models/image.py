@@ -17,9 +17,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from msa.cache.fingerprint import file_digest
+from msa.core.config import ConfigError, resolve_layer_count
+from msa.core.fingerprint import file_digest
 from msa.models.text import EncoderLoadError
-from msa.pipeline.config import ConfigError, resolve_layer_count
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 

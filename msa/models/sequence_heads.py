@@ -8,8 +8,9 @@ import math
 import torch
 from torch import nn
 
-from msa.models.heads import FusionHead, Standardise, masked_mean, mlp, register_head
-from msa.pipeline.config import ConfigError
+from msa.core.config import ConfigError
+from msa.models.heads import FusionHead, Standardise, masked_mean, mlp
+from msa.models.registry import register_head
 
 SEQUENCE_ENCODERS = ("lstm", "transformer")
 

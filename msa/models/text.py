@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from msa.cache.fingerprint import file_digest, files_digest
-from msa.pipeline.config import ConfigError, resolve_layer_count
+from msa.core.config import ConfigError, resolve_layer_count
+from msa.core.fingerprint import file_digest, files_digest
 
 POOLINGS = ("mean", "cls")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from msa.core.config import resolve_layer_count
 from msa.models.heads import Modality
 from msa.models.image import ImageEncoder
 from msa.models.text import TextEncoder, TextTop, transformer_layers
-from msa.pipeline.config import resolve_layer_count
 
 
 def text_modality(tokens: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor) -> Modality:

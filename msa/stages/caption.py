@@ -21,14 +21,14 @@ from msa.cache.captions import (
     is_finished,
     list_caption_sets,
 )
-from msa.cache.fingerprint import FORMAT_VERSION, file_size, local_path, model_reference
+from msa.core.compute import Compute, loading_workers, prefetch, resolve_compute
+from msa.core.config import CaptionConfig, ConfigError, to_json
+from msa.core.fingerprint import FORMAT_VERSION, file_size, local_path, model_reference
+from msa.core.progress import ItemProgress, rate_text
+from msa.data.mvsa import Item, bad_image_flag, read_mvsa
 from msa.models.captioner import DTYPES, captioner_class, create_captioner, spread_captions
-from msa.pipeline import autotune
-from msa.pipeline.compute import Compute, loading_workers, prefetch, resolve_compute
-from msa.pipeline.config import CaptionConfig, ConfigError, to_json
-from msa.pipeline.distributed import Rank, barrier, current_rank, join
-from msa.pipeline.mvsa import Item, bad_image_flag, read_mvsa
-from msa.pipeline.progress import ItemProgress, rate_text
+from msa.training import autotune
+from msa.training.distributed import Rank, barrier, current_rank, join
 
 # Compiling BLIP's ViT costs ~30 s here and saves ~0.2 s an image (1.02 -> 1.34 img/s,
 # bench/caption_throughput.py part 2).
@@ -100,7 +100,7 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
 
 def tuned_precision(cfg: CaptionConfig, compute: Compute, pending: list[Item]) -> autotune.Decision | None:
     """--precision auto on a CPU: BLIP's weights in bf16 or fp32, whichever measured faster here
-    (msa.pipeline.autotune), timed on the ViT, ~3/4 of captioning's time, with two images."""
+    (msa.training.autotune), timed on the ViT, ~3/4 of captioning's time, with two images."""
     readable = [item.image_path for item in pending if not bad_image_flag(item.flags)][:MEASURED_IMAGES]
     if not autotune.measured_here(cfg.precision, compute) or cfg.backend != "transformers" or not readable:
         return None

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from msa.pipeline.config import CaptionConfig, ExtractConfig, PredictConfig, TrainHeadConfig
-from msa.pipeline.demo import (
+from msa.core.config import CaptionConfig, ExtractConfig, PredictConfig, TrainHeadConfig
+from msa.core.progress import console
+from msa.data.demo import (
     make_demo_dataset,
     make_tiny_captioner,
     make_tiny_image_weights,
     make_tiny_text_model,
 )
-from msa.pipeline.progress import console
 from msa.stages import caption, extract, predict, train_head
 
 DEMO_IMAGE_MODEL = "timm:test_efficientnet"

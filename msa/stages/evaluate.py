@@ -15,12 +15,12 @@ from rich.console import Group
 from rich.table import Table
 
 from msa.cache.manifest import read_manifest
-from msa.pipeline import rundir
-from msa.pipeline.config import ConfigError, EvaluateConfig
-from msa.pipeline.metrics import classification_metrics, regression_metrics
-from msa.pipeline.mvsa import read_label_file
-from msa.pipeline.tasks import task_of_metrics
+from msa.core import rundir
+from msa.core.config import ConfigError, EvaluateConfig
+from msa.data.mvsa import read_label_file
 from msa.stages.predict import data_tag, predict
+from msa.training.metrics import classification_metrics, regression_metrics
+from msa.training.tasks import task_of_metrics
 
 
 def run_predictions(run_dir: Path, labels_file: Path | None, data: Path | None = None,

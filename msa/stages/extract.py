@@ -21,9 +21,13 @@ import torch
 from rich.table import Table
 
 from msa.cache.captions import CaptionSet, list_caption_sets
-from msa.cache.errors import BusyError, CacheError
 from msa.cache.features import FeatureWriter, feature_path, is_complete, shard_rows
-from msa.cache.fingerprint import (
+from msa.cache.maintenance import merge_shards
+from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
+from msa.core.compute import Compute, encoding_streams, in_cpu_streams, loading_workers, prefetch, resolve_compute
+from msa.core.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
+from msa.core.errors import BusyError, CacheError
+from msa.core.fingerprint import (
     FORMAT_VERSION,
     config_id,
     file_digest,
@@ -32,21 +36,17 @@ from msa.cache.fingerprint import (
     model_reference,
     slug,
 )
-from msa.cache.locks import held, lock_path
-from msa.cache.maintenance import merge_shards
-from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
+from msa.core.locks import held, lock_path
+from msa.core.progress import ItemProgress, console, rate_text
+from msa.data.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
+from msa.data.normalise import normalise
 from msa.models.build import is_run_dir, run_text_options, text_encoder_of_run
 from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess, weights_identity
 from msa.models.lexicon import FEATURES as LEXICON_FEATURES
 from msa.models.lexicon import LexiconScorer
 from msa.models.text import TextEncoder, model_identity
-from msa.pipeline import autotune
-from msa.pipeline.compute import Compute, encoding_streams, in_cpu_streams, loading_workers, prefetch, resolve_compute
-from msa.pipeline.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
-from msa.pipeline.distributed import Rank, barrier, current_rank, join
-from msa.pipeline.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
-from msa.pipeline.normalise import normalise
-from msa.pipeline.progress import ItemProgress, console, rate_text
+from msa.training import autotune
+from msa.training.distributed import Rank, barrier, current_rank, join
 
 MODALITIES = ("text", "image", "lexicon")
 MODEL_NAMES = {"lexicon": "vader-emoji"}  # the name a lexicon set carries in place of a model's
@@ -272,7 +272,7 @@ def run_as_rank(cfg: ExtractConfig, rank: Rank, show_progress: bool, on_batch: B
 def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: np.ndarray, compute: Compute,
                   encoder_of: Callable) -> autotune.Decision | None:
     """--precision auto on a CPU: the precision (and, for images, compile) that measured fastest
-    on this machine for this model (msa.pipeline.autotune); None where nothing is measured.
+    on this machine for this model (msa.training.autotune); None where nothing is measured.
     Decided for all the set's rows, not the pending ones: a resumed run finds the same set."""
     if not auto_measures(cfg, modality, compute):
         return None

@@ -22,14 +22,17 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from msa.cache.fingerprint import local_path
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
+from msa.core import rundir
+from msa.core.compute import Compute, resolve_compute
+from msa.core.config import ConfigError, FinetuneConfig, to_json
+from msa.core.fingerprint import local_path
+from msa.core.progress import ItemProgress
+from msa.data.mvsa import read_mvsa
 from msa.models.build import build_model
 from msa.models.unfrozen import parameter_groups
-from msa.pipeline import autotune, plots, rundir
-from msa.pipeline.compute import Compute, resolve_compute
-from msa.pipeline.config import ConfigError, FinetuneConfig, to_json
-from msa.pipeline.distributed import (
+from msa.training import autotune, plots
+from msa.training.distributed import (
     Rank,
     barrier,
     current_rank,
@@ -38,12 +41,7 @@ from msa.pipeline.distributed import (
     single_process_only,
     summed_over_ranks,
 )
-from msa.pipeline.metrics import fold_summary
-from msa.pipeline.mvsa import read_mvsa
-from msa.pipeline.progress import ItemProgress
-from msa.pipeline.raw import IMAGE_AUGS, RawData, image_augmentation, raw_batches
-from msa.pipeline.tasks import TASKS, training_loss
-from msa.pipeline.training import (
+from msa.training.loop import (
     Optimisation,
     Regularisers,
     evaluate,
@@ -52,6 +50,9 @@ from msa.pipeline.training import (
     train_one_epoch,
     warmup_cosine,
 )
+from msa.training.metrics import fold_summary
+from msa.training.raw import IMAGE_AUGS, RawData, image_augmentation, raw_batches
+from msa.training.tasks import TASKS, training_loss
 
 LAST = rundir.RESUME_STATE  # the state to resume from, rewritten after every epoch
 KIND = "finetune"  # config.json's "kind"
@@ -189,7 +190,7 @@ def refit(cfg: FinetuneConfig, manifest: Manifest, run_dir: Path, epochs: int, s
 def training_precision(cfg: FinetuneConfig, spec: dict, model: torch.nn.Module, data: RawData,
                        train_rows: np.ndarray, loss_fn, compute: Compute) -> autotune.Decision | None:
     """--precision auto on a CPU: bf16 autocast or fp32, whichever trained this model faster on
-    this machine (msa.pipeline.autotune), timed on the first training batch."""
+    this machine (msa.training.autotune), timed on the first training batch."""
     if not autotune.measured_here(cfg.precision, compute):
         return None
     rows = torch.from_numpy(train_rows[: cfg.batch_size])

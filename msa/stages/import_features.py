@@ -23,10 +23,10 @@ import pyarrow as pa
 from rich.table import Table
 
 from msa.cache.features import FeatureWriter, feature_path, is_complete
-from msa.cache.fingerprint import FORMAT_VERSION, config_id, file_digest, slug
 from msa.cache.manifest import SCHEMA, Manifest, with_folds, write_manifest
-from msa.pipeline.finite import require_finite
-from msa.pipeline.mvsa import DataError
+from msa.core.fingerprint import FORMAT_VERSION, config_id, file_digest, slug
+from msa.core.finite import require_finite
+from msa.data.mvsa import DataError
 
 SPLITS = {"train": "train", "valid": "val", "test": "test"}  # pickle key -> manifest split
 NOT_MODALITIES = ("labels", "id", "ids")

@@ -15,13 +15,10 @@ import numpy as np
 import torch
 
 from msa.cache.features import CacheError, find_feature_set
-from msa.cache.fingerprint import config_id, slug
 from msa.cache.manifest import MANIFEST_FILE, Manifest, build_manifest, read_manifest
-from msa.models.build import model_with_weights
-from msa.pipeline import rundir
-from msa.pipeline.autotune import Variant
-from msa.pipeline.compute import resolve_compute
-from msa.pipeline.config import (
+from msa.core import rundir
+from msa.core.compute import resolve_compute
+from msa.core.config import (
     SPLITS,
     CaptionConfig,
     ConfigError,
@@ -30,13 +27,16 @@ from msa.pipeline.config import (
     PredictConfig,
     from_record,
 )
-from msa.pipeline.finite import require_finite
-from msa.pipeline.mvsa import read_mvsa
-from msa.pipeline.progress import ItemProgress
-from msa.pipeline.raw import RawData, raw_batches
-from msa.pipeline.tasks import TASKS
-from msa.pipeline.training import FeatureBank, cached_batches, evaluate, evaluation_order
+from msa.core.fingerprint import config_id, slug
+from msa.core.finite import require_finite
+from msa.core.progress import ItemProgress
+from msa.data.mvsa import read_mvsa
+from msa.models.build import model_with_weights
 from msa.stages import caption, extract
+from msa.training.autotune import Variant
+from msa.training.loop import FeatureBank, cached_batches, evaluate, evaluation_order
+from msa.training.raw import RawData, raw_batches
+from msa.training.tasks import TASKS
 
 # Fingerprint entries that may differ between the run's features and new data's: the
 # manifest, and the precision `auto` picked on another machine (bf16 or fp16 features

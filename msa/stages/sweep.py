@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 from rich.table import Table
 
-from msa.models.heads import HEADS, check_head
-from msa.pipeline import rundir
-from msa.pipeline.config import ConfigError, SweepConfig, TrainHeadConfig, to_json
-from msa.pipeline.distributed import single_process_only
-from msa.pipeline.progress import console, progress_bar
-from msa.pipeline.tasks import LARGER_IS_BETTER, TASKS, task_of_metrics
+from msa.core import rundir
+from msa.core.config import ConfigError, SweepConfig, TrainHeadConfig, to_json
+from msa.core.progress import console, progress_bar
+from msa.models.registry import HEADS, check_head
 from msa.stages import train_head
+from msa.training.distributed import single_process_only
+from msa.training.tasks import LARGER_IS_BETTER, TASKS, task_of_metrics
 
 
 def parse_grid(specs: list[str]) -> dict[str, tuple]:

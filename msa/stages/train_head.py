@@ -25,17 +25,17 @@ from msa.cache.features import (
     scan_feature_sets,
 )
 from msa.cache.manifest import MANIFEST_FILE, Manifest, manifest_columns, read_manifest
+from msa.core import rundir
+from msa.core.compute import Compute, resolve_compute
+from msa.core.config import ConfigError, TrainHeadConfig, to_json
 from msa.models.build import build_model
-from msa.models.heads import HEADS, check_head, fit_standardisers, start_linear_paths, starts_closed_form
+from msa.models.heads import fit_standardisers, start_linear_paths, starts_closed_form
+from msa.models.registry import HEADS, check_head
 from msa.models.unfrozen import parameter_groups
-from msa.pipeline import autotune, plots, rundir
-from msa.pipeline.baselines import closed_form_baseline
-from msa.pipeline.compute import Compute, resolve_compute
-from msa.pipeline.config import ConfigError, TrainHeadConfig, to_json
-from msa.pipeline.distributed import single_process_only
-from msa.pipeline.metrics import fold_summary
-from msa.pipeline.tasks import TASKS, Task, task_named, training_loss
-from msa.pipeline.training import (
+from msa.training import autotune, plots
+from msa.training.baselines import closed_form_baseline
+from msa.training.distributed import single_process_only
+from msa.training.loop import (
     FeatureBank,
     Optimisation,
     Regularisers,
@@ -48,6 +48,8 @@ from msa.pipeline.training import (
     train_one_epoch,
     warmup_cosine,
 )
+from msa.training.metrics import fold_summary
+from msa.training.tasks import TASKS, Task, task_named, training_loss
 
 KIND = "train-head"  # config.json's "kind": what wrote a run directory
 CV_KIND = rundir.CROSS_VALIDATION
@@ -394,7 +396,7 @@ MEASURED_STEPS = 3  # --precision auto times this many training steps per precis
 def training_precision(cfg: TrainHeadConfig, data: TrainData, spec: dict, model: torch.nn.Module, loss_fn,
                        train_rows: np.ndarray, compute: Compute) -> autotune.Decision | None:
     """--precision auto on a CPU: bf16 autocast or fp32, whichever trained this head faster on
-    this machine (msa.pipeline.autotune)."""
+    this machine (msa.training.autotune)."""
     if not autotune.measured_here(cfg.precision, compute):
         return None
     rows = torch.from_numpy(train_rows[: cfg.batch_size])

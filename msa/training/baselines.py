@@ -14,7 +14,7 @@ from msa.cache.manifest import read_manifest
 def pooled_ridge(cache: Path, feature_sets: dict[str, Path]) -> dict:
     """Val regression metrics of the regression baseline (closed_form_baseline) on a cache's
     train/val split and its sets' pooled (masked-mean) features."""
-    from msa.pipeline.tasks import TASKS
+    from msa.training.tasks import TASKS
 
     manifest = read_manifest(cache)
     pooled = {name: FeatureSet.open(path).load("pooled") for name, path in feature_sets.items()}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msa.pipeline import rundir
+from msa.core import rundir
 
 
 def plot_run(run_dir: Path, metrics: dict) -> None:

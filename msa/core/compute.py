@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from msa.pipeline.config import ConfigError
+from msa.core.config import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -54,7 +54,7 @@ def forced_cpu_bf16() -> bool | None:
 def cpu_has_fast_bf16() -> bool:
     """bf16 pays off only with native bf16 units (AVX512-BF16 / AMX): measured on an
     AVX2-only EPYC, bf16 autocast ran EfficientNet-Lite0 8x slower than fp32. The stages'
-    `auto` on a CPU measures instead (msa.pipeline.autotune); this is the guess where they don't."""
+    `auto` on a CPU measures instead (msa.training.autotune); this is the guess where they don't."""
     forced = forced_cpu_bf16()
     if forced is not None:
         return forced

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from msa.pipeline import rundir
-from msa.pipeline.compute import CPU_BF16_ENV, Compute, forced_cpu_bf16
-from msa.pipeline.progress import console
+from msa.core import rundir
+from msa.core.compute import CPU_BF16_ENV, Compute, forced_cpu_bf16
+from msa.core.progress import console
 
 # Where decisions are kept; tests point it at a temporary file.
 DECISIONS_ENV = "MSA_AUTOTUNE_FILE"

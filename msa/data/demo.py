@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from msa.pipeline.mvsa import LABELS
+from msa.data.mvsa import LABELS
 
 CLASS_WORDS = {
     "positive": ["happy", "great", "love", "sunny", "win"],

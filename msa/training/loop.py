@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from msa.cache.features import CacheError, FeatureSet
+from msa.core import rundir
+from msa.core.compute import Compute
+from msa.data.mvsa import LABELS
 from msa.models.heads import Modality, ModalityDims
-from msa.pipeline import rundir
-from msa.pipeline.compute import Compute
-from msa.pipeline.mvsa import LABELS
-from msa.pipeline.tasks import LARGER_IS_BETTER, Task
+from msa.training.tasks import LARGER_IS_BETTER, Task
 
 Batches = Iterable[tuple[torch.Tensor, object]]  # (rows [B], the model's inputs for them)
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from msa.pipeline.config import ConfigError
-from msa.pipeline.metrics import classification_metrics, regression_metrics
-from msa.pipeline.mvsa import LABELS
+from msa.core.config import ConfigError
+from msa.data.mvsa import LABELS
+from msa.training.metrics import classification_metrics, regression_metrics
 
 LARGER_IS_BETTER = {"macro_f1": True, "accuracy": True, "loss": False, "mae": False, "corr": True}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from msa.pipeline.config import ConfigError
+from msa.core.config import ConfigError
 
 LABELS = ("negative", "neutral", "positive")
 LABEL_FILES = {"train": "train.txt", "test": "test_without_label.txt"}

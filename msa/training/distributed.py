@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from msa.pipeline.config import ConfigError
+from msa.core.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

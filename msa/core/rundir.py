@@ -213,7 +213,7 @@ def is_finished(run_dir: Path) -> bool:
 
 def lock_run(run_dir: Path):
     """Hold the lock of a run (or sweep) directory, kept beside it; BusyError if another process has it."""
-    from msa.cache.locks import acquire
+    from msa.core.locks import acquire
 
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from msa.cache.errors import BusyError, CacheError
+from msa.core.errors import BusyError, CacheError
 
 LOCK_DIR = ".locks"
 

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import torch
 
 from msa.cache.manifest import Manifest
+from msa.core.compute import loading_workers, prefetch
 from msa.models.text import TextEncoder
 from msa.models.unfrozen import EndToEndModel
-from msa.pipeline.compute import loading_workers, prefetch
-from msa.pipeline.training import class_targets
+from msa.training.loop import class_targets
 
 IMAGE_AUGS = ("none", "weak", "strong")
 

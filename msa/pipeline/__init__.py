@@ -1,1 +1,0 @@
-"""What the stages share: configs, the data reader, run directories, metrics."""

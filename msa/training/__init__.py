@@ -1,0 +1,1 @@
+"""Training: the loop, tasks, metrics, baselines, raw batches, distributed runs, autotune, plots."""
