@@ -29,6 +29,7 @@ from msa.core.compute import Compute, encoding_streams, in_cpu_streams
 from msa.core.config import ExtractConfig
 from msa.data.mvsa import read_mvsa
 from msa.models.image import build_image_encoder
+from msa.models.modalities.text import WRITE_WINDOW
 from msa.models.text import TextEncoder
 from msa.stages import extract
 from msa.training import autotune
@@ -208,8 +209,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     parser.add_argument("--part-1-only", action="store_true", help="the whole extract against the bare forward")
     args = parser.parse_args()
-    if args.extract_n <= extract.TEXT_WRITE_WINDOW:  # texts are written, and so timed, a window at a time
-        parser.error(f"--extract-n must be over {extract.TEXT_WRITE_WINDOW}: the steady text rate needs two windows")
+    if args.extract_n <= WRITE_WINDOW:  # texts are written, and so timed, a window at a time
+        parser.error(f"--extract-n must be over {WRITE_WINDOW}: the steady text rate needs two windows")
 
     items, _ = read_mvsa(args.data)
     texts = [i.text for i in items]

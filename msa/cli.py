@@ -34,6 +34,17 @@ app.add_typer(cache_app, name="cache")
 CACHE = typer.Option(default(ExtractConfig, "cache"), help="Cache directory.")
 PROGRESS = typer.Option(True, help="Show progress bars.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace what --out holds (an msa run or file only).")
+AS_JSON = typer.Option(False, "--json", help="Print the results as one JSON object on stdout (logs stay on stderr).")
+
+
+def results(as_json: bool, data: dict, lines: list[str]) -> None:
+    """Results on stdout, for scripts (progress, tables and logs go to stderr): one JSON object
+    with --json, else lines of text; `msa --quiet` leaves only these."""
+    if as_json:
+        typer.echo(json.dumps(data, default=str))
+    else:
+        for line in lines:
+            typer.echo(line)
 
 
 def head_names() -> tuple[str, ...]:
@@ -62,14 +73,19 @@ def main(
 @app.command()
 @one_line_errors
 @with_options(ExtractConfig)
-def extract(config: Path = config_option(), progress: bool = PROGRESS, **options) -> None:
+def extract(config: Path = config_option(), progress: bool = PROGRESS, as_json: bool = AS_JSON, **options) -> None:
     """Encode every item of an MVSA data set once and cache the features (resumable)."""
     from msa.stages import extract as stage
 
     result = stage.run(from_options(ExtractConfig, options), show_progress=progress)
     for table in stage.summary_tables(result):
         console.print(table)
-    console.print(f"cache: {Path(options['cache']).resolve()}")
+    cache = Path(options["cache"]).resolve()
+    results(as_json, {"cache": str(cache), "items": result.report.items_read,
+                      "bad_items": len(result.report.bad_items),
+                      "feature_sets": {m: {"name": r.name, "status": r.status, "rows_encoded": r.encoded_rows,
+                                           "path": str(r.path)} for m, r in result.feature_sets.items()}},
+            [f"cache: {cache}"])
     busy = [r.name for r in result.feature_sets.values() if r.status == "busy"]
     if busy:  # exit 3: not everything asked for is in the cache yet
         console.print(f"[yellow]not extracted, another process is writing: {', '.join(busy)}; rerun when it is "
@@ -202,19 +218,20 @@ def cache_merge(name: str = typer.Argument(..., help="Feature set name whose sha
 @app.command("train-head")
 @one_line_errors
 @with_options(TrainHeadConfig, choices={"fusion": head_names()})
-def train_head_command(config: Path = config_option(), overwrite: bool = OVERWRITE, **options) -> None:
+def train_head_command(config: Path = config_option(), overwrite: bool = OVERWRITE, as_json: bool = AS_JSON,
+                       **options) -> None:
     """Train one fusion head on cached features; writes a run directory."""
     from msa.stages import train_head
     from msa.training.tasks import task_of_metrics
 
     result = train_head.run(from_options(TrainHeadConfig, options), log=console.print, overwrite=overwrite)
     task = task_of_metrics(result.metrics)
-    console.print(f"{task.summary(result.metrics)}  (best epoch {result.best_epoch}, {result.seconds:.1f} s)")
-    if task.baseline_summary(result.metrics):
-        console.print(task.baseline_summary(result.metrics))
     for warning in result.warnings:
         console.print(f"[yellow]warning: {warning}[/yellow]")
-    console.print(f"run: {result.run_dir}")
+    lines = [f"{task.summary(result.metrics)}  (best epoch {result.best_epoch}, {result.seconds:.1f} s)",
+             *([task.baseline_summary(result.metrics)] if task.baseline_summary(result.metrics) else []),
+             f"run: {result.run_dir}"]
+    results(as_json, {"run": str(result.run_dir), "metrics": result.metrics, "warnings": result.warnings}, lines)
 
 
 @app.command()
@@ -236,9 +253,11 @@ def sweep(
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain finished runs whose options changed."),
     config: Path = config_option(),
     progress: bool = PROGRESS,
+    as_json: bool = AS_JSON,
     **options,
 ) -> None:
     """Train every head x seed x grid combination on shared in-memory features; resumable."""
+    from msa.core import rundir
     from msa.stages import sweep as stage
 
     names = [v.strip() for v in fusion.split(",") if v.strip()]
@@ -250,7 +269,10 @@ def sweep(
                       workers=workers, backend=backend, address=address)
     table = stage.run(cfg, show_progress=progress, overwrite=overwrite)
     console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))
-    console.print(f"results: {out / 'results.csv'} ({len(table)} runs)")
+    summary = rundir.read_json(out / stage.LEADERBOARD_JSON)
+    results(as_json, {"sweep": str(out), "runs": len(table), **summary},
+            [f"results: {out / 'results.csv'} ({len(table)} runs)", f"leaderboard: {out / stage.LEADERBOARD_CSV}",
+             f"best run: {summary['best_run']}"])
 
 
 @app.command()
@@ -261,6 +283,7 @@ def finetune(
     overwrite: bool = OVERWRITE,
     config: Path = config_option(),
     progress: bool = PROGRESS,
+    as_json: bool = AS_JSON,
     **options,
 ) -> None:
     """Fine-tune the encoders' tops and a fusion head end to end on raw data (checkpointed every epoch)."""
@@ -277,36 +300,49 @@ def finetune(
     run_dir = stage.run(cfg, resume=bool(resume), show_progress=progress, log=console.print,
                         overwrite=overwrite)
     metrics = rundir.read_json(run_dir / rundir.METRICS)
-    console.print(f"{task_of_metrics(metrics).summary(metrics)}  (best epoch {metrics['best_epoch']})")
-    console.print(f"run: {run_dir}")
+    results(as_json, {"run": str(run_dir), "metrics": metrics},
+            [f"{task_of_metrics(metrics).summary(metrics)}  (best epoch {metrics['best_epoch']})", f"run: {run_dir}"])
 
 
 @app.command()
 @one_line_errors
 @with_options(PredictConfig)
 def predict(config: Path = config_option(), overwrite: bool = OVERWRITE, progress: bool = PROGRESS,
-            **options) -> None:
+            as_json: bool = AS_JSON, **options) -> None:
     """Write guid,tag predictions of a run (with --probs, the class probabilities too), extracting new
     data with the run's encoders."""
     from msa.stages import predict as stage
 
-    path, predictions = stage.run(from_options(PredictConfig, options), show_progress=progress,
-                                  overwrite=overwrite)
+    cfg = from_options(PredictConfig, options)
+    if cfg.text is not None or cfg.image is not None:  # one post, from the command line
+        from msa.api import load_run
+
+        if cfg.data or cfg.ensemble:
+            raise ConfigError("--text/--image predict one post: leave out --data and --ensemble")
+        post = load_run(cfg.run).predict([cfg.text or ""], [cfg.image], cfg.device, show_progress=progress)[0]
+        typer.echo(json.dumps(post))
+        return
+    path, predictions = stage.run(cfg, show_progress=progress, overwrite=overwrite)
     if predictions.scores is not None:
-        console.print(f"{len(predictions.guids)} predicted scores (mean {predictions.scores.mean():.3f}): {path}")
+        results(as_json, {"file": str(path), "items": len(predictions.guids),
+                          "mean_score": float(predictions.scores.mean())},
+                [f"{len(predictions.guids)} predicted scores (mean {predictions.scores.mean():.3f}): {path}"])
         return
     counts = {c: predictions.predicted.count(c) for c in predictions.class_names}
-    console.print(f"{len(predictions.guids)} predictions ({', '.join(f'{k} {v}' for k, v in counts.items())}): {path}")
+    results(as_json, {"file": str(path), "items": len(predictions.guids), "counts": counts},
+            [f"{len(predictions.guids)} predictions ({', '.join(f'{k} {v}' for k, v in counts.items())}): {path}"])
 
 
 @app.command()
 @one_line_errors
 @with_options(EvaluateConfig)
-def evaluate(config: Path = config_option(), **options) -> None:
+def evaluate(config: Path = config_option(), as_json: bool = AS_JSON, **options) -> None:
     """Metrics, bad cases, modality agreement and gate statistics of a run."""
     from msa.stages import evaluate as stage
 
-    console.print(stage.report_tables(stage.run(from_options(EvaluateConfig, options))))
+    report = stage.run(from_options(EvaluateConfig, options))
+    console.print(stage.report_tables(report))
+    results(as_json, report, [])
 
 
 @app.command()

@@ -6,9 +6,9 @@ import os
 import signal
 
 from msa.cache import features
-from msa.stages import extract
+from msa.models.modalities import text
 
-extract.TEXT_WRITE_WINDOW = 4
+text.WRITE_WINDOW = 4
 if os.environ.get("RANK") == "1":
     write = features.FeatureWriter.write
     written = []

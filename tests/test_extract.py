@@ -46,8 +46,10 @@ def test_second_extract_does_no_encoder_work(extract_config, monkeypatch):
     def no_encoders(*args, **kwargs):
         raise AssertionError("an encoder was built on a fully cached run")
 
-    monkeypatch.setattr(extract, "TextEncoder", no_encoders)
-    monkeypatch.setattr(extract, "build_image_encoder", no_encoders)
+    from msa.models.modalities import image, text
+
+    monkeypatch.setattr(text, "TextEncoder", no_encoders)
+    monkeypatch.setattr(image, "build_image_encoder", no_encoders)
     second = extract.run(cfg, show_progress=False)
     assert all(r.cached and r.encoded_rows == 0 for r in second.feature_sets.values())
     assert {m: r.path for m, r in first.feature_sets.items()} == {m: r.path for m, r in second.feature_sets.items()}

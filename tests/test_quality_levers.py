@@ -187,8 +187,11 @@ def test_a_fold_ensemble_extracts_new_data_once(signal_cache, tmp_path, monkeypa
     train_head.run(TrainHeadConfig(cache=signal_cache, fusion="linear", folds=2, out=tmp_path / "cv", epochs=1))
     new = make_demo_dataset(tmp_path / "new", n_labelled=4, n_test=6, seed=9)
     encoded = []
-    real = extract.encode_texts
-    monkeypatch.setattr(extract, "encode_texts", lambda *a, **k: encoded.append(len(a[2])) or real(*a, **k))
+    from msa.models.modalities.text import TextModality
+
+    real = TextModality.encode
+    monkeypatch.setattr(TextModality, "encode", lambda self, encoder, job: encoded.append(len(job.rows)) or
+                        real(self, encoder, job))
     _, predictions = predict.run(PredictConfig(run=tmp_path / "cv", data=new), show_progress=False)
     assert len(predictions.guids) == 6 and encoded == [10]  # one text extraction for both folds
     assert not list((tmp_path / "cv").glob("fold-*/predict-cache"))

@@ -307,8 +307,10 @@ def test_images_loaded_by_several_workers_for_one_stream_give_the_streams_featur
     """A GPU's path (one encoding stream, images loaded ahead by a thread per core), run on the CPU."""
     cfg = extract_config(modalities=("image",), batch_size=4)
     streamed = extract.run(dataclasses.replace(cfg, cache=tmp_path / "streams"), show_progress=False)
-    monkeypatch.setattr(extract, "encoding_streams", lambda compute, compiled=False: 1)
-    monkeypatch.setattr(extract, "loading_workers", lambda device: 3)
+    from msa.models.modalities import image
+
+    monkeypatch.setattr(image, "encoding_streams", lambda compute, compiled=False: 1)
+    monkeypatch.setattr(image, "loading_workers", lambda device: 3)
     loaded_ahead = extract.run(dataclasses.replace(cfg, cache=tmp_path / "one-stream"), show_progress=False)
     want = FeatureSet.open(streamed.feature_sets["image"].path)
     got = FeatureSet.open(loaded_ahead.feature_sets["image"].path)

@@ -361,6 +361,8 @@ class PredictConfig(Checked):
     device: Device = "auto"  # auto: cuda when there is one
     probs: bool = False  # write guid,tag,p_negative,p_neutral,p_positive (regression: guid,score)
     ensemble: tuple[Path, ...] = ()  # more runs whose probabilities (or scores) are averaged with --run's
+    text: str | None = None  # one post's text: predicted and printed (with --image, its picture), no file written
+    image: Path | None = None  # that post's image file
 
 
 @dataclasses.dataclass

@@ -187,6 +187,13 @@ def read_mvsa(data_dir: Path, on_bad_image: str = "blank", on_duplicate: str = "
                 continue
             first_seen[guid] = (where, label)
             item = _read_item(data_dir, guid, label, source, where)
+            if label is not None and {"missing_text", "missing_image"} <= set(item.flags):
+                # Nothing to learn from: a labelled post with neither file would train as a blank image
+                # and an empty text. An unlabelled one is kept, so every listed guid gets a prediction.
+                report.skipped.append(f"{guid}: no_files")
+                report.bad_items.append({"guid": guid, "where": where,
+                                         "problem": "no_files (neither data/GUID.txt nor data/GUID.jpg), skipped"})
+                continue
             bad_image = bad_image_flag(item.flags)
             if bad_image and on_bad_image == "fail":
                 raise DataError(f"{item.image_path}: {bad_image.replace('_', ' ')} (listed at {where})")

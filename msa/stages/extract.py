@@ -11,20 +11,18 @@ import dataclasses
 import functools
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from rich.table import Table
 
 from msa.cache.captions import CaptionSet, list_caption_sets
 from msa.cache.features import FeatureWriter, feature_path, is_complete, shard_rows
 from msa.cache.maintenance import merge_shards
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
-from msa.core.compute import Compute, encoding_streams, in_cpu_streams, loading_workers, prefetch, resolve_compute
+from msa.core.compute import Compute, encoding_streams, resolve_compute
 from msa.core.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
 from msa.core.errors import BusyError, CacheError
 from msa.core.fingerprint import (
@@ -33,38 +31,26 @@ from msa.core.fingerprint import (
     file_digest,
     file_size,
     local_path,
-    model_reference,
     slug,
 )
 from msa.core.locks import held, lock_path
-from msa.core.progress import ItemProgress, console, rate_text
+from msa.core.progress import console, rate_text
 from msa.data.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
-from msa.data.normalise import normalise
-from msa.models.build import is_run_dir, run_text_options, text_encoder_of_run
-from msa.models.image import ImageEncoder, build_image_encoder, image_preprocess, weights_identity
-from msa.models.lexicon import FEATURES as LEXICON_FEATURES
-from msa.models.lexicon import LexiconScorer
-from msa.models.text import TextEncoder, model_identity
+from msa.models.build import is_run_dir, run_text_options
+from msa.models.modalities import MODALITIES, BatchCallback, EncodeJob, Modality
 from msa.training import autotune
 from msa.training.distributed import Rank, barrier, current_rank, join
 
-MODALITIES = ("text", "image", "lexicon")
-MODEL_NAMES = {"lexicon": "vader-emoji"}  # the name a lexicon set carries in place of a model's
 # torch.compile costs ~50 s here and makes EfficientNet-Lite0 2.8x faster on this CPU
 # (22.8 -> 63 img/s): it pays off from about a thousand images. Below that it is not tried;
 # above it, --precision auto measures whether it pays.
 COMPILE_MIN_IMAGES = 1000
-TEXT_WRITE_WINDOW = 512  # rows of text buffered per write: ~100 MB of float16 tokens at max_len 128
-TUNED_MODALITIES = ("text", "image")  # --precision auto measures these on a CPU; lexicon is fp32 arithmetic
 MEASURED_ITEMS = 16  # --precision auto times each variant on the first items (bf16 on AVX2: ~3 texts/s)
 READER_VERSION = 2  # raised when the reader's rules change (2: confined paths, bounded items, EXIF, deep pixels)
 SHOWN_BAD_ITEMS = 5  # in the summary; CACHE/bad_items.csv lists every one
 STATUS_MEANING = {"cached": "complete before this run, no encoder work", "encoded": "encoded by this run",
                   "resumed": "an interrupted run's rows kept, the rest encoded now",
                   "busy": "another process is writing it, not extracted"}
-
-BatchCallback = Callable[[str, int], None]
-
 
 @dataclasses.dataclass
 class FeatureSetResult:
@@ -107,25 +93,13 @@ def feature_fingerprint(cfg: ExtractConfig, modality: str, manifest_id: str, com
     """Everything the stored numbers depend on; a change gives a new feature set."""
     common = {"format_version": FORMAT_VERSION, "modality": modality, "manifest_id": manifest_id,
               "dtype": "float16", "precision": compute.precision}
-    if modality == "text":
-        text = {**common, "model": model_reference(cfg.text_model), "weights": model_identity(cfg.text_model),
-                "max_len": cfg.max_len, "pooling": cfg.pooling, "pool_layers": cfg.pool_layers,
-                "text_source": cfg.text_source,
-                "split_layer": cfg.text_split_layer,
-                # a key only where it is on: sets extracted before it existed keep their names
-                **({"text_normalise": cfg.text_normalise} if cfg.text_normalise != "none" else {})}
-        return {**text, "captions": captions.fingerprint} if captions else text
-    if modality == "image":
-        preprocess = image_preprocess(cfg.image_model)
-        return {**common, "model": cfg.image_model,
-                "weights": weights_identity(cfg.image_model, cfg.image_weights),
-                "preprocess": dataclasses.asdict(preprocess), "jpeg_draft": True, "resize": "torch-antialias",
-                "exif_orientation": "applied", "deep_pixels": "scaled-to-8-bit",
-                "split_stage": cfg.image_split_stage}
-    if modality == "lexicon":  # scores of the raw post text; no precision involved
-        return {**common, "precision": "fp32", "model": MODEL_NAMES["lexicon"], "weights": LexiconScorer.identity(),
-                "features": list(LEXICON_FEATURES)}
-    raise ConfigError(f"unknown modality {modality!r}; known: {', '.join(MODALITIES)}")
+    return {**common, **modality_named(modality).fingerprint(cfg, captions)}
+
+
+def modality_named(name: str) -> Modality:
+    if name not in MODALITIES:
+        raise ConfigError(f"unknown modality {name!r}; known: {', '.join(MODALITIES)}")
+    return MODALITIES[name]
 
 
 def feature_set_name(modality: str, model: str, fingerprint: dict) -> str:
@@ -187,8 +161,8 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
         modality_compute = decision.applied_to(compute) if decision else compute
         fingerprint, name, path, _ = set_location(cfg, modality, manifest, modality_compute, modality_captions, shard)
         notes = {"extract_config": to_json(cfg)}
-        if captions and modality == "text":
-            notes["caption_config"] = captions.notes["caption_config"]
+        if modality_captions:
+            notes["caption_config"] = modality_captions.notes["caption_config"]
         if decision:
             notes["autotune"] = decision.record()
         # The model loads before the set's file exists: a model that fails to load leaves nothing behind.
@@ -204,20 +178,15 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
                           "again[/yellow]")
         start = time.perf_counter()
         pending = writer.pending_rows()
-        use_compile = modality == "image" and (cfg.compile or (
+        entry = modality_named(modality)
+        use_compile = entry.compiles and (cfg.compile or (
             decision.variant.compile if decision else
             compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES))
         with writer:
-            if modality == "text":
-                encode_texts(encoder, manifest, pending, writer, modality_compute, cfg.batch_size, show_progress,
-                             on_batch, captions, cfg.text_source, cfg.text_split_layer, cfg.text_normalise)
-            elif modality == "image":
-                encode_images(encoder, manifest, pending, writer, modality_compute, cfg.batch_size,
-                              show_progress, on_batch, use_compile, cfg.image_split_stage)
-            else:
-                encode_lexicon(encoder, manifest, pending, writer, show_progress, on_batch)
+            entry.encode(encoder, EncodeJob(cfg, manifest, pending, writer, modality_compute, show_progress, on_batch,
+                                            modality_captions, use_compile))
             writer.finish()
-        variant = "" if modality == "lexicon" else modality_compute.precision + ("+compile" if use_compile else "")
+        variant = modality_compute.precision + ("+compile" if use_compile else "") if entry.tuned else ""
         results[modality] = FeatureSetResult(modality, name, path, "resumed" if writer.resumed_rows else "encoded",
                                              writer.resumed_rows, len(pending), time.perf_counter() - start,
                                              f"{variant} ({decision.chosen_by})" if decision else variant)
@@ -234,8 +203,7 @@ class SetLocation(NamedTuple):
 def set_location(cfg: ExtractConfig, modality: str, manifest: Manifest, compute: Compute,
                  captions: CaptionSet | None, shard: tuple[int, int] | None) -> SetLocation:
     fingerprint = feature_fingerprint(cfg, modality, manifest.manifest_id, compute, captions)
-    model = {"text": cfg.text_model, "image": cfg.image_model, **MODEL_NAMES}[modality]
-    name = feature_set_name(modality, model, fingerprint)
+    name = feature_set_name(modality, modality_named(modality).model_name(cfg), fingerprint)
     path = feature_path(cfg.cache, name, shard)
     complete = is_complete(path, fingerprint) or bool(shard and is_complete(feature_path(cfg.cache, name),
                                                                               fingerprint))
@@ -243,7 +211,7 @@ def set_location(cfg: ExtractConfig, modality: str, manifest: Manifest, compute:
 
 
 def auto_measures(cfg: ExtractConfig, modality: str, compute: Compute) -> bool:
-    return autotune.measured_here(cfg.precision, compute) and modality in TUNED_MODALITIES
+    return autotune.measured_here(cfg.precision, compute) and modality_named(modality).tuned
 
 
 def precisions_auto_may_choose(cfg: ExtractConfig, modality: str, compute: Compute) -> list[Compute]:
@@ -276,82 +244,20 @@ def tuned_variant(cfg: ExtractConfig, modality: str, manifest: Manifest, rows: n
     Decided for all the set's rows, not the pending ones: a resumed run finds the same set."""
     if not auto_measures(cfg, modality, compute):
         return None
-    sample = rows[:MEASURED_ITEMS]
+    entry, sample = modality_named(modality), rows[:MEASURED_ITEMS]
 
-    def timed_variant(forward: Callable, inputs: Callable) -> Callable:
-        return lambda variants: autotune.measure(forward, inputs(), variants)
+    def forward(variant):
+        return entry.timed_forward(encoder_of(), variant, compute, encoding_streams(compute, variant.compile))
 
-    if modality == "text":
-        def text_inputs():
-            encoder = encoder_of()
-            texts = manifest.column("text")
-            return encoder.collate(encoder.tokenize([texts[r] for r in sample]))
+    def measure_now(variants):
+        return autotune.measure(forward, entry.sample_inputs(encoder_of(), manifest, sample), variants)
 
-        def text_forward(variant):
-            return pooled_in_streams(encoder_of().to(compute.device), variant.precision, compute,
-                                     encoding_streams(compute))
-
-        key = f"text|{model_identity(cfg.text_model)}|max_len={cfg.max_len}"
-        return autotune.decide("text", key, len(rows), False, timed_variant(text_forward, text_inputs))
-
-    def image_inputs():
-        encoder = encoder_of()
-        sources = manifest.image_sources()
-        return encoder.preprocess.normalise(encoder.preprocess.load_batch([sources[r] for r in sample]))
-
-    def image_forward(variant):
-        encoder = encoder_of().to(compute.device, memory_format=torch.channels_last)
-        return pooled_in_streams(_compiled(encoder) if variant.compile else encoder, variant.precision, compute,
-                                 encoding_streams(compute, variant.compile))
-
-    key = f"image|{cfg.image_model}|{weights_identity(cfg.image_model, cfg.image_weights)}"
-    compile_may_pay = not cfg.compile and len(rows) >= COMPILE_MIN_IMAGES
-    return autotune.decide("image", key, len(rows), compile_may_pay,
-                           timed_variant(image_forward, image_inputs))
-
-
-def pooled_in_streams(forward: Callable, precision: str, compute: Compute, streams: int) -> Callable:
-    """batch (a tensor, or a tuple of them) -> pooled features, the batch shared out over the
-    CPU streams extract encodes in, so that a variant is timed as it will run."""
-    def pooled_of_share(share: tuple) -> torch.Tensor:  # autocast and inference mode are per thread
-        with torch.inference_mode(), compute.autocast(precision):
-            return forward(*share)[1]
-
-    def pooled(batch) -> torch.Tensor:
-        parts = batch if isinstance(batch, tuple) else (batch,)
-        shares = list(zip(*(part.chunk(streams) for part in parts)))
-        return torch.cat(list(in_cpu_streams(pooled_of_share, shares, streams)))
-    return pooled
+    compile_may_pay = entry.compiles and not cfg.compile and len(rows) >= COMPILE_MIN_IMAGES
+    return autotune.decide(modality, entry.autotune_key(cfg), len(rows), compile_may_pay, measure_now)
 
 
 def load_encoder(cfg: ExtractConfig, modality: str):
-    if modality == "text":
-        if cfg.pool_layers > 1 and cfg.text_split_layer:
-            raise ConfigError("--pool-layers and --text-split-layer do not combine: an unfrozen top pools its "
-                              "last layer only")
-        if is_run_dir(cfg.text_model):  # a fine-tuned encoder, from `msa finetune`
-            if cfg.text_split_layer or cfg.pool_layers > 1:
-                raise ConfigError("--text-model RUN: extract its final features (no --text-split-layer, "
-                                  "--pool-layers)")
-            return text_encoder_of_run(cfg.text_model)
-        return TextEncoder(cfg.text_model, cfg.max_len, cfg.pooling, cfg.pool_layers)
-    if modality == "image":
-        return build_image_encoder(cfg.image_model, cfg.image_weights)
-    return LexiconScorer()
-
-
-def encode_lexicon(scorer: LexiconScorer, manifest: Manifest, rows: np.ndarray, writer: FeatureWriter,
-                   show_progress: bool, on_batch: BatchCallback | None, batch_size: int = 512) -> None:
-    """Lexicon scores of the raw post texts: pooled [B, F], and the same as one token [B, 1, F]."""
-    texts = manifest.column("text")
-    with ItemProgress("lexicon", len(rows), show_progress) as advance:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start: start + batch_size]
-            scores = scorer([texts[r] for r in batch])
-            writer.write(batch, scores, scores[:, None, :], np.ones((len(batch), 1), dtype=bool))
-            advance(len(batch))
-            if on_batch:
-                on_batch("lexicon", len(batch))
+    return modality_named(modality).load(cfg)
 
 
 def imported_manifest(cfg: ExtractConfig) -> tuple[Manifest, ReadReport]:
@@ -419,120 +325,6 @@ def source_signature(cfg: ExtractConfig) -> str:
             entries += [(path, file_digest(Path(path))) for path in files]
     return config_id({"files": entries, "on_bad_image": cfg.on_bad_image, "limit": cfg.limit,
                       "val_ratio": cfg.val_ratio, "split_seed": cfg.split_seed, "reader": READER_VERSION})
-
-
-def encode_texts(encoder: TextEncoder, manifest: Manifest, rows: np.ndarray, writer: FeatureWriter,
-                 compute: Compute, batch_size: int, show_progress: bool, on_batch: BatchCallback | None,
-                 captions: CaptionSet | None = None, text_source: str = "raw", split_layer: int | None = None,
-                 text_normalise: str = "none") -> None:
-    encoder.to(compute.device)
-    texts, guids = manifest.column("text"), manifest.guids
-    posts = normalise([texts[r] for r in rows], text_normalise)
-    caption_texts = captions.texts([guids[r] for r in rows]) if captions else None
-    if text_source == "caption":
-        token_ids = encoder.tokenize(caption_texts)
-    elif text_source == "raw+caption":  # a text pair: the tokenizer puts its own separator between them
-        token_ids = encoder.tokenize(posts, caption_texts)
-    else:
-        token_ids = encoder.tokenize(posts)
-    streams = encoding_streams(compute)
-
-    def encode_batch(ids: list[list[int]]) -> tuple:
-        return encode_text_batch(encoder, ids, compute, split_layer)
-
-    # Length-sorted within windows of rows, each window written at once: one batch's rows lie
-    # scattered over the set, and writing them batch by batch took a quarter of the run. No rows,
-    # no window (a run stopped between its last write and publishing leaves none pending).
-    every_row = np.arange(len(rows))
-    windows = [every_row[i: i + TEXT_WRITE_WINDOW] for i in range(0, len(rows), TEXT_WRITE_WINDOW)]
-    with ItemProgress("text", len(rows), show_progress) as advance:
-        for window in windows:
-            batches = encoder.length_sorted_batches([token_ids[i] for i in window], batch_size)
-            batch_ids = [[token_ids[i] for i in window[batch]] for batch in batches]
-            outputs = []
-            for ids, output in zip(batch_ids, in_cpu_streams(encode_batch, batch_ids, streams)):
-                outputs.append(output)
-                advance(len(ids))
-            pooled, tokens, mask, split = (None if outputs[0][part] is None else
-                                           np.concatenate([output[part] for output in outputs]) for part in range(4))
-            writer.write(rows[window[np.concatenate(batches)]], pooled, tokens, mask, split)
-            if on_batch:
-                on_batch("text", len(window))
-
-
-def encode_text_batch(encoder: TextEncoder, ids: list[list[int]], compute: Compute,
-                      split_layer: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(pooled, tokens, mask, split) of one batch, tokens padded to max_len for storing."""
-    input_ids, attention_mask = encoder.collate(ids)
-    with torch.inference_mode(), compute.autocast():
-        if split_layer:
-            tokens, pooled, split = encoder.forward_with_split(
-                input_ids.to(compute.device), attention_mask.to(compute.device), split_layer)
-        else:
-            tokens, pooled = encoder(input_ids.to(compute.device), attention_mask.to(compute.device))
-    length = tokens.shape[1]
-    stored_tokens = np.zeros((len(ids), encoder.max_len, encoder.dim), dtype=np.float16)
-    # Pad positions hold zeros, not the model's output for pad tokens: what is
-    # stored then does not depend on which texts shared a batch.
-    padding = (attention_mask == 0).unsqueeze(-1).to(tokens.device)
-    stored_tokens[:, :length] = tokens.masked_fill(padding, 0).to(torch.float16).cpu().numpy()
-    stored_mask = np.zeros((len(ids), encoder.max_len), dtype=bool)
-    stored_mask[:, :length] = attention_mask.numpy().astype(bool)
-    stored_split = None
-    if split_layer:
-        stored_split = np.zeros((len(ids), encoder.max_len, split.shape[-1]), dtype=np.float32)
-        stored_split[:, :length] = (split.float() * attention_mask.unsqueeze(-1).to(split.device)).cpu().numpy()
-    return pooled.float().cpu().numpy(), stored_tokens, stored_mask, stored_split
-
-
-def encode_images(encoder: ImageEncoder, manifest: Manifest, rows: np.ndarray, writer: FeatureWriter,
-                  compute: Compute, batch_size: int, show_progress: bool, on_batch: BatchCallback | None,
-                  use_compile: bool, split_stage: int | None = None) -> None:
-    encoder.to(compute.device, memory_format=torch.channels_last)
-    if split_stage:  # bottom and top in turn: the activation between them is stored too
-        bottom, top = encoder.split(split_stage)
-        bottom, top = (_compiled(bottom), _compiled(top)) if use_compile else (bottom, top)
-
-        def forward(images):
-            split = bottom(images)
-            return (*top(split), split)
-    else:
-        forward = _compiled(encoder) if use_compile else encoder
-    # Flagged images (missing, corrupt) are encoded as a blank image: the row stays aligned.
-    every_source = manifest.image_sources()
-    sources = [every_source[r] for r in rows]
-    batches = [np.arange(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
-
-    def load(batch: np.ndarray) -> torch.Tensor:
-        return encoder.preprocess.load_batch([sources[i] for i in batch])
-
-    def encode(batch: np.ndarray, pixels: torch.Tensor) -> tuple:
-        images = encoder.preprocess.normalise(pixels.to(compute.device))
-        with torch.inference_mode(), compute.autocast():
-            tokens, pooled, *split = forward(images)
-        split = split[0].float().contiguous().cpu().numpy() if split else None
-        # In the set's float16 here, in the streams, rather than on the writing thread
-        return batch, pooled.half().cpu().numpy(), tokens.half().cpu().numpy(), split
-
-    streams = encoding_streams(compute, use_compile)
-    if streams > 1:  # each stream decodes its own batch, then encodes it
-        encoded = in_cpu_streams(lambda batch: encode(batch, load(batch)), batches, streams)
-    else:
-        encoded = map(encode, batches, prefetch(batches, load, loading_workers(compute.device)))
-    with ItemProgress("image", len(rows), show_progress) as advance:
-        for batch, pooled, tokens, split in encoded:  # written here: h5py is not thread-safe
-            writer.write(rows[batch], pooled, tokens, np.ones(tokens.shape[:2], dtype=bool), split)
-            advance(len(batch))
-            if on_batch:
-                on_batch("image", len(batch))
-
-
-def _compiled(encoder: ImageEncoder) -> Callable:
-    try:
-        return torch.compile(encoder, dynamic=False)
-    except Exception as err:  # no C++ compiler, unsupported platform: eager still works
-        warnings.warn(f"torch.compile unavailable ({err}); encoding without it", stacklevel=2)
-        return encoder
 
 
 def summary_tables(result: ExtractResult) -> list[Table]:

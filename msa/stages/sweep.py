@@ -10,12 +10,15 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
+import json
 import multiprocessing
 import os
 import queue
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from rich.table import Table
@@ -27,6 +30,8 @@ from msa.models.registry import HEADS, check_head
 from msa.stages import train_head
 from msa.training.distributed import single_process_only
 from msa.training.tasks import LARGER_IS_BETTER, TASKS, task_of_metrics
+
+LEADERBOARD_CSV, LEADERBOARD_JSON = "leaderboard.csv", "leaderboard.json"  # mean and std over seeds, best first
 
 
 def parse_grid(specs: list[str]) -> dict[str, tuple]:
@@ -136,6 +141,7 @@ def run(cfg: SweepConfig, show_progress: bool = True, overwrite: bool = False) -
         table = results_table(runs, cfg.grid)
         table.to_parquet(cfg.out / "results.parquet", index=False)
         table.to_csv(cfg.out / "results.csv", index=False)
+        write_leaderboard(table, cfg)
     finally:
         lock.release()
     return table
@@ -254,7 +260,7 @@ def results_table(runs: list[TrainHeadConfig], grid: dict) -> pd.DataFrame:
 
 def leaderboard(table: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
     """Mean and std over seeds per configuration, best first (by the task's first leaderboard metric)."""
-    keys = ["fusion", *grid_keys]
+    keys = ["fusion", *grid_keys, "modalities_used"]  # what a configuration read is part of what it is
     task = TASKS[table["task"].iloc[0]]
     # vs_baseline: the key metric's lead over the linear baseline (negative: the head learned less)
     metrics = [m for m, _ in task.leaderboard] + ["vs_baseline", "train_seconds"]
@@ -264,6 +270,28 @@ def leaderboard(table: pd.DataFrame, grid_keys: list[str]) -> pd.DataFrame:
     grouped["task"] = task.name
     sort_by = metrics[0]
     return grouped.sort_values(f"{sort_by}_mean", ascending=not LARGER_IS_BETTER[sort_by]).reset_index()
+
+
+def best_run(table: pd.DataFrame, board: pd.DataFrame, grid_keys: list[str]) -> str:
+    """The run directory of the leaderboard's first configuration with its best key metric."""
+    keys = ["fusion", *grid_keys, "modalities_used"]
+    top = board.iloc[0]
+    members = table[np.logical_and.reduce([table[k].map(grid_value) == grid_value(top[k]) for k in keys])]
+    metric = TASKS[board["task"].iloc[0]].leaderboard[0][0]
+    pick = members[metric].idxmax() if LARGER_IS_BETTER[metric] else members[metric].idxmin()
+    return str(members.loc[pick, "run"])
+
+
+def write_leaderboard(table: pd.DataFrame, cfg: SweepConfig) -> dict:
+    """SWEEP/leaderboard.csv and leaderboard.json (mean and std over seeds, best first, with
+    best_run: the directory a script takes on to predict or evaluate)."""
+    grid_keys = list(cfg.grid)
+    board = leaderboard(table, grid_keys)
+    board.to_csv(cfg.out / LEADERBOARD_CSV, index=False)
+    summary = {"task": board["task"].iloc[0], "best_run": str(Path(cfg.out) / best_run(table, board, grid_keys)),
+               "leaderboard": json.loads(board.to_json(orient="records"))}
+    rundir.write_json(cfg.out / LEADERBOARD_JSON, summary)
+    return summary
 
 
 def grid_value(value) -> str:
@@ -280,10 +308,12 @@ def leaderboard_table(board: pd.DataFrame, grid_keys: list[str]) -> Table:
     table = Table(title="Leaderboard (val, mean ± std over seeds)")
     columns = TASKS[board["task"].iloc[0]].leaderboard
     key_title = columns[0][1]
-    for column in ["fusion", *grid_keys, *(title for _, title in columns), f"{key_title} vs linear", "s/run", "runs"]:
+    for column in ["fusion", *grid_keys, "modalities", *(title for _, title in columns), f"{key_title} vs linear",
+                   "s/run", "runs"]:
         table.add_column(column)
     for _, row in board.iterrows():
         gap = row["vs_baseline_mean"]
-        table.add_row(row["fusion"], *(grid_value(row[k]) for k in grid_keys), *(mean_std(row, m) for m, _ in columns),
+        table.add_row(row["fusion"], *(grid_value(row[k]) for k in grid_keys), row["modalities_used"],
+                      *(mean_std(row, m) for m, _ in columns),
                       "-" if pd.isna(gap) else f"{gap:+.4f}", f"{row['train_seconds_mean']:.1f}", str(row["runs"]))
     return table

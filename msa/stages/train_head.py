@@ -316,7 +316,8 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     plots.plot_run(run_dir, metrics)
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
     return TrainResult(run_dir, metrics, state.best_epoch, seconds,
-                       collapse_warnings(best["out"], data.task.classes) + baseline_warnings(metrics, data.task))
+                       collapse_warnings(best["out"], data.task.classes, data.targets[val_rows].numpy())
+                       + baseline_warnings(metrics, data.task))
 
 
 def refit(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, epochs: int, log=print) -> dict:
@@ -420,10 +421,23 @@ def baseline_warnings(metrics: dict, task) -> list[str]:
             "--weight-decay, or fewer --epochs"]
 
 
-def collapse_warnings(val: dict, classes: tuple[str, ...]) -> list[str]:
-    """A classifier whose best epoch predicts one class for every val item learned nothing useful."""
-    predicted = sorted(set(val["probabilities"].argmax(1).tolist())) if val["probabilities"].size else []
-    if len(predicted) != 1:
+SMALL_VAL_CLASS = 10  # val items of a class under which its F1 is noise
+
+
+def collapse_warnings(val: dict, classes: tuple[str, ...], targets: np.ndarray | None = None) -> list[str]:
+    """What a person should look at in a classifier's best epoch: one class predicted for every
+    val item (it learned nothing useful), a class it never predicts, a class with few val items."""
+    if not val["probabilities"].size:
         return []
-    return [f"the best epoch predicts {classes[predicted[0]]} for every val item (the head collapsed to one class); "
-            "try --loss weighted-ce, a lower --lr or more --epochs"]
+    predicted = sorted(set(val["probabilities"].argmax(1).tolist()))
+    if len(predicted) == 1:
+        warnings = [f"the best epoch predicts {classes[predicted[0]]} for every val item (the head collapsed to one "
+                    "class); try --loss weighted-ce, a lower --lr or more --epochs"]
+    else:
+        warnings = [f"the best epoch never predicts {name} on val (its F1 is 0); try --loss weighted-ce or "
+                    "--select macro_f1" for i, name in enumerate(classes) if i not in predicted]
+    if targets is not None:
+        counts = np.bincount(targets[targets >= 0].astype(int), minlength=len(classes))
+        warnings += [f"val holds {n} {name} item{'s' if n != 1 else ''}: its scores are noise; use --folds 5 "
+                     "(every labelled item validated once)" for name, n in zip(classes, counts) if n < SMALL_VAL_CLASS]
+    return warnings
