@@ -9,13 +9,14 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import get_args
 
 import torch
 
-from msa.core.config import ConfigError
+from msa.core.config import ConfigError, Device, Precision
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = get_args(Device)
+PRECISIONS = get_args(Precision)
 
 
 @dataclasses.dataclass(frozen=True)

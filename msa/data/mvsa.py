@@ -14,19 +14,20 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
+from typing import get_args
 
 from PIL import Image
 
-from msa.core.config import ConfigError
+from msa.core.config import ConfigError, OnBadImage, OnDuplicate
 
 LABELS = ("negative", "neutral", "positive")
 LABEL_FILES = {"train": "train.txt", "test": "test_without_label.txt"}
 # Tried in order. gb18030 covers the Chinese-platform exports seen in MVSA;
 # cp1252 covers Windows-exported Western text; replacement is the last resort.
 TEXT_ENCODINGS = ("utf-8", "gb18030", "cp1252")
-ON_BAD_IMAGE = ("skip", "blank", "fail")
+ON_BAD_IMAGE = get_args(OnBadImage)
 # first-if-same: keep the first of duplicates that agree, stop where their labels conflict.
-ON_DUPLICATE = ("first-if-same", "first", "error")
+ON_DUPLICATE = get_args(OnDuplicate)
 BAD_ITEMS_FILE = "bad_items.csv"
 # Bounds on what one item may cost. A post is a few hundred bytes: the first 64 KiB of a text are
 # kept (flagged long_text), never 50 MB. An image may hold at most 64 megapixels (a 16 KB JPEG can

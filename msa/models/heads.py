@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import get_args
 
 import numpy as np
 import torch
 from torch import nn
 
-from msa.core.config import ConfigError
+from msa.core.config import ConfigError, OutputScaling
 from msa.models.registry import register_head
 
 
@@ -410,7 +411,7 @@ class HierarchicalHead(TokenPairHead):
         return {"logits": self.classify(joined)}
 
 
-OUTPUT_SCALINGS = ("tanh", "sigmoid", "clip")
+OUTPUT_SCALINGS = get_args(OutputScaling)
 
 
 class ScaledScore(nn.Module):

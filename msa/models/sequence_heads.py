@@ -4,15 +4,16 @@ audio, vision), one sequence encoder per modality, then a fusion. Registered in 
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 from torch import nn
 
-from msa.core.config import ConfigError
+from msa.core.config import ConfigError, SequenceEncoder
 from msa.models.heads import FusionHead, Standardise, masked_mean, mlp
 from msa.models.registry import register_head
 
-SEQUENCE_ENCODERS = ("lstm", "transformer")
+SEQUENCE_ENCODERS = get_args(SequenceEncoder)
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:

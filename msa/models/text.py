@@ -5,15 +5,16 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from torch import nn
 
-from msa.core.config import ConfigError, resolve_layer_count
+from msa.core.config import ConfigError, Pooling, resolve_layer_count
 from msa.core.fingerprint import file_digest, files_digest
 
-POOLINGS = ("mean", "cls")
+POOLINGS = get_args(Pooling)
 
 
 class EncoderLoadError(RuntimeError):

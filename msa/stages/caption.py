@@ -59,7 +59,7 @@ def caption_fingerprint(cfg: CaptionConfig) -> dict:
 def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> CaptionResult:
     """Caption the images of `cfg.data` that the caption set lacks; `on_batch(n)` follows each batch."""
     rank = current_rank()
-    if rank is not None:  # torchrun: each rank captions its share on its own device
+    if rank.distributed:  # torchrun: each rank captions its share on its own device
         cfg = dataclasses.replace(cfg, device=join(rank, cfg.device))
         show_progress = show_progress and rank.is_main
     if cfg.num_beams < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
@@ -75,8 +75,7 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
               else CaptionSet(name, fingerprint, {}, {}))
     sizes = {item.guid: file_size(item.image_path) for item in items}
     pending = [item for item in items if not stored.covers(item.guid, sizes[item.guid])]
-    if rank is not None:
-        barrier()  # every rank has its list of pending items before any writes: they deal the same list
+    barrier()  # every rank has its list of pending items before any writes: they deal the same list
     if not pending and is_finished(cfg.cache, name):
         return CaptionResult(name, caption_path(cfg.cache, name), len(items), len(items), 0, 0,
                              time.perf_counter() - start, stored)
@@ -85,7 +84,7 @@ def run(cfg: CaptionConfig, show_progress: bool = True, on_batch=None) -> Captio
     if decision:
         compute = decision.applied_to(compute)
         notes.update(precision=compute.precision, autotune=decision.record())
-    if rank is not None:
+    if rank.distributed:
         return caption_as_rank(cfg, compute, rank, name, fingerprint, notes, items, pending, sizes, show_progress,
                                on_batch, start)
     writer = CaptionWriter(cfg.cache, name, fingerprint, notes)

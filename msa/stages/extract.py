@@ -130,7 +130,7 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
     Under torchrun, each rank encodes its share (`--shard RANK/WORLD_SIZE`) on its own
     device, and rank 0 merges the shards and publishes each set once all ranks are done."""
     rank = current_rank()
-    if rank is not None and cfg.shard is None:
+    if rank.distributed and cfg.shard is None:
         return run_as_rank(cfg, rank, show_progress, on_batch)
     compute = resolve_compute(cfg.device, cfg.precision)
     # Recorded resolved: `msa predict` re-runs these options from any working directory.

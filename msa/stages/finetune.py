@@ -33,6 +33,7 @@ from msa.models.build import build_model
 from msa.models.unfrozen import parameter_groups
 from msa.training import autotune, plots
 from msa.training.distributed import (
+    ALONE,
     Rank,
     barrier,
     current_rank,
@@ -86,33 +87,30 @@ def run(cfg: FinetuneConfig, resume: bool = False, show_progress: bool = True, l
     """Train end to end into cfg.out; with resume, continue from cfg.out/last.pt. `on_epoch(epoch)`
     follows each saved epoch. Returns the run directory, whose metrics.json is written last."""
     rank = current_rank()
-    if rank is not None:  # torchrun: DistributedDataParallel, each rank on its own device
+    if cfg.folds >= 2 or cfg.refit:
+        single_process_only("finetune --folds/--refit")
+    if rank.distributed:  # torchrun: DistributedDataParallel, each rank on its own device
         cfg = dataclasses.replace(cfg, device=join(rank, cfg.device))
         if cfg.out is None:
             raise ConfigError("under torchrun, give --out: every rank must write to the same run directory")
     run_dir = Path(cfg.out or Path("runs") / f"finetune-{cfg.fusion}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = resolved(cfg)
-    if cfg.folds >= 2 or cfg.refit:
-        single_process_only("finetune --folds/--refit")
     if cfg.folds >= 2:
         return cross_validate(cfg, run_dir, show_progress, log, overwrite)
     if resume and not (run_dir / LAST).is_file():
         raise rundir.RunDirError(f"--resume {run_dir}: no {LAST} there, so nothing to resume")
-    main = rank is None or rank.is_main
     lock, failure = None, None
-    if main:  # rank 0 owns the run directory; the others only read what it writes
+    if rank.is_main:  # rank 0 owns the run directory; the others only read what it writes
         try:
             lock = rundir.lock_run(run_dir) if resume else rundir.claim(run_dir, KIND, overwrite)
         except Exception as err:
-            if rank is None:
-                raise
             failure = err
-    if rank is not None and not every_rank_ok(failure is None, cfg.device):
+    if not every_rank_ok(failure is None, cfg.device):  # alone: whether this process claimed it
         raise failure or rundir.RunDirError(f"{run_dir}: rank 0 could not claim the run directory (its message "
                                             "says why)")
     try:
-        run_dir = _train(cfg, run_dir, resume, show_progress and main, log if main else (lambda *_: None), on_epoch,
-                         rank)
+        run_dir = _train(cfg, run_dir, resume, show_progress and rank.is_main,
+                         log if rank.is_main else (lambda *_: None), on_epoch, rank)
         if cfg.refit:
             refit(cfg, read_manifest(run_dir), run_dir, rundir.read_json(run_dir / rundir.METRICS)["best_epoch"],
                   show_progress, log)
@@ -202,13 +200,13 @@ def training_precision(cfg: FinetuneConfig, spec: dict, model: torch.nn.Module, 
 
 
 def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool, log, on_epoch,
-           rank: Rank | None = None, manifest_given: bool = False) -> Path:
+           rank: Rank = ALONE, manifest_given: bool = False) -> Path:
     """One run; its manifest is read from run_dir when resuming or given (a fold's, a refit's: a
     refit has no val items, so it trains its epochs without selection), else built from the data."""
     compute = resolve_compute(cfg.device, cfg.precision)  # on a CPU, auto is measured below
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    main = rank is None or rank.is_main
+    main = rank.is_main
     spec = model_spec(cfg)
     model = build_model(spec).to(compute.device)
     if resume or manifest_given:
@@ -222,7 +220,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
                                                     "cache": str(run_dir)})
     # Under torchrun every rank draws the same global batches (--batch-size) and trains on its
     # share of each; DDP averages the gradients, so a step is the one process's step.
-    trained = model if rank is None else torch.nn.parallel.DistributedDataParallel(model)
+    trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
     data = RawData.read(manifest, model.encoders["text"], cfg.clean_text)
     train_rows, val_rows = manifest.rows_of_split("train"), manifest.rows_of_split("val")
     refitting = manifest_given and len(val_rows) == 0
@@ -246,9 +244,10 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
     lengths = data.lengths()
 
     def train_epoch(epoch: int) -> dict:
-        batches = shuffled_batches(train_rows, cfg.batch_size, generator, lengths)
-        if rank is not None:  # a batch too small to give every rank a row is left out
-            batches = [b[rank.rank::rank.world_size] for b in batches if len(b) >= rank.world_size]
+        # Each rank trains on its share of every batch (alone: all of it); a batch too small to
+        # give every rank a row is left out.
+        batches = [b[rank.rank::rank.world_size] for b in shuffled_batches(train_rows, cfg.batch_size, generator,
+                                                                           lengths) if len(b) >= rank.world_size]
         with ItemProgress(f"epoch {epoch}", sum(len(b) for b in batches), show_progress) as advance:
             return train_one_epoch(trained, batches, lambda b: raw_batches(model, data, b, compute.device, augment,
                                                                            advance),
@@ -258,7 +257,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
         batches = list(torch.from_numpy(val_rows).split(cfg.batch_size * 2))
         # Under torchrun each rank validates its share of the one process's batches: the same
         # numbers, gathered on every rank, so every rank makes the same early-stopping decision.
-        shared = rank is not None and len(batches) >= rank.world_size
+        shared = rank.distributed and len(batches) >= rank.world_size
         if shared:
             batches = batches[rank.rank::rank.world_size]
         out = evaluate(model, val_rows, raw_batches(model, data, batches, compute.device), data.targets, compute,
@@ -272,8 +271,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
                 rundir.write_val_predictions(run_dir, TASK, manifest, val_rows, out)
 
     def after_epoch(state) -> None:
-        if rank is not None:
-            barrier()  # rank 0 has saved the epoch's state before any rank goes on
+        barrier()  # rank 0 has saved the epoch's state before any rank goes on
         if on_epoch:
             on_epoch(state.epoch)
 
@@ -288,6 +286,5 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
         plots.plot_run(run_dir, metrics)
     if main:
         rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
-    if rank is not None:
-        barrier()
+    barrier()
     return run_dir

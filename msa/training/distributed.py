@@ -24,12 +24,19 @@ class Rank:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
-def current_rank() -> Rank | None:
-    """This process's place under torchrun; None when run alone."""
+
+ALONE = Rank(0, 1, 0)  # a process run by itself: rank 0 of 1, so code written for ranks needs no branch
+
+
+def current_rank() -> Rank:
+    """This process's place under torchrun; ALONE when run by itself."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return None
+        return ALONE
     return Rank(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -45,7 +52,8 @@ def join(rank: Rank, device: str) -> str:
 
 
 def barrier() -> None:
-    torch.distributed.barrier()
+    if torch.distributed.is_initialized():  # alone, there is no one to wait for
+        torch.distributed.barrier()
 
 
 def every_rank_ok(ok: bool, device: str) -> bool:
@@ -57,6 +65,8 @@ def every_rank_ok(ok: bool, device: str) -> bool:
 def summed_over_ranks(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """The sum of `values` over every rank (on the CPU): an all-reduce on the group's device
     (join's: cuda or cpu)."""
+    if not torch.distributed.is_initialized():  # alone: the sum over one rank
+        return values.cpu()
     on_device = values.to(device)
     torch.distributed.all_reduce(on_device)
     return on_device.cpu()
@@ -65,6 +75,6 @@ def summed_over_ranks(values: torch.Tensor, device: torch.device | str) -> torch
 def single_process_only(command: str) -> None:
     """Stop a stage that does not share its work before its ranks race for the same files."""
     rank = current_rank()
-    if rank is not None:
+    if rank.distributed:
         raise ConfigError(f"msa {command} does not share its work across torchrun's {rank.world_size} processes: "
                           "run it as one process (extract, caption and finetune run under torchrun)")

@@ -6,16 +6,18 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator
+from typing import get_args
 
 import torch
 
 from msa.cache.manifest import Manifest
 from msa.core.compute import loading_workers, prefetch
+from msa.core.config import ImageAug
 from msa.models.text import TextEncoder
 from msa.models.unfrozen import EndToEndModel
 from msa.training.loop import class_targets
 
-IMAGE_AUGS = ("none", "weak", "strong")
+IMAGE_AUGS = get_args(ImageAug)
 
 
 def clean_text(text: str) -> str:
