@@ -21,8 +21,9 @@ import h5py
 import numpy as np
 import torch
 
-from msa.cache.features import CHUNK_BYTES, FeatureSet, FeatureWriter
-from msa.training.loop import FeatureBank
+from msa.cache.features import CHUNK_BYTES, FeatureSet
+from msa.cache.writer import FeatureWriter
+from msa.training.bank import FeatureBank
 
 SHAPES = {"text": (128, 768), "image": (49, 1280)}  # all-mpnet-base-v2 at max_len 128; EfficientNet-Lite0 at 224 px
 

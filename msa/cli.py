@@ -28,8 +28,10 @@ from msa.core.config import (
 )
 from msa.core.progress import console
 
-app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False)
-cache_app = typer.Typer(help="Inspect and maintain a feature cache.", no_args_is_help=True)
+HELP = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings=HELP)
+cache_app = typer.Typer(help="Inspect and maintain a feature cache.", no_args_is_help=True, context_settings=HELP)
 app.add_typer(cache_app, name="cache")
 CACHE = typer.Option(default(ExtractConfig, "cache"), help="Cache directory.")
 PROGRESS = typer.Option(True, help="Show progress bars.")
@@ -248,7 +250,7 @@ def sweep(
                                 help="Worker processes sharing the CPU threads (2 helps small heads on 2 cores)."),
     backend: SweepBackend = typer.Option(default(SweepConfig, "backend"),
                                          help="local: worker processes here; ray: tasks on a Ray cluster "
-                                              "(pip install \"msa[ray]\"), --workers of them."),
+                                              "(pip install \"msa\\[ray]\"), --workers of them."),
     address: str = typer.Option(None, help="The Ray cluster (auto, ray://HOST:10001); default: start one here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Retrain finished runs whose options changed."),
     config: Path = config_option(),

@@ -190,6 +190,9 @@ def known_errors() -> tuple[type[Exception], ...]:
             FileNotFoundError)
 
 
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+
+
 def one_line_errors(command):
     """Our own errors (a problem the user can fix) and a full disk end in one line, `error: ...`,
     and exit code 2; anything else is a bug and keeps its traceback. --verbose: tracebacks always."""
@@ -201,6 +204,11 @@ def one_line_errors(command):
 
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            if Settings.verbose:
+                raise
+            errors.print("interrupted: rerun the same command to resume (finished work is kept)")
+            raise typer.Exit(code=INTERRUPTED) from None
         except known_errors() + (OSError,) as err:
             if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno not in NO_ROOM:
                 raise

@@ -5,12 +5,12 @@ a small share has a second write). For tests/test_distributed.py."""
 import os
 import signal
 
-from msa.cache import features
+from msa.cache import writer
 from msa.models.modalities import text
 
 text.WRITE_WINDOW = 4
 if os.environ.get("RANK") == "1":
-    write = features.FeatureWriter.write
+    write = writer.FeatureWriter.write
     written = []
 
     def write_then_die(self, *args, **kwargs):
@@ -19,7 +19,7 @@ if os.environ.get("RANK") == "1":
         if len(written) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    features.FeatureWriter.write = write_then_die
+    writer.FeatureWriter.write = write_then_die
 
 from msa.cli import app  # noqa: E402
 

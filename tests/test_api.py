@@ -122,3 +122,30 @@ def train_warnings(run) -> list[str]:
     cfg = train_head.TrainHeadConfig(cache=run.config["cache"], fusion="concat", epochs=1, hidden=16,
                                      out=run.path.parent / "again", precision="fp32")
     return train_head.run(cfg, log=lambda *_: None).warnings
+
+
+def test_ctrl_c_says_how_to_resume_and_train_head_keeps_its_best_model(extract_config, tmp_path, monkeypatch):
+    from msa.cli_options import INTERRUPTED
+    from msa.stages import train_head
+
+    cfg = extract_config()
+    msa.extract(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    real_fit = train_head.fit
+
+    def stopped_after_two_epochs(train_epoch, validate, *args, **kwargs):
+        def train_or_stop(epoch):
+            if epoch == 3:
+                raise KeyboardInterrupt
+            return train_epoch(epoch)
+        return real_fit(train_or_stop, validate, *args, **kwargs)
+
+    monkeypatch.setattr(train_head, "fit", stopped_after_two_epochs)
+    result = runner.invoke(app, ["train-head", "--cache", str(cfg.cache), "--fusion", "concat", "--epochs", "5",
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == INTERRUPTED and "interrupted: rerun the same command" in result.stderr
+    assert (tmp_path / "run" / rundir.MODEL_WEIGHTS).is_file() and not (tmp_path / "run" / rundir.METRICS).exists()
+    monkeypatch.setattr(train_head, "fit", real_fit)
+    again = runner.invoke(app, ["train-head", "--cache", str(cfg.cache), "--fusion", "concat", "--epochs", "5",
+                                "--out", str(tmp_path / "run")])  # the same command: never blocked
+    assert again.exit_code == 0, again.output
+    assert msa.load_run(tmp_path / "run").metrics["best_epoch"] >= 1

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from msa.cache.features import FeatureSet, FeatureWriter, partial_path
+from msa.cache.features import FeatureSet, partial_path
 from msa.cache.maintenance import merge_shards
 from msa.cache.manifest import read_manifest
+from msa.cache.writer import FeatureWriter
 from msa.models.text import TextEncoder
 from msa.stages import extract
 

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import torch
 
-from msa.cache import maintenance
+from msa.cache import maintenance, writer
 from msa.cache.captions import CaptionSet
 from msa.cache.features import FeatureSet, feature_path, partial_path
 from msa.cache.manifest import read_manifest
@@ -136,9 +136,8 @@ def test_real_full_disk_on_a_small_tmpfs(extract_config, reference, tmp_path, ou
 
 
 def test_not_enough_space_is_said_before_encoding(extract_config, monkeypatch, outcome):
-    import msa.cache.features as features
 
-    monkeypatch.setattr(features, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(writer, "free_bytes", lambda path: 1000)
     with pytest.raises(WriteError, match="needs ~0 MB and only 0 MB are free there"):
         extract.run(extract_config(), show_progress=False)
     assert not list((extract_config().cache / "features").glob("*.h5*"))

@@ -17,7 +17,7 @@ from msa.models.build import build_model, build_tops
 from msa.models.unfrozen import TopsAndHead, parameter_groups
 from msa.stages import evaluate, extract, finetune, predict, train_head
 from msa.training import raw
-from msa.training.loop import FeatureBank
+from msa.training.bank import FeatureBank
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from msa.models.heads import ModalityDims, fit_standardisers
 from msa.models.lexicon import FEATURES, LexiconScorer
 from msa.models.registry import create_head
 from msa.stages import extract, train_head
-from msa.training.loop import FeatureBank
+from msa.training.bank import FeatureBank
 
 
 def test_lexicon_features_are_vader_s_and_the_emoji_ranking_s(extract_config):

@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 
 from msa.cache import maintenance
-from msa.cache.features import FeatureSet, FeatureWriter, feature_path, problem_of
+from msa.cache.features import FeatureSet, feature_path, problem_of
 from msa.cache.manifest import read_manifest
+from msa.cache.writer import FeatureWriter
 from msa.core import rundir
 from msa.core.compute import resolve_compute
 from msa.core.config import CaptionConfig, ConfigError, ExtractConfig, SweepConfig, TrainHeadConfig

@@ -19,7 +19,6 @@ from msa.cache.features import (
     H5_ERRORS,
     PARTS,
     FeatureSet,
-    FeatureWriter,
     _read_fingerprint,
     feature_path,
     lock_name,
@@ -28,6 +27,7 @@ from msa.cache.features import (
     set_name,
 )
 from msa.cache.manifest import read_manifest
+from msa.cache.writer import FeatureWriter
 from msa.core.errors import CacheError
 from msa.core.locks import is_busy, set_lock, writable_here
 

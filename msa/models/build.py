@@ -20,9 +20,10 @@ from torch import nn
 
 from msa.core.config import ConfigError, resolve_layer_count
 from msa.core.errors import CacheError
-from msa.models.heads import ModalityDims, ScaledScore
+from msa.models.heads import ModalityDims
 from msa.models.image import build_image_encoder, trunk_stages
 from msa.models.registry import create_head
+from msa.models.regression import ScaledScore
 from msa.models.text import TextEncoder, add_lora, top_layers, transformer_layers
 from msa.models.unfrozen import EndToEndModel, TopsAndHead
 

@@ -19,9 +19,10 @@ import numpy as np
 from rich.table import Table
 
 from msa.cache.captions import CaptionSet, list_caption_sets
-from msa.cache.features import FeatureWriter, feature_path, is_complete, shard_rows
+from msa.cache.features import feature_path, is_complete, shard_rows
 from msa.cache.maintenance import merge_shards
 from msa.cache.manifest import Manifest, build_manifest, read_manifest, write_manifest
+from msa.cache.writer import FeatureWriter
 from msa.core.compute import Compute, encoding_streams, resolve_compute
 from msa.core.config import TEXT_SOURCES, ConfigError, ExtractConfig, to_json
 from msa.core.errors import BusyError, CacheError
@@ -143,54 +144,53 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
     captions = resolve_captions(cfg, manifest)
     if captions:  # recorded by name, so that predictions on new data extend the same captions
         cfg = dataclasses.replace(cfg, captions=captions.name)
-    results = {}
-    for modality in cfg.modalities:
-        # The encoder loads once, for a measurement or for encoding.
-        encoder_of = functools.cache(functools.partial(load_encoder, cfg, modality))
-        rows = shard_rows(len(manifest), shard, cfg.batch_size)
-        modality_captions = captions if modality == "text" else None
-        # A set complete in any precision auto may choose is used as it is, before measuring:
-        # a cache made elsewhere, on a machine with no stored decision, costs no encoder load.
-        complete = next((where for where in (set_location(cfg, modality, manifest, choice, modality_captions, shard)
-                                              for choice in precisions_auto_may_choose(cfg, modality, compute))
-                         if where.complete), None)
-        if complete:
-            results[modality] = FeatureSetResult(modality, complete.name, complete.path, "cached", 0, 0, 0.0)
-            continue
-        decision = tuned_variant(cfg, modality, manifest, rows, compute, encoder_of)
-        modality_compute = decision.applied_to(compute) if decision else compute
-        fingerprint, name, path, _ = set_location(cfg, modality, manifest, modality_compute, modality_captions, shard)
-        notes = {"extract_config": to_json(cfg)}
-        if modality_captions:
-            notes["caption_config"] = modality_captions.notes["caption_config"]
-        if decision:
-            notes["autotune"] = decision.record()
-        # The model loads before the set's file exists: a model that fails to load leaves nothing behind.
-        encoder = encoder_of()
-        try:
-            writer = FeatureWriter(path, fingerprint, manifest.guids, rows, notes)
-        except BusyError as err:
-            console.print(f"[yellow]{err}; going on without it[/yellow]")
-            results[modality] = FeatureSetResult(modality, name, path, "busy", 0, 0, 0.0)
-            continue
-        if writer.set_aside:
-            console.print(f"[yellow]{name} was damaged: set aside as {writer.set_aside.name} and encoded "
-                          "again[/yellow]")
-        start = time.perf_counter()
-        pending = writer.pending_rows()
-        entry = modality_named(modality)
-        use_compile = entry.compiles and (cfg.compile or (
-            decision.variant.compile if decision else
-            compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES))
-        with writer:
-            entry.encode(encoder, EncodeJob(cfg, manifest, pending, writer, modality_compute, show_progress, on_batch,
-                                            modality_captions, use_compile))
-            writer.finish()
-        variant = modality_compute.precision + ("+compile" if use_compile else "") if entry.tuned else ""
-        results[modality] = FeatureSetResult(modality, name, path, "resumed" if writer.resumed_rows else "encoded",
-                                             writer.resumed_rows, len(pending), time.perf_counter() - start,
-                                             f"{variant} ({decision.chosen_by})" if decision else variant)
+    results = {m: extract_modality(cfg, m, manifest, captions if m == "text" else None, shard, compute,
+                                   show_progress, on_batch) for m in cfg.modalities}
     return ExtractResult(manifest, report, results, Path(cfg.cache))
+
+
+def extract_modality(cfg: ExtractConfig, modality: str, manifest: Manifest, captions: CaptionSet | None,
+                     shard: tuple[int, int] | None, compute: Compute, show_progress: bool,
+                     on_batch: BatchCallback | None) -> FeatureSetResult:
+    """One modality's set: found complete, or encoded (resumed where an interrupted run stopped)."""
+    # The encoder loads once, for a measurement or for encoding.
+    encoder_of = functools.cache(functools.partial(load_encoder, cfg, modality))
+    rows = shard_rows(len(manifest), shard, cfg.batch_size)
+    # A set complete in any precision auto may choose is used as it is, before measuring:
+    # a cache made elsewhere, on a machine with no stored decision, costs no encoder load.
+    complete = next((where for where in (set_location(cfg, modality, manifest, choice, captions, shard)
+                                          for choice in precisions_auto_may_choose(cfg, modality, compute))
+                     if where.complete), None)
+    if complete:
+        return FeatureSetResult(modality, complete.name, complete.path, "cached", 0, 0, 0.0)
+    decision = tuned_variant(cfg, modality, manifest, rows, compute, encoder_of)
+    modality_compute = decision.applied_to(compute) if decision else compute
+    fingerprint, name, path, _ = set_location(cfg, modality, manifest, modality_compute, captions, shard)
+    notes = {"extract_config": to_json(cfg), **({"caption_config": captions.notes["caption_config"]}
+                                                 if captions else {}),
+             **({"autotune": decision.record()} if decision else {})}
+    # The model loads before the set's file exists: a model that fails to load leaves nothing behind.
+    encoder = encoder_of()
+    try:
+        writer = FeatureWriter(path, fingerprint, manifest.guids, rows, notes)
+    except BusyError as err:
+        console.print(f"[yellow]{err}; going on without it[/yellow]")
+        return FeatureSetResult(modality, name, path, "busy", 0, 0, 0.0)
+    if writer.set_aside:
+        console.print(f"[yellow]{name} was damaged: set aside as {writer.set_aside.name} and encoded again[/yellow]")
+    start = time.perf_counter()
+    pending = writer.pending_rows()
+    entry = modality_named(modality)
+    use_compile = entry.compiles and (cfg.compile or (
+        decision.variant.compile if decision else compute.device.type == "cpu" and len(pending) >= COMPILE_MIN_IMAGES))
+    with writer:
+        entry.encode(encoder, EncodeJob(cfg, manifest, pending, writer, modality_compute, show_progress, on_batch,
+                                        captions, use_compile))
+        writer.finish()
+    variant = modality_compute.precision + ("+compile" if use_compile else "") if entry.tuned else ""
+    return FeatureSetResult(modality, name, path, "resumed" if writer.resumed_rows else "encoded",
+                            writer.resumed_rows, len(pending), time.perf_counter() - start,
+                            f"{variant} ({decision.chosen_by})" if decision else variant)
 
 
 class SetLocation(NamedTuple):

@@ -209,15 +209,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
     main = rank.is_main
     spec = model_spec(cfg)
     model = build_model(spec).to(compute.device)
-    if resume or manifest_given:
-        manifest = read_manifest(run_dir)
-    else:
-        manifest = data_manifest(cfg)
-        if main:
-            write_manifest(manifest, run_dir)
-    if main:
-        rundir.write_json(run_dir / rundir.CONFIG, {**to_json(cfg), "kind": KIND, "out": str(run_dir),
-                                                    "cache": str(run_dir)})
+    manifest = run_manifest(cfg, run_dir, resume or manifest_given, main)
     # Under torchrun every rank draws the same global batches (--batch-size) and trains on its
     # share of each; DDP averages the gradients, so a step is the one process's step.
     trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
@@ -233,13 +225,7 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
         compute = decision.applied_to(compute)
         if main:
             rundir.write_json(run_dir / rundir.AUTOTUNE, decision.record())
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head,
-                                                   cfg.weight_decay, cfg.layer_decay))
-    steps_per_epoch = -(-len(train_rows) // (cfg.batch_size * cfg.grad_accum))
-    scaler = torch.amp.GradScaler(compute.device.type) if compute.device.type == "cuda" and \
-        compute.precision == "fp16" else None
-    step = Optimisation(optimizer, warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio), compute,
-                        cfg.grad_accum, cfg.grad_clip, scaler)
+    step = optimisation(cfg, model, compute, len(train_rows))
     augment = image_augmentation(cfg.image_aug, model.encoders["image"].preprocess.crop)
     lengths = data.lengths()
 
@@ -279,12 +265,40 @@ def _train(cfg: FinetuneConfig, run_dir: Path, resume: bool, show_progress: bool
     state = fit(train_epoch, None if refitting else validate, TASK, cfg.select, cfg.epochs, cfg.patience, run_dir,
                 keep_best, resume_state=run_dir / LAST, stateful={"model": model, **step.state_dicts()},
                 generator=generator, log=log, after_epoch=after_epoch, writes=main)
-    metrics = {**state.best_metrics, "task": TASK.name, "best_epoch": state.best_epoch}
-    if refitting:
-        metrics = {"task": TASK.name, "refit": {"epochs": state.epoch, "items": len(train_rows)}}
-    elif main:
-        plots.plot_run(run_dir, metrics)
     if main:
-        rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
+        write_metrics(run_dir, state, len(train_rows) if refitting else None)
     barrier()
     return run_dir
+
+
+def run_manifest(cfg: FinetuneConfig, run_dir: Path, kept_in_run: bool, main: bool) -> Manifest:
+    """The run's manifest, read from run_dir (a resume's, a fold's, a refit's) or built from the
+    data and written there; config.json beside it."""
+    manifest = read_manifest(run_dir) if kept_in_run else data_manifest(cfg)
+    if main:
+        if not kept_in_run:
+            write_manifest(manifest, run_dir)
+        rundir.write_json(run_dir / rundir.CONFIG, {**to_json(cfg), "kind": KIND, "out": str(run_dir),
+                                                    "cache": str(run_dir)})
+    return manifest
+
+
+def optimisation(cfg: FinetuneConfig, model: torch.nn.Module, compute: Compute, train_items: int) -> Optimisation:
+    """AdamW over the layer-wise groups, warm-up then cosine over every step, fp16's scaler on CUDA."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr_encoder, cfg.lr_fusion, cfg.lr_head,
+                                                   cfg.weight_decay, cfg.layer_decay))
+    steps_per_epoch = -(-train_items // (cfg.batch_size * cfg.grad_accum))
+    scaler = torch.amp.GradScaler(compute.device.type) if compute.device.type == "cuda" and \
+        compute.precision == "fp16" else None
+    return Optimisation(optimizer, warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio), compute,
+                        cfg.grad_accum, cfg.grad_clip, scaler)
+
+
+def write_metrics(run_dir: Path, state, refit_items: int | None) -> None:
+    """metrics.json, written last: the run is finished (a refit's records its epochs and items)."""
+    if refit_items is not None:
+        metrics = {"task": TASK.name, "refit": {"epochs": state.epoch, "items": refit_items}}
+    else:
+        metrics = {**state.best_metrics, "task": TASK.name, "best_epoch": state.best_epoch}
+        plots.plot_run(run_dir, metrics)
+    rundir.write_json(run_dir / rundir.METRICS, metrics)

@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 from rich.table import Table
 
-from msa.cache.features import FeatureWriter, feature_path, is_complete
+from msa.cache.features import feature_path, is_complete
 from msa.cache.manifest import SCHEMA, Manifest, with_folds, write_manifest
+from msa.cache.writer import FeatureWriter
 from msa.core.fingerprint import FORMAT_VERSION, config_id, file_digest, slug
 from msa.core.finite import require_finite
 from msa.data.mvsa import DataError

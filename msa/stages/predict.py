@@ -34,7 +34,8 @@ from msa.data.mvsa import read_mvsa
 from msa.models.build import model_with_weights
 from msa.stages import caption, extract
 from msa.training.autotune import Variant
-from msa.training.loop import FeatureBank, cached_batches, evaluate, evaluation_order
+from msa.training.bank import FeatureBank, cached_batches
+from msa.training.loop import evaluate, evaluation_order
 from msa.training.raw import RawData, raw_batches
 from msa.training.tasks import TASKS
 

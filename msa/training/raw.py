@@ -15,7 +15,7 @@ from msa.core.compute import loading_workers, prefetch
 from msa.core.config import ImageAug
 from msa.models.text import TextEncoder
 from msa.models.unfrozen import EndToEndModel
-from msa.training.loop import class_targets
+from msa.training.bank import class_targets
 
 IMAGE_AUGS = get_args(ImageAug)
 

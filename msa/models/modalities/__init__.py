@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from msa.cache.captions import CaptionSet
-from msa.cache.features import FeatureWriter
 from msa.cache.manifest import Manifest
+from msa.cache.writer import FeatureWriter
 from msa.core.compute import Compute, in_cpu_streams
 from msa.core.config import ExtractConfig
 from msa.core.progress import ItemProgress
