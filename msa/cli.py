@@ -87,7 +87,7 @@ def extract(config: Path = config_option(), progress: bool = PROGRESS, as_json: 
                       "bad_items": len(result.report.bad_items),
                       "feature_sets": {m: {"name": r.name, "status": r.status, "rows_encoded": r.encoded_rows,
                                            "path": str(r.path)} for m, r in result.feature_sets.items()}},
-            [f"cache: {cache}"])
+            [f"cache: {cache}", *(f"{m}: {r.name}" for m, r in result.feature_sets.items())])
     busy = [r.name for r in result.feature_sets.values() if r.status == "busy"]
     if busy:  # exit 3: not everything asked for is in the cache yet
         console.print(f"[yellow]not extracted, another process is writing: {', '.join(busy)}; rerun when it is "
@@ -203,7 +203,11 @@ def cache_info(name: str = typer.Argument(..., help="Feature set name (from `msa
     from msa.cache.features import find_feature_set
 
     feature_set = find_feature_set(cache, name.removesuffix(".h5"))
-    typer.echo(json.dumps({"name": feature_set.name, "rows": len(feature_set.guids),
+    recorded = feature_set.notes.get("extract_config", {})
+    # The fingerprint says "local" for a model on disk (its content digest beside it): where it was read from
+    model = {"text": recorded.get("text_model"), "image": recorded.get("image_model")}.get(
+        feature_set.fingerprint.get("modality"), feature_set.fingerprint.get("model"))
+    typer.echo(json.dumps({"name": feature_set.name, "rows": len(feature_set.guids), "model": model,
                            "shapes": feature_set.shapes, "fingerprint": feature_set.fingerprint}, indent=2))
 
 

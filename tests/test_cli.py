@@ -55,6 +55,9 @@ def test_extract_ls_info(messy_data_source, tiny_models, tmp_path):
     described = json.loads(info.output)
     assert described["shapes"]["tokens"] == [37, 16, 32]
     assert described["fingerprint"]["max_len"] == 16
+    assert described["model"] == tiny_models["text"]  # the fingerprint's "local" is where it was read from
+    narrow = CliRunner(env={"COLUMNS": "60"}).invoke(app, extract_args(messy_data_source, cache, tiny_models))
+    assert f"text: {name.removesuffix('.h5')}" in narrow.stdout.splitlines()  # whole, whatever the width
 
 
 def test_bad_data_is_one_clear_line_not_a_traceback(messy_data, tiny_models, tmp_path):

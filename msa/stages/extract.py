@@ -352,7 +352,7 @@ def summary_tables(result: ExtractResult) -> list[Table]:
     statuses = sorted({r.status for r in result.feature_sets.values()})
     features = Table(title="Feature sets", caption="; ".join(f"{s}: {STATUS_MEANING[s]}" for s in statuses))
     for column in ("modality", "name", "status", "rows encoded", "items/s", "variant"):
-        features.add_column(column)
+        features.add_column(column, overflow="fold")  # whole names, which --features takes, never cut
     for r in result.feature_sets.values():
         rate = rate_text(r.encoded_rows, r.seconds, "")[:-2]
         features.add_row(r.modality, r.name, r.status, str(r.encoded_rows), rate, r.variant)
