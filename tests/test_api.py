@@ -149,3 +149,12 @@ def test_ctrl_c_says_how_to_resume_and_train_head_keeps_its_best_model(extract_c
                                 "--out", str(tmp_path / "run")])  # the same command: never blocked
     assert again.exit_code == 0, again.output
     assert msa.load_run(tmp_path / "run").metrics["best_epoch"] >= 1
+
+
+def test_predict_of_a_missing_dir_or_a_sweep_is_one_line_that_says_what_it_is(tmp_path):
+    missing = runner.invoke(app, ["predict", "--run", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no such directory" in missing.stderr
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "leaderboard.json").write_text(json.dumps({"best_run": "sweep/late-seed0"}))
+    sweep = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "sweep")])
+    assert sweep.exit_code == 2 and "is a sweep, not a run; its best run is sweep/late-seed0" in sweep.stderr

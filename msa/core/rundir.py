@@ -113,6 +113,20 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def run_config(run_dir: Path) -> dict:
+    """A run directory's config.json, or a RunDirError saying what the directory is instead."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG).is_file():
+        return read_json(run_dir / CONFIG)
+    if not run_dir.is_dir():
+        raise RunDirError(f"--run {run_dir}: no such directory; give the --out of a train-head or finetune run")
+    if (run_dir / "leaderboard.json").is_file():  # a sweep: its runs are the folders inside
+        best = read_json(run_dir / "leaderboard.json").get("best_run")
+        raise RunDirError(f"--run {run_dir} is a sweep, not a run; its best run is {best}")
+    raise RunDirError(f"--run {run_dir}: not a run directory (no {CONFIG}); give the --out of a train-head or "
+                      "finetune run")
+
+
 def append_history(run_dir: Path, row: dict, tensorboard=None) -> None:
     """One epoch's row in history.csv (and its scalars in TensorBoard, given a writer)."""
     path = run_dir / HISTORY

@@ -126,6 +126,7 @@ def gate_statistics(table: pd.DataFrame) -> dict:
 
 def run(cfg: EvaluateConfig) -> dict:
     own_val = cfg.labels is None and cfg.data is None
+    rundir.run_config(cfg.run)  # a run directory, or a one-line error saying what it is instead
     if own_val and task_of_metrics(rundir.read_json(Path(cfg.run) / rundir.METRICS)).name == "regression":
         return regression_report(cfg)
     # New data is extracted once, into the evaluated run's predict cache, for the unimodal runs too.

@@ -128,7 +128,7 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
             device: str = "auto", show_progress: bool = True) -> Predictions:
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    config = rundir.read_json(Path(run_dir) / rundir.CONFIG)
+    config = rundir.run_config(run_dir)
     if config.get("refit"):  # the model refit on every label stands for the run
         run_dir = refit_model_dir(Path(run_dir))
         config = rundir.read_json(run_dir / rundir.CONFIG)
