@@ -175,6 +175,16 @@ def test_unfrozen_train_head_trains_the_tops_and_predicts(split_cache, tmp_path)
         train_head.run(dataclasses.replace(run_cfg, unfreeze_text_layers=2, out=tmp_path / "run2"), log=lambda *_: None)
 
 
+def test_a_split_that_does_not_fit_the_unfrozen_layers_fails_before_any_feature_is_loaded(split_cache, tmp_path,
+                                                                                         monkeypatch):
+    cfg, _ = split_cache
+    monkeypatch.setattr(FeatureBank, "load", lambda *a, **k: pytest.fail("features loaded before the check"))
+    with pytest.raises(CacheError, match="was extracted with --text-split-layer 1; unfreezing 3 needs"):
+        train_head.run(TrainHeadConfig(cache=cfg.cache, fusion="concat", unfreeze_text_layers=3, out=tmp_path / "r"),
+                       log=lambda *_: None)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
 def test_unfreezing_a_set_extracted_without_a_split_fails_before_loading_an_encoder(signal_cache, monkeypatch,
                                                                                      tmp_path):
     from msa.models import build

@@ -107,7 +107,7 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
     cfg = resolved(cfg)
     if data is None:
         data = load_train_data(cfg.cache, cfg.features, HEADS[cfg.fusion].uses_tokens, tuple(unfrozen(cfg)),
-                               cfg.modalities, cfg.task)
+                               cfg.modalities, cfg.task, unfrozen(cfg))
     elif cfg.modalities and tuple(data.feature_sets) != tuple(cfg.modalities):
         data = data.restricted(cfg.modalities)
     check_head(cfg.fusion, list(data.feature_sets))

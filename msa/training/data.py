@@ -17,6 +17,7 @@ from msa.cache.features import (
 )
 from msa.cache.manifest import MANIFEST_FILE, Manifest, read_manifest
 from msa.core.config import ConfigError
+from msa.models.build import SPLIT_OPTIONS
 from msa.training.bank import FeatureBank, class_targets
 from msa.training.tasks import TASKS, Task
 
@@ -110,11 +111,13 @@ def unusable_message(cache: Path, published: list[PublishedSet], modality: str, 
 
 def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
                     split_names: tuple[str, ...] = (), modalities: tuple[str, ...] = (),
-                    task_name: str = "auto") -> TrainData:
+                    task_name: str = "auto", split_counts: dict | None = None) -> TrainData:
     """task_name: auto reads the cache's own task; classification also serves imported
-    regression data, on the 3-class labels the import derived."""
+    regression data, on the 3-class labels the import derived. split_counts: the layers or
+    stages a run unfreezes per modality, checked against the sets' splits before any is loaded."""
     manifest = read_manifest(cache)
     feature_sets = select_feature_sets(cache, manifest, features, modalities)
+    require_splits(feature_sets, split_counts or {})
     for feature_set in feature_sets.values():
         feature_set.require_rows_of(manifest.guids, Path(cache) / MANIFEST_FILE)
     bank = FeatureBank.load(feature_sets, with_tokens, split_names)
@@ -130,6 +133,22 @@ def load_train_data(cache: Path, features: tuple[str, ...], with_tokens: bool,
         if not (targets >= 0).any():
             raise ConfigError(f"--task {task.name}: {cache} holds no class labels")
     return TrainData(manifest, feature_sets, bank, targets, task)
+
+
+def require_splits(feature_sets: dict[str, FeatureSet], counts: dict) -> None:
+    """Each unfrozen modality's set holds the activation entering exactly that many top layers
+    (a count against "all" is left to build_tops, which knows the encoder's depth)."""
+    for modality, count in counts.items():
+        if modality not in feature_sets:
+            continue  # build_tops names it: the run reads no such features
+        key, option = SPLIT_OPTIONS[modality]
+        cached = feature_sets[modality].fingerprint.get(key)
+        if cached is None:
+            raise CacheError(f"{feature_sets[modality].name} holds no split activations; extract with {option} "
+                             f"{count} to unfreeze {count}")
+        if isinstance(cached, int) and isinstance(count, int) and cached != count:
+            raise CacheError(f"{feature_sets[modality].name} was extracted with {option} {cached}; unfreezing "
+                             f"{count} needs {option} {count}")
 
 
 def task_of(manifest_columns: list[str]) -> str:
