@@ -275,9 +275,9 @@ def sweep(
                       workers=workers, backend=backend, address=address)
     table = stage.run(cfg, show_progress=progress, overwrite=overwrite)
     console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))
-    summary = rundir.read_json(out / stage.LEADERBOARD_JSON)
+    summary = rundir.read_json(out / rundir.LEADERBOARD_JSON)
     results(as_json, {"sweep": str(out), "runs": len(table), **summary},
-            [f"results: {out / 'results.csv'} ({len(table)} runs)", f"leaderboard: {out / stage.LEADERBOARD_CSV}",
+            [f"results: {out / 'results.csv'} ({len(table)} runs)", f"leaderboard: {out / rundir.LEADERBOARD_CSV}",
              f"best run: {summary['best_run']}"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -71,6 +72,17 @@ class Manifest:
         if self.info.get("folds") == k and "fold" in self.table.column_names:
             return np.asarray(self.column("fold"), dtype=np.int64)
         return fold_column(self.column("split"), self.strata(), k)
+
+    def write_folds(self, k: int, path: Path) -> np.ndarray:
+        """`guid,fold` of every labelled row to path (a cross-validation's record); returns folds(k)."""
+        folds = self.folds(k)
+        labelled = np.flatnonzero(folds >= 0)
+        guids = self.guids
+        with open(path, "w", newline="", encoding="utf-8") as f:  # csv: a guid may hold , or "
+            writer = csv.writer(f)
+            writer.writerow(["guid", "fold"])
+            writer.writerows([guids[r], int(folds[r])] for r in labelled)
+        return folds
 
     def strata(self) -> list:
         """What folds are stratified by: the label; regression scores are not classes, so one stratum."""

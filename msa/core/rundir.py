@@ -34,6 +34,7 @@ VAL_PREDICTIONS = "val_predictions.parquet"
 RESUME_STATE = "last.pt"  # finetune's state after its last epoch (read with weights_only)
 REFIT_DIR = "refit"  # RUN/refit: the model refit on every label, which predict uses for RUN
 FOLDS_FILE = "folds.csv"  # guid, fold of a cross-validation run
+LEADERBOARD_CSV, LEADERBOARD_JSON = "leaderboard.csv", "leaderboard.json"  # a sweep's, best first
 CROSS_VALIDATION = "cross-validation"  # config.json's "kind" of a directory of fold runs (RUN/fold-k)
 CURVES, CONFUSION = "curves.png", "confusion.png"
 PREDICT_CACHE = "predict-cache"  # new data extracted for a run's predictions
@@ -120,8 +121,8 @@ def run_config(run_dir: Path) -> dict:
         return read_json(run_dir / CONFIG)
     if not run_dir.is_dir():
         raise RunDirError(f"--run {run_dir}: no such directory; give the --out of a train-head or finetune run")
-    if (run_dir / "leaderboard.json").is_file():  # a sweep: its runs are the folders inside
-        best = read_json(run_dir / "leaderboard.json").get("best_run")
+    if (run_dir / LEADERBOARD_JSON).is_file():  # a sweep: its runs are the folders inside
+        best = read_json(run_dir / LEADERBOARD_JSON).get("best_run")
         raise RunDirError(f"--run {run_dir} is a sweep, not a run; its best run is {best}")
     raise RunDirError(f"--run {run_dir}: not a run directory (no {CONFIG}); give the --out of a train-head or "
                       "finetune run")

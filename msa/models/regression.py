@@ -51,20 +51,26 @@ def start_linear_paths(model: nn.Module, pooled: dict[str, torch.Tensor], scores
     0.43 -> 0.66 MAE): the ridge's fit of the training rows left their sequence paths little to learn."""
     from sklearn.linear_model import RidgeCV
 
-    if not isinstance(model, ScaledScore):
+    path = closed_form_path(model)
+    if path is None:
         return
     target = model.unsquashed(scores.float()).numpy()
-    for path in model.modules():
-        if isinstance(path, LinearHead):
-            with torch.no_grad():
-                features = torch.cat([path.standardise[m](pooled[m].float()) for m in path.names], -1).numpy()
-                ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(features, target)
-                path.classify.weight.copy_(torch.as_tensor(ridge.coef_, dtype=torch.float32).reshape(1, -1))
-                path.classify.bias.fill_(float(ridge.intercept_))
+    with torch.no_grad():
+        features = torch.cat([path.standardise[m](pooled[m].float()) for m in path.names], -1).numpy()
+        ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(features, target)
+        path.classify.weight.copy_(torch.as_tensor(ridge.coef_, dtype=torch.float32).reshape(1, -1))
+        path.classify.bias.fill_(float(ridge.intercept_))
+
+
+def closed_form_path(model: nn.Module) -> LinearHead | None:
+    """A regression model's `linear` head (behind encoder tops too), the part with a closed-form start."""
+    if not isinstance(model, ScaledScore):
+        return None
+    return next((m for m in model.modules() if isinstance(m, LinearHead)), None)
 
 
 def starts_closed_form(model: nn.Module) -> bool:
     """Whether start_linear_paths gives this model a fitted start, which selection then judges
     as epoch 0: Adam's steps of lr on every weight at once moved a ridge's 400 weights off its
     optimum within an epoch (val MAE 0.32 -> 0.52 on 200 items), so the start can be the best."""
-    return isinstance(model, ScaledScore) and any(isinstance(m, LinearHead) for m in model.modules())
+    return closed_form_path(model) is not None

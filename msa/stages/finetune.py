@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import torch
 
@@ -147,10 +146,8 @@ def cross_validate(cfg: FinetuneConfig, run_dir: Path, show_progress: bool, log,
     try:
         write_manifest(manifest, run_dir)
         rundir.write_json(run_dir / rundir.CONFIG, config)
-        folds = manifest.folds(cfg.folds)
+        folds = manifest.write_folds(cfg.folds, run_dir / rundir.FOLDS_FILE)
         labelled = np.flatnonzero(folds >= 0)
-        pd.DataFrame({"guid": [manifest.guids[r] for r in labelled], "fold": folds[labelled]}).to_csv(
-            run_dir / rundir.FOLDS_FILE, index=False)
         per_fold = []
         for k in range(cfg.folds):
             fold_dir = run_dir / f"fold-{k}"

@@ -139,7 +139,8 @@ def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache:
     members = sorted(Path(run_dir).glob("fold-*"), key=lambda p: int(p.name.split("-")[1])) \
         if kind == rundir.CROSS_VALIDATION else [Path(run_dir)]
     if config.get("trained_by") == "finetune":  # end-to-end folds read the raw data, each with its own model
-        manifest = None if data else read_manifest(run_dir)  # the run's own data under its own splits
+        # Read once for every fold: the run's own data under its own splits, or the new data
+        manifest = read_manifest(run_dir) if data is None else finetuned_manifest(members[0], data)
         return ensemble([_predict_finetuned(member, data, split, device, show_progress, manifest)
                          for member in members])
     cache = cache or (Path(run_dir) / rundir.PREDICT_CACHE if data and len(members) > 1 else None)
@@ -175,6 +176,16 @@ def refit_model_dir(run_dir: Path) -> Path:
     return refit
 
 
+def finetuned_manifest(run_dir: Path, data: Path | None) -> Manifest:
+    """What an end-to-end run predicts: its own data (the manifest kept in the run), or new data
+    read with the run's reading options."""
+    if data is None:
+        return read_manifest(run_dir)
+    cfg = from_record(FinetuneConfig, rundir.read_json(Path(run_dir) / rundir.CONFIG))
+    items, _ = read_mvsa(data, cfg.on_bad_image, cfg.on_duplicate)
+    return build_manifest(items, data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
+
+
 def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str,
                        show_progress: bool, manifest: Manifest | None = None) -> Predictions:
     """An end-to-end run reads raw data: its own (the manifest kept in the run, or `manifest`) or new data."""
@@ -184,11 +195,8 @@ def _predict_finetuned(run_dir: Path, data: Path | None, split: str, device: str
         precision = Variant.parse(rundir.read_json(tuned)["variant"]).precision
     compute = resolve_compute(device, precision)
     model, spec = load_run_model(run_dir, compute.device)
-    if manifest is None and data is None:
-        manifest = read_manifest(run_dir)
-    elif manifest is None:
-        items, _ = read_mvsa(data, cfg.on_bad_image, cfg.on_duplicate)
-        manifest = build_manifest(items, data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
+    if manifest is None:
+        manifest = finetuned_manifest(run_dir, data)
     raw = RawData.read(manifest, model.encoders["text"], cfg.clean_text)
     rows = np.arange(len(manifest)) if split == "all" else manifest.rows_of_split(split)
     batches = list(torch.from_numpy(rows).split(cfg.batch_size * 2))

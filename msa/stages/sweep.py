@@ -31,8 +31,6 @@ from msa.stages import train_head
 from msa.training.distributed import single_process_only
 from msa.training.tasks import LARGER_IS_BETTER, TASKS, task_of_metrics
 
-LEADERBOARD_CSV, LEADERBOARD_JSON = "leaderboard.csv", "leaderboard.json"  # mean and std over seeds, best first
-
 
 def parse_grid(specs: list[str]) -> dict[str, tuple]:
     """`lr=1e-3,3e-4` -> {"lr": (0.001, 0.0003)}, values typed like the config field."""
@@ -287,10 +285,10 @@ def write_leaderboard(table: pd.DataFrame, cfg: SweepConfig) -> dict:
     best_run: the directory a script takes on to predict or evaluate)."""
     grid_keys = list(cfg.grid)
     board = leaderboard(table, grid_keys)
-    board.to_csv(cfg.out / LEADERBOARD_CSV, index=False)
+    board.to_csv(cfg.out / rundir.LEADERBOARD_CSV, index=False)
     summary = {"task": board["task"].iloc[0], "best_run": str(Path(cfg.out) / best_run(table, board, grid_keys)),
                "leaderboard": json.loads(board.to_json(orient="records"))}
-    rundir.write_json(cfg.out / LEADERBOARD_JSON, summary)
+    rundir.write_json(cfg.out / rundir.LEADERBOARD_JSON, summary)
     return summary
 
 

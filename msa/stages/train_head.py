@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from msa.cache.manifest import manifest_columns
@@ -133,13 +132,12 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
     """K runs, fold k the validation items of run k and the other folds its training items (every
     labelled item, the extract's train and val alike), in RUN/fold-k; RUN/metrics.json holds the
     mean and std over folds, and predict averages the folds' probabilities."""
-    every_fold = data.manifest.folds(cfg.folds)  # the cache's own: every run of it uses the same
-    labelled = np.flatnonzero(every_fold >= 0)
-    folds, guids = every_fold[labelled], data.manifest.guids
     rundir.write_json(run_dir / rundir.CONFIG, {**recorded_options(cfg), "kind": CV_KIND, "out": str(run_dir),
                                                 "modalities_used": list(data.feature_sets)})
-    folds_table = pd.DataFrame({"guid": [guids[r] for r in labelled], "fold": folds})
-    folds_table.to_csv(run_dir / rundir.FOLDS_FILE, index=False)
+    # The cache's own folds: every run of it uses the same
+    every_fold = data.manifest.write_folds(cfg.folds, run_dir / rundir.FOLDS_FILE)
+    labelled = np.flatnonzero(every_fold >= 0)
+    folds = every_fold[labelled]
     results = []
     for k in range(cfg.folds):
         log(f"fold {k + 1}/{cfg.folds}")
