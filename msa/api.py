@@ -78,6 +78,11 @@ class Run:
         images = list(images) if images is not None else [None] * len(texts)
         if len(images) != len(texts):
             raise ValueError(f"{len(texts)} texts and {len(images)} images: give one image (or None) per text")
+        from msa.data.mvsa import DataError
+
+        missing = [str(image) for image in images if isinstance(image, (str, Path)) and not Path(image).is_file()]
+        if missing:
+            raise DataError(f"image {missing[0]}: no such file")
         with tempfile.TemporaryDirectory(prefix="msa-posts-") as folder:
             data = write_posts(Path(folder) / "posts", texts, images)
             predictions = stage.predict(self.path, data, "all", Path(folder) / "cache", device, show_progress)

@@ -34,9 +34,10 @@ app = typer.Typer(help=__doc__.split("\n")[0], no_args_is_help=True, pretty_exce
 cache_app = typer.Typer(help="Inspect and maintain a feature cache.", no_args_is_help=True, context_settings=HELP)
 app.add_typer(cache_app, name="cache")
 CACHE = typer.Option(default(ExtractConfig, "cache"), help="Cache directory.")
-PROGRESS = typer.Option(True, help="Show progress bars.")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace what --out holds (an msa run or file only).")
-AS_JSON = typer.Option(False, "--json", help="Print the results as one JSON object on stdout (logs stay on stderr).")
+PROGRESS = typer.Option(True, metavar="", help="Show progress bars.")
+OVERWRITE = typer.Option(False, "--overwrite", metavar="", help="Replace what --out holds (an msa run or file only).")
+AS_JSON = typer.Option(False, "--json", metavar="",
+                       help="Print the results as one JSON object on stdout (logs stay on stderr).")
 
 
 def results(as_json: bool, data: dict, lines: list[str]) -> None:
@@ -63,9 +64,11 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print errors and results only (no progress, no tables)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the traceback of every error."),
+    version: bool = typer.Option(False, "--version", metavar="", callback=_version, is_eager=True,
+                                 help="Print the version."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="",
+                               help="Print errors and results only (no progress, no tables)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", metavar="", help="Show the traceback of every error."),
 ) -> None:
     """msa: a feature-caching, two-stage pipeline for multimodal sentiment analysis."""
     console.quiet = quiet
@@ -127,7 +130,8 @@ def import_features(
 @one_line_errors
 def cache_ls(
     cache: Path = CACHE,
-    as_json: bool = typer.Option(False, "--json", help="One JSON document (manifest, feature files, caption sets)."),
+    as_json: bool = typer.Option(False, "--json", metavar="",
+                                 help="One JSON document (manifest, feature files, caption sets)."),
     config: Path = config_option(),
 ) -> None:
     """List the manifest, every feature file and caption set of a cache, on stdout, one per line
@@ -163,7 +167,7 @@ def cache_rm(names: list[str] = typer.Argument(..., help="Feature or caption set
 @cache_app.command("gc")
 @one_line_errors
 def cache_gc(cache: Path = CACHE,
-             dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+             dry_run: bool = typer.Option(False, "--dry-run", metavar="", help="Only list what would be removed."),
              config: Path = config_option()) -> None:
     """Remove what no run can use: partial sets nobody is writing, damaged and stale sets, leftovers."""
     from msa.cache.maintenance import collect
@@ -225,12 +229,13 @@ def cache_merge(name: str = typer.Argument(..., help="Feature set name whose sha
 @one_line_errors
 @with_options(TrainHeadConfig, choices={"fusion": head_names()})
 def train_head_command(config: Path = config_option(), overwrite: bool = OVERWRITE, as_json: bool = AS_JSON,
-                       **options) -> None:
+                       progress: bool = PROGRESS, **options) -> None:
     """Train one fusion head on cached features; writes a run directory."""
     from msa.stages import train_head
     from msa.training.tasks import task_of_metrics
 
-    result = train_head.run(from_options(TrainHeadConfig, options), log=console.print, overwrite=overwrite)
+    result = train_head.run(from_options(TrainHeadConfig, options), log=console.print, overwrite=overwrite,
+                            show_progress=progress)
     task = task_of_metrics(result.metrics)
     for warning in result.warnings:
         console.print(f"[yellow]warning: {warning}[/yellow]")
@@ -256,7 +261,8 @@ def sweep(
                                          help="local: worker processes here; ray: tasks on a Ray cluster "
                                               "(pip install \"msa\\[ray]\"), --workers of them."),
     address: str = typer.Option(None, help="The Ray cluster (auto, ray://HOST:10001); default: start one here."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain finished runs whose options changed."),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="",
+                                   help="Retrain finished runs whose options changed."),
     config: Path = config_option(),
     progress: bool = PROGRESS,
     as_json: bool = AS_JSON,
@@ -267,11 +273,8 @@ def sweep(
     from msa.stages import sweep as stage
 
     names = [v.strip() for v in fusion.split(",") if v.strip()]
-    unknown = sorted(set(names) - set(head_names()))
-    if unknown:
-        raise ConfigError(f"--fusion {','.join(unknown)}: unknown head; known: {', '.join(head_names())}")
     cfg = SweepConfig(base=from_options(TrainHeadConfig, options), out=out, fusions=tuple(names),
-                      seeds=tuple(int(s) for s in seeds.split(",") if s.strip()), grid=stage.parse_grid(grid or []),
+                      seeds=stage.parse_seeds(seeds), grid=stage.parse_grid(grid or []),
                       workers=workers, backend=backend, address=address)
     table = stage.run(cfg, show_progress=progress, overwrite=overwrite)
     console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))

@@ -32,6 +32,28 @@ CONFIG_CLASSES = (configs.ExtractConfig, configs.CaptionConfig, configs.TrainHea
                   configs.PredictConfig, configs.EvaluateConfig)
 
 
+# --help groups a command's options in these panels, in this order (what people look for first
+# at the top); an option not named here is listed under "Other".
+PANELS = {
+    "Input and output": ("data", "cache", "out", "run", "features", "modalities", "split", "text", "image", "labels",
+                         "ensemble", "probs", "text_run", "image_run", "limit", "shard"),
+    "Model": ("fusion", "hidden", "dropout", "task", "sequence_encoder", "output_scaling", "text_model", "max_len",
+              "pooling", "pool_layers", "image_model", "image_weights", "text_source", "captions", "text_normalise",
+              "model", "backend", "prompt", "num_beams", "max_new_tokens", "lavis_python"),
+    "Training": ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "seed", "grad_accum", "grad_clip",
+                 "image_aug", "clean_text"),
+    "Loss": ("loss", "class_weights", "label_smoothing", "focal_gamma", "rdrop_alpha", "modality_dropout",
+             "aux_weight"),
+    "Validation": ("select", "patience", "folds", "refit", "baseline", "val_ratio", "split_seed"),
+    "Unfrozen encoder layers and adapters": ("unfreeze_text_layers", "unfreeze_image_stages", "text_split_layer",
+                                             "image_split_stage", "lr_encoder", "lora_rank", "lora_targets",
+                                             "layer_decay", "lr_fusion", "lr_head"),
+    "Data problems": ("on_bad_image", "on_duplicate"),
+    "Compute": ("device", "precision", "compile"),
+}
+PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}
+
+
 class Settings:
     verbose = False  # known errors show their traceback too
 
@@ -91,7 +113,9 @@ def parameters(config_class: type, skip: tuple[str, ...] = (), optional: tuple[s
             hint, help_text = str, f"{help_text} One of: {', '.join(map(str, named))}."
         if default is dataclasses.MISSING:
             default = None if field.name in optional else ...
-        option = typer.Option(default, help=help_text)
+        # A flag takes no value: no `<bool>` beside it.
+        option = typer.Option(default, help=help_text, rich_help_panel=PANEL_OF.get(field.name, "Other"),
+                              metavar="" if hint is bool else None)
         params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hint))
     return params
 

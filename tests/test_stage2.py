@@ -280,3 +280,31 @@ def test_plots_name_the_run_and_draw_the_baseline(signal_cache, tmp_path):
     assert plots.majority_baseline(metrics, "macro_f1") == pytest.approx(2 * 0.7 / 1.7 / 3)
     history = pd.read_csv(run / "history.csv")
     assert {"train_loss", "train_macro_f1", "val_macro_f1", "lr"} <= set(history.columns)
+
+
+def test_train_head_shows_progress_inside_each_epoch(signal_cache, tmp_path, monkeypatch):
+    """A bar per epoch that counts every training item (long epochs: unfrozen layers, token heads)."""
+    from msa.cache.manifest import read_manifest
+
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, label: str, total: int, enabled: bool, transient: bool = False):
+            self.label, self.total, self.done, self.transient = label, total, 0, transient
+            bars.append(self)
+
+        def __enter__(self):
+            return self.advance
+
+        def advance(self, n: int) -> None:
+            self.done += n
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    monkeypatch.setattr(train_head, "ItemProgress", RecordingBar)
+    train_head.run(TrainHeadConfig(cache=signal_cache, fusion="concat", out=tmp_path / "run", **{**FAST, "epochs": 2}),
+                   log=lambda *_: None, show_progress=True)
+    train_items = len(read_manifest(signal_cache).rows_of_split("train"))
+    assert [(b.label, b.total, b.done, b.transient) for b in bars] == [
+        ("epoch 1", train_items, train_items, True), ("epoch 2", train_items, train_items, True)]

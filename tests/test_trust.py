@@ -543,6 +543,58 @@ def test_bad_option_values_stop_before_any_file_is_written(args, message, signal
     outcome(f"train-head {' '.join(args)}", "clean error", "poor")
 
 
+# Every command's bad inputs, as users typed them: one line, exit 2, nothing written under
+# {out} nor in the cache (the cache's files compared before and after).
+BAD_COMMANDS = [
+    ("sweep --cache {cache} --fusion gmuu --out {out}", "did you mean gmu"),
+    ("sweep --cache {cache} --modalities text --fusion concat,co-attn --out {out}", "co-attn needs 2 modalities"),
+    ("sweep --cache {missing} --fusion gmu --out {out}", "no manifest"),
+    ("sweep --cache {cache} --fusion gmu --seeds a --out {out}", "--seeds 'a': expected whole numbers"),
+    ("sweep --cache {cache} --fusion gmu --grid lr=x --out {out}", "--grid 'lr=x': every value must be of type float"),
+    ("sweep --cache {cache} --fusion gmu --grid lr=1e-3,-1 --out {out}", "--lr must be > 0"),
+    ("sweep --cache {cache} --fusion gmu --workers 0 --out {out}", "--workers must be >= 1"),
+    ("cache ls --cache {missing}", "no such cache directory"),
+    ("extract --data {data} --cache {out} --modalities txt", "unknown modality 'txt'"),
+    ("extract --data {missing} --cache {out}", "no train.txt here"),
+    ("finetune --data {missing} --out {out}", "no train.txt here"),
+    ("finetune --data {data} --fusion gmuu --out {out}", "did you mean gmu"),
+    ("predict --run {missing}", "no such directory"),
+    ("predict --run {run} --split tset", "did you mean test"),
+    ("predict --run {run} --text hello --image {missing}.jpg", "no such file"),
+    ("evaluate --run {cache}", "not a run directory"),
+]
+
+
+@pytest.mark.parametrize(("command", "message"), BAD_COMMANDS, ids=[c for c, _ in BAD_COMMANDS])
+def test_every_command_s_bad_input_is_one_line_before_any_file(command, message, signal_cache, tmp_path, outcome):
+    from typer.testing import CliRunner
+
+    from msa.cli import app
+
+    run = tmp_path / "run"
+    if "{run}" in command:
+        train_head.run(TrainHeadConfig(cache=signal_cache, fusion="concat", out=run, epochs=1), log=lambda *_: None)
+    before = tree(signal_cache), tree(run) if run.exists() else {}
+    args = command.format(cache=signal_cache, data=signal_cache.parent / "data", out=tmp_path / "out",
+                          missing=tmp_path / "missing", run=run).split()
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert message in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "missing").exists()
+    assert (tree(signal_cache), tree(run) if run.exists() else {}) == before
+    outcome(command.split(" --")[0] + ": " + message, "clean error", "poor")
+
+
+def test_a_fusion_head_on_one_modality_trains_and_says_so(signal_cache, tmp_path):
+    result = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="gmu", modalities=("text",), epochs=1,
+                                            out=tmp_path / "run"), log=lambda *_: None)
+    assert result.warnings[0].startswith("--fusion gmu fuses modalities but this run reads only text")
+    result = train_head.run(TrainHeadConfig(cache=signal_cache, fusion="linear", modalities=("text",), epochs=1,
+                                            out=tmp_path / "linear"), log=lambda *_: None)
+    assert not [w for w in result.warnings if "fuses" in w]
+
+
 @pytest.mark.parametrize("content", ['["a", "list"]', '{"epochs": true}', '{"lora_rank": -2}'])
 def test_a_bad_config_file_stops_before_work(content, signal_cache, tmp_path, outcome):
     config = tmp_path / "options.json"

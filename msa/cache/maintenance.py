@@ -191,6 +191,8 @@ def listing(cache: Path) -> dict:
     """What `msa cache ls` shows: the manifest, every feature file (stale ones named) and caption set."""
     from msa.cache.captions import CaptionSet, is_finished
 
+    if not Path(cache).is_dir():
+        raise CacheError(f"{cache}: no such cache directory; `msa extract --data DIR --cache {cache}` makes one")
     try:
         current = read_manifest(cache)
         manifest = {"id": current.manifest_id, "items": len(current), "data_dir": current.info["data_dir"]}

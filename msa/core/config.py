@@ -242,7 +242,7 @@ def default(config_class: type, field: str) -> Any:
 @dataclasses.dataclass
 class TrainHeadConfig(Checked):
     cache: Path = Path("msa-cache")  # a cache written by `msa extract`
-    fusion: str = "concat"  # the fusion head, a name from msa.models.heads.HEADS
+    fusion: str = "concat"  # the fusion head (docs/heads.md compares them)
     features: tuple[str, ...] = ()  # feature set names, picking a set where a modality has several
     out: Path | None = None  # run directory (must be new); default runs/<fusion>-seed<seed>-<time>
     epochs: Count = 20  # the most epochs (early stopping may end sooner)
@@ -298,7 +298,7 @@ class FinetuneConfig(Checked):
     pooling: Pooling = _shared(ExtractConfig, "pooling")  # how the pooled text feature is made
     image_model: str = _shared(ExtractConfig, "image_model")  # torchvision name or timm:NAME
     image_weights: str | None = None  # local state dict instead of downloaded weights
-    fusion: str = _shared(TrainHeadConfig, "fusion")  # the fusion head, a name from msa.models.heads.HEADS
+    fusion: str = _shared(TrainHeadConfig, "fusion")  # the fusion head (docs/heads.md compares them)
     hidden: Count = _shared(TrainHeadConfig, "hidden")  # width of the head
     dropout: Fraction = _shared(TrainHeadConfig, "dropout")  # dropout in the head
     unfreeze_text_layers: LayerCount = 2  # top transformer layers trained, or all (the embeddings stay frozen)

@@ -20,7 +20,7 @@ console = Console(stderr=True)
 errors = Console(stderr=True)  # never quieted: `msa --quiet` still says why it failed
 
 
-def progress_bar(enabled: bool = True) -> Progress:
+def progress_bar(enabled: bool = True, transient: bool = False) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -31,7 +31,9 @@ def progress_bar(enabled: bool = True) -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        disable=not enabled or console.quiet,  # msa --quiet: no bars anywhere
+        # msa --quiet: no bars anywhere; a transient bar is nothing to keep in a log file
+        disable=not enabled or console.quiet or (transient and not console.is_terminal),
+        transient=transient,
     )
 
 
@@ -42,8 +44,8 @@ def rate_text(done: int, seconds: float, unit: str = "items") -> str:
 class ItemProgress:
     """One progress bar with an items/s rate, as a context that yields advance(n)."""
 
-    def __init__(self, label: str, total: int, enabled: bool):
-        self.bar = progress_bar(enabled)
+    def __init__(self, label: str, total: int, enabled: bool, transient: bool = False):
+        self.bar = progress_bar(enabled, transient)
         self.task = self.bar.add_task(f"{label:>5}", total=total, rate="")
         self.start = time.perf_counter()
         self.done = 0

@@ -154,6 +154,14 @@ def check_guid(guid: str, where: str) -> None:
         raise DataError(f"{where}: guid {guid!r} is not a plain file name (no '/', '\\', '..' or leading '.')")
 
 
+def require_mvsa_folder(data_dir: Path) -> Path:
+    """The folder, if it holds a train.txt (a command checks before it loads any model)."""
+    data_dir = Path(data_dir)
+    if not (data_dir / LABEL_FILES["train"]).is_file():
+        raise DataError(f"{data_dir}: no {LABEL_FILES['train']} here; is this an MVSA folder?")
+    return data_dir
+
+
 def read_mvsa(data_dir: Path, on_bad_image: str = "blank", on_duplicate: str = "first-if-same"
               ) -> tuple[list[Item], ReadReport]:
     """Read every listed item of an MVSA folder.
@@ -167,9 +175,7 @@ def read_mvsa(data_dir: Path, on_bad_image: str = "blank", on_duplicate: str = "
         raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
     if on_duplicate not in ON_DUPLICATE:
         raise ConfigError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
-    data_dir = Path(data_dir)
-    if not (data_dir / LABEL_FILES["train"]).is_file():
-        raise DataError(f"{data_dir}: no {LABEL_FILES['train']} here; is this an MVSA folder?")
+    data_dir = require_mvsa_folder(data_dir)
     report = ReadReport()
     items: list[Item] = []
     first_seen: dict[str, tuple[str, str | None]] = {}  # guid -> (where, label)

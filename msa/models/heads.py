@@ -85,6 +85,7 @@ class FusionHead(nn.Module):
     uses_tokens = False  # reads token-level features (else pooled only)
     needs_aligned = False  # its modalities share one time axis (checked before training)
     min_modalities = 1  # the modalities it reads by role (text and image tokens: 2)
+    fuses = False  # built to combine modalities: on one it trains, as a one-modality model (warned)
     output_scaling = "tanh"  # how a regression score is bounded (ScaledScore), unless --output-scaling says
     options: tuple[str, ...] = ()  # run options its constructor takes by keyword
     # Measured on MVSA, 2 CPU cores, 20 epochs: concat 6.0 s at 64 and 4.6 s at 128 (same
@@ -127,6 +128,8 @@ class ImageOnlyHead(UnimodalHead):
 class ConcatHead(FusionHead):
     """Project each pooled feature (Linear + LayerNorm), concatenate, 2-layer MLP."""
 
+    fuses = True
+
     def __init__(self, dims, num_classes, hidden, dropout):
         super().__init__(dims, num_classes, hidden, dropout)
         self.project = nn.ModuleDict({m: projection(d.pooled, hidden, dropout) for m, d in dims.items()})
@@ -160,6 +163,8 @@ class LinearHead(FusionHead):
 class LateFusionHead(FusionHead):
     """Average of unimodal heads' logits (over the modalities present in each sample)."""
 
+    fuses = True
+
     def __init__(self, dims, num_classes, hidden, dropout):
         super().__init__(dims, num_classes, hidden, dropout)
         self.heads = nn.ModuleDict({
@@ -178,6 +183,8 @@ class GMUHead(FusionHead):
     """Gated multimodal unit (Arevalo et al. 2017): h = sum_m z_m * tanh(W_m x_m), with
     gates z from all inputs (sigmoid for two modalities, softmax over more). The gate of
     the first modality is returned per sample, so one can see which modality it trusted."""
+
+    fuses = True
 
     def __init__(self, dims, num_classes, hidden, dropout):
         super().__init__(dims, num_classes, hidden, dropout)
@@ -307,6 +314,8 @@ class EarlyFusionHead(FusionHead):
     """All modalities' token sequences, projected and tagged with a modality embedding,
     joined into one sequence behind a [CLS] token, through a small transformer encoder."""
 
+    fuses = True
+
     uses_tokens = True
     default_batch_size = 64
 
@@ -340,6 +349,8 @@ class EarlyFusionHead(FusionHead):
 class AlignedHead(FusionHead):
     """Every modality projected into one space; an auxiliary contrastive loss pulls an
     item's projections together (and pushes other items' apart), then concat + MLP."""
+
+    fuses = True
 
     temperature = 0.1
 

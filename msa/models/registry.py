@@ -43,3 +43,11 @@ def check_head(name: str, modalities: list[str] | None = None) -> str:
                           f"{len(modalities)} ({', '.join(modalities) or 'none'}); choose another head or "
                           "extract the missing modality")
     return name
+
+
+def modality_warnings(name: str, modalities: list[str]) -> list[str]:
+    """A head built to fuse modalities that reads only one: it trains, and is a one-modality model."""
+    if HEADS[name].fuses and len(modalities) == 1:
+        return [f"--fusion {name} fuses modalities but this run reads only {modalities[0]}: it is a one-modality "
+                f"model; extract another modality (msa extract --modalities) or choose --fusion text-only or linear"]
+    return []

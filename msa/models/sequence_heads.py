@@ -70,6 +70,7 @@ class SequenceHead(FusionHead):
     vision), one sequence encoder per modality."""
 
     uses_tokens = True
+    fuses = True
     options = ("sequence_encoder",)
     default_batch_size = 32  # MOSI has 1,284 training items; the field trains with small batches
 

@@ -36,7 +36,7 @@ from msa.core.fingerprint import (
 )
 from msa.core.locks import held, lock_path
 from msa.core.progress import console, rate_text
-from msa.data.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, write_bad_items
+from msa.data.mvsa import BAD_ITEMS_FILE, ReadReport, described, read_mvsa, require_mvsa_folder, write_bad_items
 from msa.models.build import is_run_dir, run_text_options
 from msa.models.modalities import MODALITIES, BatchCallback, EncodeJob, Modality
 from msa.training import autotune
@@ -133,6 +133,8 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
     rank = current_rank()
     if rank.distributed and cfg.shard is None:
         return run_as_rank(cfg, rank, show_progress, on_batch)
+    for modality in cfg.modalities:  # a typo stops here, before the manifest is written
+        modality_named(modality)
     compute = resolve_compute(cfg.device, cfg.precision)
     # Recorded resolved: `msa predict` re-runs these options from any working directory.
     cfg = dataclasses.replace(cfg, data=Path(cfg.data).resolve(), text_model=local_path(cfg.text_model),
@@ -287,6 +289,7 @@ def prepare_manifest(cfg: ExtractConfig) -> tuple[Manifest, ReadReport]:
     """
     if Path(cfg.data).is_file():  # a features file imported by `msa import-features`: encode its raw text
         return imported_manifest(cfg)
+    require_mvsa_folder(cfg.data)  # before the cache's lock folder is made
     signature = source_signature(cfg)
     # One process at a time reads, compares and rewrites the manifest (a few seconds at most).
     with held(lock_path(cfg.cache, "manifest"), "the manifest"):

@@ -27,8 +27,9 @@ from msa.core.compute import Compute, resolve_compute
 from msa.core.config import ConfigError, FinetuneConfig, to_json
 from msa.core.fingerprint import local_path
 from msa.core.progress import ItemProgress
-from msa.data.mvsa import read_mvsa
+from msa.data.mvsa import read_mvsa, require_mvsa_folder
 from msa.models.build import build_model
+from msa.models.registry import check_head
 from msa.models.unfrozen import parameter_groups
 from msa.training import autotune, plots
 from msa.training.distributed import (
@@ -78,6 +79,9 @@ def resolved(cfg: FinetuneConfig) -> FinetuneConfig:
         raise ConfigError(f"--select must be one of {', '.join(TASK.selects)}")
     if cfg.image_aug not in IMAGE_AUGS:
         raise ConfigError(f"--image-aug must be one of {', '.join(IMAGE_AUGS)}, got {cfg.image_aug!r}")
+    check_head(cfg.fusion, ["text", "image"])
+    if cfg.data is not None:
+        require_mvsa_folder(cfg.data)
     return cfg
 
 

@@ -23,11 +23,13 @@ import pandas as pd
 import torch
 from rich.table import Table
 
+from msa.cache.manifest import read_manifest
 from msa.core import rundir
 from msa.core.config import ConfigError, SweepConfig, TrainHeadConfig, to_json
 from msa.core.progress import console, progress_bar
 from msa.models.registry import HEADS, check_head
 from msa.stages import train_head
+from msa.training.data import select_feature_sets
 from msa.training.distributed import single_process_only
 from msa.training.tasks import LARGER_IS_BETTER, TASKS, task_of_metrics
 
@@ -41,8 +43,19 @@ def parse_grid(specs: list[str]) -> dict[str, tuple]:
         key = key.strip().replace("-", "_")
         if key not in fields or not values:
             raise ConfigError(f"--grid {spec!r}: expected FIELD=V1,V2 with a train-head option as FIELD")
-        grid[key] = tuple(_typed(TrainHeadConfig(), key, v) for v in values.split(","))
+        try:
+            grid[key] = tuple(_typed(TrainHeadConfig(), key, v) for v in values.split(","))
+        except ValueError:
+            kind = type(getattr(TrainHeadConfig(), key)).__name__
+            raise ConfigError(f"--grid {spec!r}: every value must be of type {kind}") from None
     return grid
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected whole numbers, comma-separated (0,1,2)") from None
 
 
 def _typed(config: TrainHeadConfig, key: str, value: str):
@@ -113,10 +126,25 @@ def claim_sweep(cfg: SweepConfig):
     return lock
 
 
-def run(cfg: SweepConfig, show_progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
-    single_process_only("sweep")
+def check_before_work(cfg: SweepConfig) -> None:
+    """Every head known and fitting the cache's modalities, the cache there and its options
+    valid, before the sweep directory is made (a bad sweep leaves nothing behind)."""
+    if not cfg.fusions or not cfg.seeds:
+        raise ConfigError("--fusion and --seeds each need at least one value")
     for fusion in cfg.fusions:
         check_head(fusion)
+    for run_cfg in plan(cfg):  # every grid value checked as its run's option
+        train_head.resolved(run_cfg)  # reads the cache's footer: a missing cache fails here
+    if "modalities" not in cfg.grid and "features" not in cfg.grid:
+        sets = select_feature_sets(cfg.base.cache, read_manifest(cfg.base.cache), cfg.base.features,
+                                   cfg.base.modalities)
+        for fusion in cfg.fusions:
+            check_head(fusion, list(sets))
+
+
+def run(cfg: SweepConfig, show_progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
+    single_process_only("sweep")
+    check_before_work(cfg)
     lock = claim_sweep(cfg)
     try:
         runs = plan(cfg)

@@ -20,9 +20,10 @@ from msa.cache.manifest import manifest_columns
 from msa.core import rundir
 from msa.core.compute import Compute, resolve_compute
 from msa.core.config import ConfigError, TrainHeadConfig, to_json
+from msa.core.progress import ItemProgress
 from msa.models.build import build_model
 from msa.models.heads import fit_standardisers
-from msa.models.registry import HEADS, check_head
+from msa.models.registry import HEADS, check_head, modality_warnings
 from msa.models.regression import start_linear_paths, starts_closed_form
 from msa.models.unfrozen import parameter_groups
 from msa.training import autotune, plots
@@ -97,7 +98,8 @@ def model_spec(cfg: TrainHeadConfig, data: TrainData, feature_info: dict) -> dic
             **({"lora": {"rank": cfg.lora_rank, "targets": list(cfg.lora_targets)}} if cfg.lora_rank else {})}
 
 
-def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrite: bool = False) -> TrainResult:
+def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrite: bool = False,
+        show_progress: bool = False) -> TrainResult:
     """Train one head; `data` lets a sweep reuse features already in memory. The run directory
     must be new or empty (or an msa run, replaced with `overwrite`); metrics.json, written
     last, marks it finished."""
@@ -119,16 +121,18 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     lock = rundir.claim(run_dir, CV_KIND if cfg.folds >= 2 else KIND, overwrite)
     try:
-        result = cross_validate(cfg, data, run_dir, log) if cfg.folds >= 2 else train(cfg, data, run_dir, log)
+        result = (cross_validate(cfg, data, run_dir, log, show_progress) if cfg.folds >= 2
+                  else train(cfg, data, run_dir, log, show_progress=show_progress))
         if cfg.refit:
-            result.metrics["refit"] = refit(cfg, data, run_dir, result.best_epoch, log)
+            result.metrics["refit"] = refit(cfg, data, run_dir, result.best_epoch, log, show_progress)
             rundir.write_json(run_dir / rundir.METRICS, result.metrics)
         return result
     finally:
         lock.release()
 
 
-def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print) -> TrainResult:
+def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
+                   show_progress: bool = False) -> TrainResult:
     """K runs, fold k the validation items of run k and the other folds its training items (every
     labelled item, the extract's train and val alike), in RUN/fold-k; RUN/metrics.json holds the
     mean and std over folds, and predict averages the folds' probabilities."""
@@ -142,7 +146,7 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
     for k in range(cfg.folds):
         log(f"fold {k + 1}/{cfg.folds}")
         rows = (labelled[folds != k], labelled[folds == k])
-        results.append(train(dataclasses.replace(cfg, folds=0), data, run_dir / f"fold-{k}", log, rows))
+        results.append(train(dataclasses.replace(cfg, folds=0), data, run_dir / f"fold-{k}", log, rows, show_progress))
     metrics = {**fold_summary([r.metrics for r in results]), "task": data.task.name}
     keys = [k for k in metrics if f"{k}_std" in metrics]
     if cfg.baseline:  # the folds' baselines, averaged as the run's metrics are
@@ -156,13 +160,14 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
 
 
 def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
-          rows: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+          rows: tuple[np.ndarray, np.ndarray] | None = None, show_progress: bool = False) -> TrainResult:
     """One run into run_dir, on the extract's train/val split or on `rows` (train, val)."""
     spec = write_run_config(cfg, data, run_dir)
     train_rows, val_rows = rows or (data.manifest.rows_of_split("train"), data.manifest.rows_of_split("val"))
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise ConfigError(f"{cfg.cache}: need both train and val items (have {len(train_rows)} / {len(val_rows)})")
-    model, train_epoch, load, lengths, (compute, decision) = prepare_training(cfg, data, spec, train_rows)
+    model, train_epoch, load, lengths, (compute, decision) = prepare_training(cfg, data, spec, train_rows,
+                                                                              show_progress)
 
     def validate() -> tuple[dict, dict]:
         # In fp32 whatever the training precision: the val predictions equal what `msa predict` gives.
@@ -197,11 +202,13 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     plots.plot_run(run_dir, metrics)
     rundir.write_json(run_dir / rundir.METRICS, metrics)  # last: the run is finished
     return TrainResult(run_dir, metrics, state.best_epoch, seconds,
-                       collapse_warnings(best["out"], data.task.classes, data.targets[val_rows].numpy())
+                       modality_warnings(cfg.fusion, list(data.feature_sets))
+                       + collapse_warnings(best["out"], data.task.classes, data.targets[val_rows].numpy())
                        + baseline_warnings(metrics, data.task))
 
 
-def refit(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, epochs: int, log=print) -> dict:
+def refit(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, epochs: int, log=print,
+          show_progress: bool = False) -> dict:
     """The selected configuration trained again on every labelled item (train and val) for the
     epochs selection found, into RUN/refit, a run directory of its own that predict uses for RUN.
     The schedule is selection's (sized for --epochs), cut at the selected epoch; nothing is
@@ -211,7 +218,7 @@ def refit(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, epochs: int, log
         shutil.rmtree(refit_dir)
     spec = write_run_config(dataclasses.replace(cfg, refit=False, folds=0), data, refit_dir)  # a plain run
     rows = np.flatnonzero(np.isin(data.manifest.column("split"), ("train", "val")))
-    model, train_epoch, *_ = prepare_training(cfg, data, spec, rows)
+    model, train_epoch, *_ = prepare_training(cfg, data, spec, rows, show_progress)
     log(f"refit on {len(rows)} labelled items for {epochs} epochs")
     start = time.perf_counter()
     fit(train_epoch, None, data.task, cfg.select, epochs, cfg.patience, refit_dir, lambda *_: None, log=log)
@@ -234,7 +241,8 @@ def write_run_config(cfg: TrainHeadConfig, data: TrainData, run_dir: Path) -> di
     return model_spec(cfg, data, feature_info)
 
 
-def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_rows: np.ndarray):
+def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_rows: np.ndarray,
+                     show_progress: bool = False):
     """The model and one epoch's training on train_rows: (model, train_epoch, load, lengths,
     (compute, how --precision auto chose its precision or None))."""
     torch.manual_seed(cfg.seed)
@@ -267,7 +275,16 @@ def prepare_training(cfg: TrainHeadConfig, data: TrainData, spec: dict, train_ro
 
     def train_epoch(epoch: int) -> dict:
         batches = shuffled_batches(train_rows, cfg.batch_size, generator, lengths)
-        return train_one_epoch(model, batches, load, data.targets, loss_fn, step, data.task, generator, regularisers)
+        # A bar inside the epoch, for long ones (unfrozen layers, token heads); gone when the epoch
+        # ends, its line being the record, and silent where stderr is no terminal.
+        with ItemProgress(f"epoch {epoch}", sum(map(len, batches)), show_progress, transient=True) as advance:
+            def counted(batches):
+                for rows, inputs in load(batches):
+                    yield rows, inputs
+                    advance(len(rows))
+
+            return train_one_epoch(model, batches, counted, data.targets, loss_fn, step, data.task, generator,
+                                   regularisers)
 
     return model, train_epoch, load, lengths, (compute, decision)
 
