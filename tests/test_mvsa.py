@@ -69,3 +69,57 @@ def test_malformed_line_and_header_name_file_and_line(messy_data):
 def test_not_an_mvsa_folder(tmp_path):
     with pytest.raises(DataError, match="no train.txt here"):
         read_mvsa(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["single", "multiple"])
+def test_an_original_release_is_read_with_the_field_s_label_rules(layout, tmp_path):
+    from msa.data.demo import make_mvsa_release
+
+    root, expected = make_mvsa_release(tmp_path / layout, layout)
+    items, report = read_mvsa(root)
+    assert {i.guid: i.label for i in items} == {g: label for g, label in expected.items() if label}
+    dropped = {"conflict": 10, **({"no_majority": 10} if layout == "multiple" else {})}
+    assert report.release == {"layout": f"MVSA-{layout.title()}", "posts": 60, "dropped": dropped}
+    named = {bad["guid"]: bad for bad in report.bad_items}
+    assert {g for g, label in expected.items() if label is None} == set(named)
+    assert named["2"]["where"].endswith("labelResultAll.txt:3") and named["2"]["problem"].startswith("conflict")
+
+
+@pytest.mark.parametrize("line", ["7\tpositive", "7\tpositive,happy", "7\tpositive,negative\tneutral,neutral"])
+def test_a_bad_release_line_names_file_and_line(line, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "labelResultAll.txt").write_text(f"ID\ttext,image\n1\tpositive,positive\n{line}\n")
+    with pytest.raises(DataError, match=r"labelResultAll.txt:3: "):
+        read_mvsa(tmp_path)
+
+
+def test_the_paper_split_is_8_1_1_and_evaluate_scores_its_test_posts(tiny_models, tmp_path):
+    """extract --split paper: 8:1:1 of the labelled posts, stored in the manifest and kept by a
+    rerun; CACHE/test_labels.txt is what evaluate --labels takes, and the folds leave test out."""
+    from collections import Counter
+
+    from msa.cache.manifest import read_manifest
+    from msa.core.config import EvaluateConfig, ExtractConfig, TrainHeadConfig
+    from msa.data.demo import make_mvsa_release
+    from msa.stages import evaluate, extract, train_head
+
+    root, expected = make_mvsa_release(tmp_path / "release", "multiple", n_posts=120)
+    cfg = ExtractConfig(data=root, cache=tmp_path / "cache", text_model=tiny_models["text"], max_len=16,
+                        image_model="timm:test_efficientnet", image_weights=tiny_models["image_weights"],
+                        split="paper", precision="fp32")
+    extract.run(cfg, show_progress=False)
+    manifest = read_manifest(cfg.cache)
+    kept = sum(1 for label in expected.values() if label)
+    assert Counter(manifest.column("split")) == {"train": int(kept * 0.8), "val": int(kept * 0.1),
+                                                 "test": kept - int(kept * 0.8) - int(kept * 0.1)}
+    test = {g for g, s in zip(manifest.guids, manifest.column("split")) if s == "test"}
+    assert all(manifest.folds(5)[i] == -1 for i, g in enumerate(manifest.guids) if g in test)
+    labels_file = cfg.cache / extract.TEST_LABELS_FILE
+    assert {line.split(",")[0] for line in labels_file.read_text().splitlines()[1:]} == test
+    run = train_head.run(TrainHeadConfig(cache=cfg.cache, fusion="concat", epochs=2, precision="fp32",
+                                         out=tmp_path / "run"),
+                         log=lambda *_: None).run_dir
+    report = evaluate.run(EvaluateConfig(run=run, labels=labels_file))
+    assert sum(c["support"] for c in report["metrics"]["per_class"].values()) == len(test)
+    extract.run(cfg, show_progress=False)  # a rerun keeps the split
+    assert read_manifest(cfg.cache).manifest_id == manifest.manifest_id

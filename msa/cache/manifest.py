@@ -121,11 +121,22 @@ def stratified_split(labels: list[str], val_ratio: float, seed: int) -> list[str
     return splits.tolist()
 
 
+def paper_split(n: int, seed: int) -> list[str]:
+    """The MVSA papers' split: a seeded shuffle of the labelled posts dealt 8:1:1 to train, val, test."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_train, n_val = int(n * 0.8), int(n * 0.1)
+    splits = np.full(n, "test", dtype=object)
+    splits[order[:n_train]] = "train"
+    splits[order[n_train:n_train + n_val]] = "val"
+    return splits.tolist()
+
+
 def build_manifest(items: list[Item], data_dir: Path, val_ratio: float, split_seed: int,
-                   on_bad_image: str) -> Manifest:
+                   on_bad_image: str, split: str = "stratified") -> Manifest:
     labelled = [i for i in items if i.label is not None]
-    splits = dict(zip([i.guid for i in labelled],
-                      stratified_split([i.label for i in labelled], val_ratio, split_seed)))
+    dealt = paper_split(len(labelled), split_seed) if split == "paper" else \
+        stratified_split([i.label for i in labelled], val_ratio, split_seed)
+    splits = dict(zip([i.guid for i in labelled], dealt))
     table = pa.table(
         {
             "guid": [i.guid for i in items],
@@ -143,6 +154,7 @@ def build_manifest(items: list[Item], data_dir: Path, val_ratio: float, split_se
         "val_ratio": val_ratio,
         "split_seed": split_seed,
         "on_bad_image": on_bad_image,
+        "split": split,
     }
     # The id covers what features depend on (items, texts, flags, image files), not
     # where the data lies, so a moved data set keeps its cached features.

@@ -28,6 +28,7 @@ SequenceEncoder = Literal["lstm", "transformer"]
 OutputScaling = Literal["tanh", "sigmoid", "clip"]
 ImageAug = Literal["none", "weak", "strong"]
 Split = Literal["test", "val", "train", "all"]
+DataSplit = Literal["stratified", "paper"]
 SweepBackend = Literal["local", "ray"]
 
 
@@ -183,7 +184,9 @@ class ExtractConfig(Checked):
     on_bad_image: OnBadImage = "blank"  # blank: a mean-colour image and a flag; skip: leave the item out
     on_duplicate: OnDuplicate = "first-if-same"  # a guid listed twice; first-if-same: conflicting labels stop
     val_ratio: Fraction = 0.2  # stratified share of labelled items held out for validation
-    split_seed: int = 42  # seed of the stratified train/val split
+    split_seed: int = 42  # seed of the train/val(/test) split
+    # paper: every labelled post dealt 8:1:1 to train/val/test (test labels kept for evaluate), as MVSA papers do
+    split: DataSplit = "stratified"  # stratified: labelled posts to train/val by --val-ratio, the unlabelled to test
     device: Device = "auto"  # auto: cuda when there is one
     precision: Precision = "auto"  # auto: on CPU the fastest of fp32/bf16 (and compile) measured here; CUDA: bf16/fp16
     compile: bool = False  # always torch.compile the image encoder (else: from 1,000 images on CPU, if measured faster)

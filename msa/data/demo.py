@@ -56,6 +56,38 @@ def make_demo_dataset(root: Path, n_labelled: int = 48, n_test: int = 12, seed: 
     return root
 
 
+def make_mvsa_release(root: Path, layout: str = "single", n_posts: int = 60, seed: int = 0,
+                      image_size: int = 32) -> tuple[Path, dict[str, str | None]]:
+    """An original MVSA release (`labelResultAll.txt`, data/ID.txt|jpg), MVSA-Single (one
+    text,image pair a line) or MVSA-Multiple (three annotators). Besides posts whose text and
+    image agree, it plants every case of the field's rules: one modality neutral, positive
+    against negative, and (Multiple) annotators all differing. Returns the folder and each ID's
+    expected label (None: the rules drop it)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    annotators = 1 if layout == "single" else 3
+    lines, expected = ["ID\t" + "\t".join(["text,image"] * annotators)], {}
+    for index in range(1, n_posts + 1):
+        guid, label = str(index), str(rng.choice(LABELS, p=[0.3, 0.2, 0.5]))
+        _write_pair(root, guid, label, rng, image_size)
+        case = index % 6
+        if case == 1 and label != "neutral":  # the image says neutral: the text's label stands
+            pairs, expected[guid] = [(label, "neutral")] * annotators, label
+        elif case == 2:  # positive against negative: dropped
+            pairs, expected[guid] = [("positive", "negative")] * annotators, None
+        elif case == 3 and annotators == 3:  # annotators all differ on the text: dropped
+            pairs, expected[guid] = [("positive", label), ("neutral", label), ("negative", label)], None
+        elif case == 4 and annotators == 3:  # two of three agree: their label stands
+            other = "neutral" if label != "neutral" else "positive"
+            pairs, expected[guid] = [(label, label), (other, label), (label, label)], label
+        else:
+            pairs, expected[guid] = [(label, label)] * annotators, label
+        lines.append(guid + "\t" + "\t".join(f"{t},{i}" for t, i in pairs))
+    (root / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
+    return root, expected
+
+
 def _write_pair(root: Path, guid: str, label: str, rng: np.random.Generator, size: int,
                 text: str | None = None) -> None:
     if text is None:

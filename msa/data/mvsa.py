@@ -13,12 +13,14 @@ import csv
 import dataclasses
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import get_args
 
 from PIL import Image
 
 from msa.core.config import ConfigError, OnBadImage, OnDuplicate
+from msa.data.mvsa_release import RELEASE_FILE, RULES, ReleaseError, read_release_labels
 
 LABELS = ("negative", "neutral", "positive")
 LABEL_FILES = {"train": "train.txt", "test": "test_without_label.txt"}
@@ -62,6 +64,8 @@ class ReadReport:
     flags: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: list[str] = dataclasses.field(default_factory=list)  # "guid: reason"
     notes: list[str] = dataclasses.field(default_factory=list)  # e.g. duplicate lines
+    # An original MVSA release: its layout and how many posts each of the field's rules dropped.
+    release: dict = dataclasses.field(default_factory=dict)
     bad_items: list[dict] = dataclasses.field(default_factory=list)  # guid, where (FILE:LINE), problem
 
 
@@ -155,11 +159,53 @@ def check_guid(guid: str, where: str) -> None:
 
 
 def require_mvsa_folder(data_dir: Path) -> Path:
-    """The folder, if it holds a train.txt (a command checks before it loads any model)."""
+    """The folder, if it holds a train.txt or an original release's labelResultAll.txt (a command
+    checks before it loads any model)."""
     data_dir = Path(data_dir)
-    if not (data_dir / LABEL_FILES["train"]).is_file():
-        raise DataError(f"{data_dir}: no {LABEL_FILES['train']} here; is this an MVSA folder?")
+    if not (data_dir / LABEL_FILES["train"]).is_file() and not (data_dir / RELEASE_FILE).is_file():
+        raise DataError(f"{data_dir}: no {LABEL_FILES['train']} here (nor an original release's {RELEASE_FILE}); "
+                        "is this an MVSA folder?")
     return data_dir
+
+
+def listed_posts(data_dir: Path, report: ReadReport) -> Iterator[tuple[str, str | None, str, str]]:
+    """(guid, label, source, FILE:LINE) of every listed post: train.txt and test_without_label.txt,
+    or an original release's labelResultAll.txt with the field's rules applied."""
+    if (data_dir / RELEASE_FILE).is_file() and not (data_dir / LABEL_FILES["train"]).is_file():
+        yield from release_posts(data_dir / RELEASE_FILE, data_dir, report)
+        return
+    for source, file_name in LABEL_FILES.items():
+        label_path = data_dir / file_name
+        if not label_path.is_file():
+            report.notes.append(f"{label_path}: not found, no {source} items")
+            continue
+        require_inside(data_dir, label_path)
+        for guid, label, line_no in read_label_file(label_path, labelled=source == "train"):
+            yield guid, label, source, f"{label_path}:{line_no}"
+
+
+def release_posts(path: Path, data_dir: Path, report: ReadReport) -> Iterator[tuple[str, str, str, str]]:
+    """The posts an original release keeps; those a rule drops are named in the bad items."""
+    require_inside(data_dir, path)
+    try:
+        rows, dropped, layout = read_release_labels(path)
+    except ReleaseError as err:
+        raise DataError(str(err)) from None
+    report.release = {"layout": layout, "posts": len(rows), "dropped": dict(dropped)}
+    for guid, label, line_no, rule in rows:
+        check_guid(guid, f"{path}:{line_no}")
+        if rule:
+            report.skipped.append(f"{guid}: {rule}")
+            report.bad_items.append({"guid": guid, "where": f"{path}:{line_no}",
+                                     "problem": f"{rule} ({RULES[rule]}), skipped"})
+            continue
+        yield guid, label, "train", f"{path}:{line_no}"
+
+
+def require_inside(data_dir: Path, path: Path) -> None:
+    if not inside(data_dir, path):
+        raise DataError(f"{path}: a link to {os.path.realpath(path)}, outside {data_dir}; msa reads "
+                        "only files inside the data folder")
 
 
 def read_mvsa(data_dir: Path, on_bad_image: str = "blank", on_duplicate: str = "first-if-same"
@@ -179,37 +225,28 @@ def read_mvsa(data_dir: Path, on_bad_image: str = "blank", on_duplicate: str = "
     report = ReadReport()
     items: list[Item] = []
     first_seen: dict[str, tuple[str, str | None]] = {}  # guid -> (where, label)
-    for source, file_name in LABEL_FILES.items():
-        label_path = data_dir / file_name
-        if not label_path.is_file():
-            report.notes.append(f"{label_path}: not found, no {source} items")
+    for guid, label, source, where in listed_posts(data_dir, report):
+        if guid in first_seen:
+            _duplicate(report, guid, label, where, *first_seen[guid], on_duplicate)
             continue
-        if not inside(data_dir, label_path):
-            raise DataError(f"{label_path}: a link to {os.path.realpath(label_path)}, outside {data_dir}; msa reads "
-                            "only files inside the data folder")
-        for guid, label, line_no in read_label_file(label_path, labelled=source == "train"):
-            where = f"{label_path}:{line_no}"
-            if guid in first_seen:
-                _duplicate(report, guid, label, where, *first_seen[guid], on_duplicate)
-                continue
-            first_seen[guid] = (where, label)
-            item = _read_item(data_dir, guid, label, source, where)
-            if label is not None and {"missing_text", "missing_image"} <= set(item.flags):
-                # Nothing to learn from: a labelled post with neither file would train as a blank image
-                # and an empty text. An unlabelled one is kept, so every listed guid gets a prediction.
-                report.skipped.append(f"{guid}: no_files")
-                report.bad_items.append({"guid": guid, "where": where,
-                                         "problem": "no_files (neither data/GUID.txt nor data/GUID.jpg), skipped"})
-                continue
-            bad_image = bad_image_flag(item.flags)
-            if bad_image and on_bad_image == "fail":
-                raise DataError(f"{item.image_path}: {bad_image.replace('_', ' ')} (listed at {where})")
-            if bad_image and on_bad_image == "skip":
-                report.skipped.append(f"{guid}: {bad_image}")
-                report.bad_items.append({"guid": guid, "where": where, "problem": f"{bad_image}, skipped"})
-                continue
-            report.bad_items += [{"guid": guid, "where": where, "problem": flag} for flag in item.flags]
-            items.append(item)
+        first_seen[guid] = (where, label)
+        item = _read_item(data_dir, guid, label, source, where)
+        if label is not None and {"missing_text", "missing_image"} <= set(item.flags):
+            # Nothing to learn from: a labelled post with neither file would train as a blank image
+            # and an empty text. An unlabelled one is kept, so every listed guid gets a prediction.
+            report.skipped.append(f"{guid}: no_files")
+            report.bad_items.append({"guid": guid, "where": where,
+                                     "problem": "no_files (neither data/GUID.txt nor data/GUID.jpg), skipped"})
+            continue
+        bad_image = bad_image_flag(item.flags)
+        if bad_image and on_bad_image == "fail":
+            raise DataError(f"{item.image_path}: {bad_image.replace('_', ' ')} (listed at {where})")
+        if bad_image and on_bad_image == "skip":
+            report.skipped.append(f"{guid}: {bad_image}")
+            report.bad_items.append({"guid": guid, "where": where, "problem": f"{bad_image}, skipped"})
+            continue
+        report.bad_items += [{"guid": guid, "where": where, "problem": flag} for flag in item.flags]
+        items.append(item)
     return items, described(report, items)
 
 

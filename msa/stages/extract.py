@@ -49,6 +49,7 @@ COMPILE_MIN_IMAGES = 1000
 MEASURED_ITEMS = 16  # --precision auto times each variant on the first items (bf16 on AVX2: ~3 texts/s)
 READER_VERSION = 2  # raised when the reader's rules change (2: confined paths, bounded items, EXIF, deep pixels)
 SHOWN_BAD_ITEMS = 5  # in the summary; CACHE/bad_items.csv lists every one
+TEST_LABELS_FILE = "test_labels.txt"  # a paper split's test posts with their labels
 STATUS_MEANING = {"cached": "complete before this run, no encoder work", "encoded": "encoded by this run",
                   "resumed": "an interrupted run's rows kept, the rest encoded now",
                   "busy": "another process is writing it, not extracted"}
@@ -306,14 +307,28 @@ def prepare_manifest(cfg: ExtractConfig) -> tuple[Manifest, ReadReport]:
         if cfg.limit:  # the summary and bad_items.csv describe the items used
             items = items[: cfg.limit]
             report = described(report, items)
-        manifest = build_manifest(items, cfg.data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image)
+        manifest = build_manifest(items, cfg.data, cfg.val_ratio, cfg.split_seed, cfg.on_bad_image, cfg.split)
         manifest.info.update(report=dataclasses.asdict(report), source_signature=signature)
         if previous is not None and previous.manifest_id != manifest.manifest_id:
             console.print(f"[yellow]{cfg.cache}: the data or split changed; the manifest is rebuilt and "
                           "feature sets of the old one no longer match[/yellow]")
         write_manifest(manifest, Path(cfg.cache))
         write_bad_items(report, Path(cfg.cache))
+        write_test_labels(manifest, Path(cfg.cache))
     return manifest, report
+
+
+def write_test_labels(manifest: Manifest, cache: Path) -> Path | None:
+    """CACHE/test_labels.txt: the labelled test posts of a paper split, as `guid,tag` (what
+    `msa evaluate --labels` takes), so a run is scored on the split published tables use."""
+    path = cache / TEST_LABELS_FILE
+    rows = [(guid, label) for guid, label, split in zip(manifest.guids, manifest.column("label"),
+                                                         manifest.column("split")) if split == "test" and label]
+    if not rows:
+        path.unlink(missing_ok=True)  # an earlier paper split's, no longer true
+        return None
+    path.write_text("guid,tag\n" + "".join(f"{guid},{label}\n" for guid, label in rows), encoding="utf-8")
+    return path
 
 
 def source_signature(cfg: ExtractConfig) -> str:
@@ -327,7 +342,8 @@ def source_signature(cfg: ExtractConfig) -> str:
                 files = sorted(e.path for e in scan if e.is_file())
             entries += [(path, file_digest(Path(path))) for path in files]
     return config_id({"files": entries, "on_bad_image": cfg.on_bad_image, "limit": cfg.limit,
-                      "val_ratio": cfg.val_ratio, "split_seed": cfg.split_seed, "reader": READER_VERSION})
+                      "val_ratio": cfg.val_ratio, "split_seed": cfg.split_seed, "split": cfg.split,
+                      "reader": READER_VERSION})
 
 
 def summary_tables(result: ExtractResult) -> list[Table]:
@@ -346,6 +362,13 @@ def summary_tables(result: ExtractResult) -> list[Table]:
         detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         data.add_row(split, f"{sum(counts.values())}  ({detail})")
     data.add_row("text encodings", ", ".join(f"{k} {v}" for k, v in sorted(report.encodings.items())))
+    if report.release:
+        dropped = ", ".join(f"{rule} {n}" for rule, n in sorted(report.release["dropped"].items())) or "none"
+        data.add_row(report.release["layout"], f"{report.release['posts']} posts listed; dropped by the field's "
+                                               f"label rules: {dropped}")
+    if (Path(result.manifest_dir) / TEST_LABELS_FILE).is_file():
+        data.add_row("paper split", f"test labels: {Path(result.manifest_dir) / TEST_LABELS_FILE} "
+                                    "(msa evaluate --run RUN --labels FILE)")
     problems = {**report.flags, **({"skipped": len(report.skipped)} if report.skipped else {})}
     data.add_row("bad items", ", ".join(f"{k} {v}" for k, v in sorted(problems.items())) or "none")
     for bad in report.bad_items[:SHOWN_BAD_ITEMS]:
