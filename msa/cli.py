@@ -20,6 +20,7 @@ from msa.core.config import (
     ExtractConfig,
     FinetuneConfig,
     PredictConfig,
+    SearchKind,
     SweepBackend,
     SweepConfig,
     TrainHeadConfig,
@@ -261,6 +262,12 @@ def sweep(
                                          help="local: worker processes here; ray: tasks on a Ray cluster "
                                               "(pip install \"msa\\[ray]\"), --workers of them."),
     address: str = typer.Option(None, help="The Ray cluster (auto, ray://HOST:10001); default: start one here."),
+    search: SearchKind = typer.Option(default(SweepConfig, "search"),
+                                      help="grid: every head x seed x grid value; optuna: --trials drawn by TPE "
+                                           "(the first seed), pruned by the median of earlier trials."),
+    trials: int = typer.Option(default(SweepConfig, "trials"), help="optuna: trials to finish (pruned ones count)."),
+    space: Path = typer.Option(None, help="optuna: search space file (TOML/YAML/JSON), per option {low, high[, "
+                                          "log]} or {choices}; default: lr, weight_decay, dropout, hidden."),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="",
                                    help="Retrain finished runs whose options changed."),
     config: Path = config_option(),
@@ -275,9 +282,15 @@ def sweep(
     names = [v.strip() for v in fusion.split(",") if v.strip()]
     cfg = SweepConfig(base=from_options(TrainHeadConfig, options), out=out, fusions=tuple(names),
                       seeds=stage.parse_seeds(seeds), grid=stage.parse_grid(grid or []),
-                      workers=workers, backend=backend, address=address)
-    table = stage.run(cfg, show_progress=progress, overwrite=overwrite)
-    console.print(stage.leaderboard_table(stage.leaderboard(table, list(cfg.grid)), list(cfg.grid)))
+                      workers=workers, backend=backend, address=address, search=search, trials=trials, space=space)
+    if cfg.search == "optuna":
+        from msa.stages import search as searching
+
+        table = searching.run(cfg, show_progress=progress)
+    else:
+        table = stage.run(cfg, show_progress=progress, overwrite=overwrite)
+    keys = list(cfg.grid) if cfg.search == "grid" else list(searching.space_of(cfg))
+    console.print(stage.leaderboard_table(stage.leaderboard(table, keys), keys))
     summary = rundir.read_json(out / rundir.LEADERBOARD_JSON)
     results(as_json, {"sweep": str(out), "runs": len(table), **summary},
             [f"results: {out / 'results.csv'} ({len(table)} runs)", f"leaderboard: {out / rundir.LEADERBOARD_CSV}",

@@ -29,6 +29,7 @@ OutputScaling = Literal["tanh", "sigmoid", "clip"]
 ImageAug = Literal["none", "weak", "strong"]
 Split = Literal["test", "val", "train", "all"]
 DataSplit = Literal["stratified", "paper"]
+SearchKind = Literal["grid", "optuna"]
 SweepBackend = Literal["local", "ray"]
 
 
@@ -349,6 +350,9 @@ class SweepConfig(Checked):
     workers: Count = 1  # processes sharing the CPU threads (2 cores: 12 pooled-head runs 30.8 s -> 26.8 s)
     backend: SweepBackend = "local"  # local: worker processes here; ray: tasks on a Ray cluster (msa[ray])
     address: str | None = None  # the Ray cluster's address (auto, ray://HOST:10001); default: start one here
+    search: SearchKind = "grid"  # grid: every combination; optuna: TPE trials with pruning (the first seed)
+    trials: Count = 30  # optuna: trials to finish (pruned ones count)
+    space: Path | None = None  # optuna: TOML/YAML/JSON search space; default: lr, weight_decay, dropout, hidden
 
 
 SPLITS = get_args(Split)

@@ -322,16 +322,24 @@ def write_leaderboard(table: pd.DataFrame, cfg: SweepConfig) -> dict:
 
 def grid_value(value) -> str:
     """A grid value as typed on the command line (tuples joined by +)."""
+    if isinstance(value, float):  # a searched value: three digits tell trials apart
+        return f"{value:.3g}"
     return "+".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
 
 
 def mean_std(row: pd.Series, metric: str) -> str:
     std = row[f"{metric}_std"]
-    return f"{row[f'{metric}_mean']:.3f} ± {0 if pd.isna(std) else std:.3f}"
+    return f"{row[f'{metric}_mean']:.3f}" + ("" if pd.isna(std) else f" ± {std:.3f}")  # one run: no spread
+
+
+SHOWN_CONFIGURATIONS = 15  # in the terminal; leaderboard.csv holds every one
 
 
 def leaderboard_table(board: pd.DataFrame, grid_keys: list[str]) -> Table:
-    table = Table(title="Leaderboard (val, mean ± std over seeds)")
+    more = len(board) - SHOWN_CONFIGURATIONS
+    table = Table(title="Leaderboard (val, mean ± std over seeds)",
+                  caption=f"{more} more in leaderboard.csv" if more > 0 else None)
+    board = board.head(SHOWN_CONFIGURATIONS)
     columns = TASKS[board["task"].iloc[0]].leaderboard
     key_title = columns[0][1]
     for column in ["fusion", *grid_keys, "modalities", *(title for _, title in columns), f"{key_title} vs linear",

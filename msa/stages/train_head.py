@@ -99,10 +99,11 @@ def model_spec(cfg: TrainHeadConfig, data: TrainData, feature_info: dict) -> dic
 
 
 def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrite: bool = False,
-        show_progress: bool = False) -> TrainResult:
+        show_progress: bool = False, after_epoch=None) -> TrainResult:
     """Train one head; `data` lets a sweep reuse features already in memory. The run directory
     must be new or empty (or an msa run, replaced with `overwrite`); metrics.json, written
-    last, marks it finished."""
+    last, marks it finished. after_epoch(FitState) follows each epoch of a run on one split (a
+    search prunes there)."""
     single_process_only("train-head")
     check_head(cfg.fusion)  # before loading features, which can take seconds
     cfg = resolved(cfg)
@@ -122,7 +123,7 @@ def run(cfg: TrainHeadConfig, data: TrainData | None = None, log=print, overwrit
     lock = rundir.claim(run_dir, CV_KIND if cfg.folds >= 2 else KIND, overwrite)
     try:
         result = (cross_validate(cfg, data, run_dir, log, show_progress) if cfg.folds >= 2
-                  else train(cfg, data, run_dir, log, show_progress=show_progress))
+                  else train(cfg, data, run_dir, log, show_progress=show_progress, after_epoch=after_epoch))
         if cfg.refit:
             result.metrics["refit"] = refit(cfg, data, run_dir, result.best_epoch, log, show_progress)
             rundir.write_json(run_dir / rundir.METRICS, result.metrics)
@@ -160,7 +161,8 @@ def cross_validate(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=pri
 
 
 def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
-          rows: tuple[np.ndarray, np.ndarray] | None = None, show_progress: bool = False) -> TrainResult:
+          rows: tuple[np.ndarray, np.ndarray] | None = None, show_progress: bool = False,
+          after_epoch=None) -> TrainResult:
     """One run into run_dir, on the extract's train/val split or on `rows` (train, val)."""
     spec = write_run_config(cfg, data, run_dir)
     train_rows, val_rows = rows or (data.manifest.rows_of_split("train"), data.manifest.rows_of_split("val"))
@@ -182,7 +184,7 @@ def train(cfg: TrainHeadConfig, data: TrainData, run_dir: Path, log=print,
     start = time.perf_counter()
     try:
         state = fit(train_epoch, validate, data.task, cfg.select, cfg.epochs, cfg.patience, run_dir, keep_best,
-                    log=log, judge_start=starts_closed_form(model))
+                    log=log, judge_start=starts_closed_form(model), after_epoch=after_epoch)
     except KeyboardInterrupt:
         if best:  # the best model so far is kept (no metrics.json: the run is unfinished, and its rerun retrains)
             rundir.save_model(run_dir, best["state_dict"], spec)

@@ -1,0 +1,179 @@
+"""`msa sweep --search optuna`: trials chosen by Optuna's TPE sampler rather than a grid.
+
+Each trial is a train-head run (SWEEP/trial-NNN) on features loaded once, its options drawn
+from a search space; the median pruner stops a trial whose best val score after an epoch is
+below the median of earlier trials at that epoch. The study lives in SWEEP/study.db (SQLite),
+so a rerun continues it: trials a killed search left running are marked failed and asked
+again. The sampler is seeded with the first --seeds value, so the same command on a new
+directory draws the same trials. Finished trials make the same results and leaderboard
+files as a grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import tomllib
+
+from msa.core.config import ConfigError, SweepConfig, TrainHeadConfig
+from msa.core.progress import progress_bar
+from msa.stages import sweep, train_head
+from msa.training.tasks import LARGER_IS_BETTER
+
+STUDY_FILE = "study.db"
+# Searched when --space names no file: the options that moved val macro-F1 most on MVSA.
+DEFAULT_SPACE = {
+    "lr": {"low": 1e-4, "high": 3e-3, "log": True},
+    "weight_decay": {"low": 1e-4, "high": 0.1, "log": True},
+    "dropout": {"low": 0.0, "high": 0.5},
+    "hidden": {"choices": [128, 256, 512]},
+}
+PRUNER_STARTUP_TRIALS = 5  # trials that always run to the end: the median needs them
+PRUNER_WARMUP_EPOCHS = 3  # a trial is never pruned before this many epochs
+
+
+def read_space(path: Path) -> dict:
+    """A search space file (TOML, YAML or JSON): per train-head option, {low, high[, log]} or
+    {choices: [...]}; checked against the options' fields."""
+    text = Path(path).read_text()
+    try:
+        if path.suffix == ".toml":
+            space = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            space = yaml.safe_load(text)
+        else:
+            space = json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError, ImportError) as err:
+        raise ConfigError(f"--space {path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({err})") from None
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"--space {path}: expected a table of options, e.g. lr = {{low = 1e-4, high = 1e-2}}")
+    return check_space(space, str(path))
+
+
+def space_of(cfg: SweepConfig) -> dict:
+    return read_space(cfg.space) if cfg.space else DEFAULT_SPACE
+
+
+def check_space(space: dict, where: str) -> dict:
+    fields = {f.name for f in dataclasses.fields(TrainHeadConfig)} - {"cache", "out", "seed", "fusion"}
+    for name, spec in space.items():
+        if name not in fields:
+            raise ConfigError(f"--space {where}: {name!r} is not a train-head option one can search")
+        ranged = isinstance(spec, dict) and {"low", "high"} <= set(spec) and \
+            all(isinstance(spec[k], int | float) for k in ("low", "high")) and spec["low"] < spec["high"]
+        listed = isinstance(spec, dict) and isinstance(spec.get("choices"), list) and spec["choices"]
+        if not (ranged or listed):
+            raise ConfigError(f"--space {where}: {name} needs low < high (numbers) or a list of choices")
+        for value in (spec.get("choices") or [spec["low"], spec["high"]]):
+            dataclasses.replace(TrainHeadConfig(), **{name: value})  # the option's own range check
+    return space
+
+
+def suggest(trial, space: dict) -> dict:
+    """One trial's options from the space (integers where the option is one)."""
+    defaults = TrainHeadConfig()
+    options = {}
+    for name, spec in space.items():
+        if "choices" in spec:
+            options[name] = trial.suggest_categorical(name, spec["choices"])
+        elif isinstance(getattr(defaults, name), int) and not isinstance(getattr(defaults, name), bool):
+            options[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
+        else:
+            options[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+    return options
+
+
+def run(cfg: SweepConfig, show_progress: bool = True) -> pd.DataFrame:
+    """Run trials until cfg.trials are finished (completed or pruned); the results table of the
+    completed ones, as a grid's."""
+    import optuna
+
+    if cfg.backend != "local":
+        raise ConfigError("--search optuna runs its trials here (--backend local); on Ray, sweep a --grid")
+    space = space_of(cfg)
+    sweep.check_before_work(cfg)
+    select = train_head.resolved(dataclasses.replace(cfg.base, fusion=cfg.fusions[0])).select
+    lock = sweep.claim_sweep(cfg)
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(
+            study_name="msa", storage=f"sqlite:///{(cfg.out / STUDY_FILE).resolve()}", load_if_exists=True,
+            direction="maximize" if LARGER_IS_BETTER[select] else "minimize",
+            pruner=optuna.pruners.MedianPruner(PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_EPOCHS))
+        # Seeded by the trials so far as well: a continued study draws new trials, not the first ones again.
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.seeds[0] + len(study.trials))
+        for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # a killed search's
+        finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        done = len(study.get_trials(deepcopy=False, states=finished_states))
+        data = None
+        with progress_bar(show_progress) as bar:
+            task = bar.add_task("search", total=cfg.trials, completed=min(done, cfg.trials), rate="")
+            while done < cfg.trials:
+                trial = study.ask()
+                fusion = trial.suggest_categorical("fusion", list(cfg.fusions)) if len(cfg.fusions) > 1 \
+                    else cfg.fusions[0]
+                run_cfg = dataclasses.replace(cfg.base, fusion=fusion, seed=cfg.seeds[0], **suggest(trial, space),
+                                              out=cfg.out / f"trial-{trial.number:03d}")
+                if data is None:
+                    data = shared_data(cfg, space)
+                outcome = train_trial(trial, run_cfg, data, select)
+                done += 1
+                bar.update(task, advance=1, rate=f"trial {trial.number}: {outcome}")
+        completed = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        if not completed:
+            raise ConfigError(f"{cfg.out}: none of the {done} trials so far finished (pruned or failed); rerun with "
+                              "more --trials to continue the study")
+        runs = [trial_config(cfg, t) for t in completed]
+        table = sweep.results_table(runs, dict.fromkeys(space))
+        table["trial"] = [t.number for t in completed]
+        table.to_parquet(cfg.out / "results.parquet", index=False)
+        table.to_csv(cfg.out / "results.csv", index=False)
+        sweep.write_leaderboard(table, dataclasses.replace(cfg, grid={k: () for k in space}))
+    finally:
+        lock.release()
+    return table
+
+
+def shared_data(cfg: SweepConfig, space: dict):
+    """The features every trial reads, loaded once (tokens if a head or the space needs them)."""
+    from msa.models.registry import HEADS
+
+    base = cfg.base
+    with_tokens = any(HEADS[f].uses_tokens for f in cfg.fusions)
+    split_names = tuple(train_head.unfrozen(base))
+    return train_head.load_train_data(base.cache, base.features, with_tokens, split_names, base.modalities,
+                                      base.task)
+
+
+def train_trial(trial, run_cfg: TrainHeadConfig, data, select: str) -> str:
+    """Train one trial, reporting its best val score after each epoch; tells the study how it ended."""
+    import optuna
+
+    larger = LARGER_IS_BETTER[select]
+
+    def report(state) -> None:
+        trial.report(state.best_score if larger else -state.best_score, state.epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    try:
+        result = train_head.run(run_cfg, data=data, log=lambda *_: None, overwrite=True,
+                                after_epoch=report if run_cfg.folds < 2 else None)
+    except optuna.TrialPruned:
+        trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return "pruned"
+    trial.study.tell(trial, result.metrics[select])
+    return f"val {select} {result.metrics[select]:.3f}"
+
+
+def trial_config(cfg: SweepConfig, trial) -> TrainHeadConfig:
+    params = dict(trial.params)
+    fusion = params.pop("fusion", cfg.fusions[0])
+    return dataclasses.replace(cfg.base, fusion=fusion, seed=cfg.seeds[0], **params,
+                               out=cfg.out / f"trial-{trial.number:03d}")
