@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-precision lint
+.PHONY: install browser demo test test-precision lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,14 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/msa demo --out demo
 
-test: install
+# The report's test renders it in headless Chromium: Debian's package, installed where missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1) || \
+	  echo "no chromium (apt-get install chromium): the report's browser test will be skipped"
+
+test: install browser
 	$(PY) -m pytest -q
 
 # CI's second pass: only the tests that asked for the CPU class in the last `make test` (the

@@ -20,6 +20,7 @@ from msa.core.config import (
     ExtractConfig,
     FinetuneConfig,
     PredictConfig,
+    ReportConfig,
     SearchKind,
     SweepBackend,
     SweepConfig,
@@ -365,6 +366,18 @@ def evaluate(config: Path = config_option(), as_json: bool = AS_JSON, **options)
     report = stage.run(from_options(EvaluateConfig, options))
     console.print(stage.report_tables(report))
     results(as_json, report, [])
+
+
+@app.command()
+@one_line_errors
+@with_options(ReportConfig, skip=("target",))
+def report(target: Path = typer.Argument(..., help="A run or a sweep directory."), config: Path = config_option(),
+           as_json: bool = AS_JSON, **options) -> None:
+    """One self-contained HTML page of a run or a sweep: leaderboard, curves, confusion, worst posts."""
+    from msa.stages import report as stage
+
+    page = stage.run(from_options(ReportConfig, options, target=target))
+    results(as_json, {"report": str(page)}, [f"report: {page}"])
 
 
 @app.command()

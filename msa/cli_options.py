@@ -29,7 +29,7 @@ RUN_RECORD_KEYS = {"kind", "feature_sets", "modalities_used", "base", "fusions",
 
 
 CONFIG_CLASSES = (configs.ExtractConfig, configs.CaptionConfig, configs.TrainHeadConfig, configs.FinetuneConfig,
-                  configs.PredictConfig, configs.EvaluateConfig)
+                  configs.PredictConfig, configs.EvaluateConfig, configs.ReportConfig)
 
 
 # --help groups a command's options in these panels, in this order (what people look for first

@@ -355,6 +355,13 @@ class SweepConfig(Checked):
     space: Path | None = None  # optuna: TOML/YAML/JSON search space; default: lr, weight_decay, dropout, hidden
 
 
+@dataclasses.dataclass
+class ReportConfig(Checked):
+    target: Path  # a run directory or a sweep directory
+    out: Path | None = None  # the HTML file; default TARGET/report.html
+    worst: Count = 8  # posts shown per run: the most confidently wrong
+
+
 SPLITS = get_args(Split)
 
 

@@ -37,6 +37,7 @@ FOLDS_FILE = "folds.csv"  # guid, fold of a cross-validation run
 LEADERBOARD_CSV, LEADERBOARD_JSON = "leaderboard.csv", "leaderboard.json"  # a sweep's, best first
 CROSS_VALIDATION = "cross-validation"  # config.json's "kind" of a directory of fold runs (RUN/fold-k)
 CURVES, CONFUSION = "curves.png", "confusion.png"
+REPORT = "report.html"  # msa report's page of a run (or of a sweep, in its directory)
 PREDICT_CACHE = "predict-cache"  # new data extracted for a run's predictions
 EVALUATION_DIR = "evaluation"  # msa evaluate's output (evaluation-DATA for new data)
 
@@ -238,7 +239,7 @@ def lock_run(run_dir: Path):
 MARKER = ".msa-run.json"  # written when msa claims a directory: only what carries it may be replaced
 # What msa writes in a run directory, and so may replace: the names above, the files of plots,
 # folds, refits, predictions and evaluations, and .tmp leftovers of an atomic write.
-OWNED_NAMES = {MARKER, CONFIG, HISTORY, METRICS, AUTOTUNE, MODEL_WEIGHTS, MODEL_SPEC, VAL_PREDICTIONS, CURVES,
+OWNED_NAMES = {MARKER, REPORT, CONFIG, HISTORY, METRICS, AUTOTUNE, MODEL_WEIGHTS, MODEL_SPEC, VAL_PREDICTIONS, CURVES,
                CONFUSION, FOLDS_FILE, RESUME_STATE, "tensorboard", REFIT_DIR, PREDICT_CACHE, EVALUATION_DIR}
 OWNED_PATTERNS = ("fold-*", "predictions-*", f"{EVALUATION_DIR}-*", "*.tmp", "events.out.tfevents.*")
 OWNED_TREES = {"tensorboard", PREDICT_CACHE, EVALUATION_DIR}  # made whole by msa: their content is msa's
