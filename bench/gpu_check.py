@@ -4,9 +4,10 @@ figures, and the image path of `msa extract` against the bare forward pass of it
 Runs extract (auto precision: bf16 on a GPU that has it), caption at fp16 with a large batch
 (a random-init BLIP-base: no BLIP weights exist offline; speed does not depend on them) and
 one epoch of finetune, each on the first N items, and prints items per second. The image
-extract runs twice, its batches loaded ahead by one thread (as before this round) and by a
-thread per core (msa.core.compute.loading_workers), each against the bare bf16 forward
-pass on the same images, decoded beforehand.
+extract runs twice, decoded on the CPU by a thread per core and decoded on the device
+(nvJPEG batches, the threads only reading files), each against the bare bf16 forward pass on
+the same images, decoded beforehand, with the cosine of the two decodes' features; the text
+extract and the caption run against their bare forward / generate.
 
     python bench/gpu_check.py --data DATA --models MODELS [--random-text-encoder] [--limit 1024] [--json F]
 
@@ -84,6 +85,57 @@ def bare_image_forward(cfg, paths: list[str], batch_size: int, device: torch.dev
     return len(paths) / (time.perf_counter() - start)
 
 
+def bare_text_forward(cfg, texts: list[str], batch_size: int, device: torch.device) -> float:
+    """Texts/s of the text encoder alone in bf16, on the device path's batches (token budget,
+    longest first), tokenised and padded before."""
+    from msa.models.modalities.text import MOST_TEXTS_PER_BATCH, token_budget_batches
+    from msa.models.text import TextEncoder
+
+    encoder = TextEncoder(cfg.text_model, cfg.max_len, cfg.pooling).to(device)
+    ids = encoder.tokenize(texts)
+    batches = [encoder.collate([ids[i] for i in batch]) for batch in
+               token_budget_batches(ids, batch_size * cfg.max_len, MOST_TEXTS_PER_BATCH * batch_size)]
+    batches = [(input_ids.to(device), mask.to(device)) for input_ids, mask in batches]
+
+    def run_all() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+            for input_ids, mask in batches:
+                encoder(input_ids, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run_all()
+    start = time.perf_counter()
+    run_all()
+    return len(texts) / (time.perf_counter() - start)
+
+
+def bare_generate(cfg, paths: list[str]) -> float:
+    """Images/s of BLIP's generate alone, pixels prepared before, at the caption run's batch."""
+    from msa.core.compute import resolve_compute
+    from msa.models.captioner import TransformersCaptioner
+
+    captioner = TransformersCaptioner(cfg, resolve_compute(cfg.device, cfg.precision), compile_vision=False)
+    batches = [captioner.prepare(paths[i: i + cfg.batch_size])[0] for i in range(0, len(paths), cfg.batch_size)]
+    captioner.generate(batches[0])  # warm-up
+    start = time.perf_counter()
+    for pixels in batches:
+        captioner.generate(pixels)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def decode_agreement(cpu_cache: Path, device_cache: Path) -> dict:
+    """Cosine of each item's pooled image feature, decoded on the CPU against on the device."""
+    import numpy as np
+
+    from msa.cache.features import FeatureSet
+
+    pooled = [FeatureSet.open(next((cache / "features").glob("image-*.h5"))).load("pooled").astype(np.float32)
+              for cache in (cpu_cache, device_cache)]
+    cosine = (pooled[0] * pooled[1]).sum(1) / (np.linalg.norm(pooled[0], axis=1) * np.linalg.norm(pooled[1], axis=1))
+    return {"min": float(cosine.min()), "mean": float(cosine.mean())}
+
+
 def loading_rates(cfg, paths: list[str], batch_size: int) -> dict:
     """Images/s of loading alone (decode, resize, crop, batch) by 1 to 16 threads."""
     from msa.core.compute import prefetch
@@ -120,7 +172,7 @@ def main() -> None:
     from msa.core.compute import loading_workers
     from msa.core.config import CaptionConfig, ExtractConfig, FinetuneConfig
     from msa.data.mvsa import read_mvsa
-    from msa.stages import caption, extract, finetune
+    from msa.stages import caption, finetune
 
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (a run of the script, not a figure)"
     rates, image_path = {}, {}
@@ -140,24 +192,24 @@ def main() -> None:
                                   **encoders, **extract_common)
         device = torch.device(args.device)
         workers = loading_workers(device)
-        thread_per_core = extract.loading_workers
-        extract.loading_workers = lambda device: 1  # as before this round: one decoding thread
-        try:
-            image_path["1 loading thread"] = timed_extract(image_cfg)
-        finally:
-            extract.loading_workers = thread_per_core
-        image_cfg = ExtractConfig(cache=tmp / "cache-image-threads", modalities=("image",),
+        image_path[f"CPU decode, {workers} threads"] = timed_extract(dataclasses.replace(image_cfg, image_decode="cpu"))
+        image_cfg = ExtractConfig(cache=tmp / "cache-image-device", modalities=("image",), image_decode="device",
                                   batch_size=args.batch_size, **encoders, **extract_common)
-        image_path[f"{workers} loading threads"] = timed_extract(image_cfg)
-        rates["extract image (lite0)"] = image_path[f"{workers} loading threads"]["warm run"]
+        image_path[f"device decode, {workers} threads reading"] = timed_extract(image_cfg)
+        rates["extract image (lite0)"] = image_path[f"device decode, {workers} threads reading"]["warm run"]
+        agreement = decode_agreement(tmp / "cache-image", tmp / "cache-image-device")
         items, _ = read_mvsa(args.data, on_bad_image="blank")
         paths = [item.image_path for item in items[: args.extract_limit] if item.image_path]
         bare = bare_image_forward(image_cfg, paths, args.batch_size, device)
+        bare_text = bare_text_forward(ExtractConfig(**encoders, data=args.data), [i.text for i in
+                                      items[: args.extract_limit]], args.batch_size, device)
         loading = loading_rates(image_cfg, paths, args.batch_size)
         blip = make_random_blip_base(tmp / "blip", args.models / "all-MiniLM-L6-v2" / "vocab.txt")
         captioned = caption.run(CaptionConfig(cache=tmp / "cache-caption", model=str(blip), precision="fp16",
                                               batch_size=args.caption_batch, **common), show_progress=False)
         rates["caption"] = captioned.captioned / captioned.seconds
+        generate = bare_generate(CaptionConfig(cache=tmp / "unused", model=str(blip), precision="fp16",
+                                               batch_size=args.caption_batch, **common), paths[: args.limit])
         start = time.perf_counter()
         finetune.run(FinetuneConfig(out=tmp / "ft", **encoders, fusion="late", lora_rank=8, unfreeze_text_layers=0,
                                     unfreeze_image_stages=0, lr_encoder=3e-4, epochs=1, batch_size=32,
@@ -178,6 +230,11 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, figures in image_path.items():
         print(f"| {name} | {figures['first run']:.0f} | {figures['warm run']:.0f} | {figures['warm run'] / bare:.0%} |")
+    print(f"Features decoded on the device against on the CPU: cosine min {agreement['min']:.4f}, "
+          f"mean {agreement['mean']:.5f}")
+    print(f"\nText extract (warm) {text['warm run']:.0f} texts/s, bare bf16 forward {bare_text:.0f}: "
+          f"{text['warm run'] / bare_text:.0%}")
+    print(f"Caption {rates['caption']:.1f} img/s, bare generate {generate:.1f}: {rates['caption'] / generate:.0%}")
     print(f"\nLoading alone ({torch.get_num_threads()} torch threads)")
     print("| loading | img/s |")
     print("|---|---|")
@@ -185,7 +242,8 @@ def main() -> None:
         print(f"| {name} | {rate:.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"card": card, "limit": args.limit, "rates": rates, "bare image": bare,
-                                         "image path": image_path, "text": text,
+                                         "image path": image_path, "text": text, "bare text": bare_text,
+                                         "bare generate": generate, "decode agreement": agreement,
                                          "loading": loading}, indent=1))
 
 

@@ -200,3 +200,100 @@ def test_batches_in_any_row_order_are_stored_under_their_rows(tmp_path):
     every_row = np.arange(8)
     np.testing.assert_array_equal(stored.load("pooled", every_row), pooled.astype(np.float16))
     np.testing.assert_array_equal(stored.load("tokens", every_row), tokens.astype(np.float16))
+
+
+def test_device_decode_batches_jpegs_and_leaves_the_rest_to_the_cpu_path(tmp_path, monkeypatch):
+    """load_batch_on, run here on the CPU as on a GPU: plain JPEGs decoded as one batch, a PNG,
+    an EXIF-turned JPEG and a missing image through `load`, exactly; a file the batch decoder
+    refuses falls back alone, the others still batched."""
+    import torchvision.io
+    from PIL import Image
+
+    from msa.models.image import EXIF_ORIENTATION, image_preprocess
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        pixels = np.clip(rng.normal(120 + 30 * i, 40, (150 + 20 * i, 200, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.jpg", quality=90)
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    Image.fromarray(np.full((90, 120, 3), 200, np.uint8)).save(tmp_path / "png.jpg", format="PNG")
+    turned = Image.open(paths[0])
+    exif = turned.getexif()
+    exif[EXIF_ORIENTATION] = 6
+    turned.save(tmp_path / "turned.jpg", exif=exif)
+    paths += [str(tmp_path / "png.jpg"), str(tmp_path / "turned.jpg"), None]
+    preprocess = image_preprocess("resnet18")
+    batch, on_cpu = preprocess.load_batch_on(paths, torch.device("cpu"))
+    assert batch.shape == (6, 3, preprocess.crop, preprocess.crop) and on_cpu == 3
+    for i in (3, 4, 5):
+        assert torch.equal(batch[i], preprocess.load(paths[i]))
+    for i in range(3):  # whole decode then resize, against draft decode: the same picture
+        assert (batch[i].float() - preprocess.load(paths[i]).float()).abs().mean() < 3
+    batched = torchvision.io.decode_jpeg
+
+    def refusing(encoded, **kwargs):
+        if isinstance(encoded, list) or len(encoded) == len(open(paths[1], "rb").read()):
+            raise RuntimeError("refused")
+        return batched(encoded, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refusing)
+    again, on_cpu = preprocess.load_batch_on(paths, torch.device("cpu"))
+    assert on_cpu == 4 and torch.equal(again[1], preprocess.load(paths[1]))
+    assert torch.equal(again[0], batch[0]) and torch.equal(again[2], batch[2])
+
+
+def test_device_decoded_features_agree_with_cpu_decoded_ones(extract_config):
+    """The same images decoded whole on the device and in draft mode on the CPU: another set
+    (its fingerprint says how it was decoded), features at a cosine >= 0.999 item by item."""
+    sets = {}
+    for decode in ("cpu", "device"):
+        result = extract.run(extract_config(modalities=("image",), image_decode=decode), show_progress=False)
+        sets[decode] = result.feature_sets["image"]
+    assert sets["cpu"].name != sets["device"].name
+    assert FeatureSet.open(sets["device"].path).fingerprint["decode"] == "device-batch"
+    cpu, device = (load_all(sets[d].path)["pooled"].astype(np.float32) for d in ("cpu", "device"))
+    cosine = (cpu * device).sum(1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(device, axis=1))
+    assert cosine.min() >= 0.999, cosine.min()
+
+
+def test_the_device_text_path_stores_what_the_cpu_path_stores(extract_config, monkeypatch):
+    """Tokenised a window ahead, batched by token budget, written a window behind: run here on
+    the CPU, the same features as the CPU path's, row for row."""
+    from msa.models.modalities import text as text_modality
+
+    plain = extract.run(extract_config(modalities=("text",)), show_progress=False).feature_sets["text"]
+    expected = load_all(plain.path)
+    monkeypatch.setattr(text_modality, "pipelined", lambda compute: True)
+    monkeypatch.setattr(text_modality, "WRITE_WINDOW", 7)  # several windows in flight
+    cfg = extract_config(modalities=("text",), cache=extract_config().cache.with_name("device-path"))
+    stored = load_all(extract.run(cfg, show_progress=False).feature_sets["text"].path)
+    assert np.array_equal(stored["mask"], expected["mask"])
+    np.testing.assert_allclose(stored["pooled"], expected["pooled"], atol=1e-5)
+    np.testing.assert_allclose(stored["tokens"], expected["tokens"], atol=2e-3)  # float16, other padding
+
+
+def test_token_budget_batches_fill_the_budget_longest_first():
+    from msa.models.modalities.text import token_budget_batches
+
+    ids = [[0] * n for n in (3, 10, 5, 10, 2, 8, 1)]
+    batches = token_budget_batches(ids, max_tokens=20, most=3)
+    assert [list(b) for b in batches] == [[1, 3], [5, 2], [0, 4, 6]]
+    assert sorted(np.concatenate(batches)) == list(range(len(ids)))
+    assert [list(b) for b in token_budget_batches([[0] * 30], max_tokens=20, most=3)] == [[0]]  # never empty
+
+
+def test_a_failed_write_behind_stops_the_writing_and_is_raised_in_the_caller():
+    from msa.core.compute import WriteBehind
+
+    written = []
+
+    def write(n: int) -> None:
+        if n == 2:
+            raise OSError("disk full")
+        written.append(n)
+
+    with pytest.raises(OSError, match="disk full"), WriteBehind(write, pending=1) as writer:
+        for n in range(6):
+            writer.put(n)
+    assert written == [0, 1]  # nothing after the failure

@@ -7,6 +7,8 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import get_args
@@ -158,3 +160,41 @@ def ordered_map(work: Callable, items: list, workers: int, ahead: int) -> Iterat
         finally:
             for future in pending:
                 future.cancel()
+
+
+class WriteBehind:
+    """Calls write(*args) on one thread of its own, at most `pending` calls behind the caller, so
+    a GPU's next batches run while the last ones are written (h5py is not thread-safe: this
+    thread is the only one that writes). A failed write stops the writing, and its error is
+    raised in the caller at its next put or at close; leaving the `with` waits for the writes."""
+
+    def __init__(self, write: Callable, pending: int = 2):
+        self.write, self.error = write, None
+        self.queue: queue.Queue = queue.Queue(maxsize=pending)
+        self.thread = threading.Thread(target=self._drain, name="msa-write-behind", daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while (args := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.write(*args)
+                except BaseException as err:  # re-raised in the caller, whatever it was
+                    self.error = err
+
+    def put(self, *args) -> None:
+        self._raise()
+        self.queue.put(args)
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if exc[0] is None:
+            self._raise()

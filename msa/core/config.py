@@ -30,6 +30,7 @@ ImageAug = Literal["none", "weak", "strong"]
 Split = Literal["test", "val", "train", "all"]
 DataSplit = Literal["stratified", "paper"]
 SearchKind = Literal["grid", "optuna"]
+ImageDecode = Literal["auto", "cpu", "device"]
 SweepBackend = Literal["local", "ray"]
 
 
@@ -192,6 +193,7 @@ class ExtractConfig(Checked):
     precision: Precision = "auto"  # auto: on CPU the fastest of fp32/bf16 (and compile) measured here; CUDA: bf16/fp16
     compile: bool = False  # always torch.compile the image encoder (else: from 1,000 images on CPU, if measured faster)
     batch_size: Count = 32  # items per encoder batch
+    image_decode: ImageDecode = "auto"  # device: JPEG batches decoded where the encoder runs (nvJPEG); auto: on CUDA
     limit: Count | None = None  # only the first N listed items: a quick trial
     shard: str | None = None  # "i/n": encode the i-th of n disjoint shares (0-based); join with `msa cache merge`
     modalities: tuple[str, ...] = ("text", "image")  # which feature sets to build

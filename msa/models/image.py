@@ -40,7 +40,10 @@ class ImagePreprocess:
         if path is None:
             colour = torch.tensor(self.mean).mul(255).round().to(torch.uint8)
             return colour[:, None, None].expand(3, self.crop, self.crop)
-        pixels = decode_rgb(path, self.resize)
+        return self.resized_crop(decode_rgb(path, self.resize))
+
+    def resized_crop(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 `[3, H, W]` (on any device) resized on its short side and centre-cropped."""
         height, width = pixels.shape[1:]
         scale = self.resize / min(width, height)
         size = (max(self.crop, round(height * scale)), max(self.crop, round(width * scale)))
@@ -51,6 +54,34 @@ class ImagePreprocess:
                                                       antialias=True)[0]
         top, left = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
         return resized[:, top: top + self.crop, left: left + self.crop]
+
+    def load_batch_on(self, paths: list[str | None], device: torch.device) -> tuple[torch.Tensor, int]:
+        """uint8 `[B, 3, crop, crop]` on `device`, and how many images the CPU decoded. The JPEG
+        bytes are read here and decoded as one batch on the device (nvJPEG on CUDA: the CPU only
+        reads files), resized and cropped there. What the batch decoder should not or cannot take
+        (PNG and other formats, EXIF-turned or CMYK JPEGs, a file it refuses) goes through the CPU
+        path image by image, as `load` decodes it, copied over from pinned memory."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        batch = torch.empty(len(paths), 3, self.crop, self.crop, dtype=torch.uint8, device=device)
+        data = {i: Path(p).read_bytes() for i, p in enumerate(paths) if p is not None}
+        plain = [i for i, d in data.items() if is_plain_jpeg(d)]
+        encoded = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i in plain]
+        try:
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
+        except RuntimeError:  # one file the batch decoder refuses: the others one by one
+            decoded = [decoded_or_none(e, device) for e in encoded]
+        on_device = set()
+        for i, pixels in zip(plain, decoded):
+            if pixels is not None:
+                batch[i] = self.resized_crop(pixels)
+                on_device.add(i)
+        pinned = device.type == "cuda"
+        for i, path in enumerate(paths):
+            if i not in on_device:
+                pixels = self.load(path).contiguous()
+                batch[i] = (pixels.pin_memory() if pinned else pixels).to(device, non_blocking=pinned)
+        return batch.contiguous(memory_format=torch.channels_last), len(paths) - len(on_device)
 
     def load_batch(self, paths: list[str | None]) -> torch.Tensor:
         """uint8 `[B, 3, crop, crop]` in channels_last memory, the layout the encoders run in:
@@ -97,6 +128,25 @@ def decode_rgb(path: str, short_side: int) -> torch.Tensor:
         img.draft("RGB", (short_side, short_side))
         upright = ImageOps.exif_transpose(img)
         return torch.from_numpy(rgb_array(upright)).permute(2, 0, 1)
+
+
+def is_plain_jpeg(data: bytes) -> bool:
+    """An upright YCbCr or grey JPEG: what a batch decoder gives the same picture of."""
+    if data[:2] != b"\xff\xd8" or _orientation(data) != 1:
+        return False
+    try:
+        return simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray")
+    except ValueError:
+        return False
+
+
+def decoded_or_none(encoded: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
 
 
 def _orientation(data: bytes) -> int:

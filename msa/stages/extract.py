@@ -137,6 +137,8 @@ def run(cfg: ExtractConfig, show_progress: bool = True, on_batch: BatchCallback 
     for modality in cfg.modalities:  # a typo stops here, before the manifest is written
         modality_named(modality)
     compute = resolve_compute(cfg.device, cfg.precision)
+    if cfg.image_decode == "auto":  # the device decodes where it is a GPU: the CPU only reads the files
+        cfg = dataclasses.replace(cfg, image_decode="device" if compute.device.type == "cuda" else "cpu")
     # Recorded resolved: `msa predict` re-runs these options from any working directory.
     cfg = dataclasses.replace(cfg, data=Path(cfg.data).resolve(), text_model=local_path(cfg.text_model),
                               image_weights=local_path(cfg.image_weights))

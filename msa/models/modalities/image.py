@@ -25,8 +25,12 @@ class ImageModality(Modality):
         return cfg.image_model
 
     def fingerprint(self, cfg: ExtractConfig, captions: CaptionSet | None) -> dict:
+        # Decoded on the device, a JPEG is decoded whole, then resized: other pixels than the
+        # CPU's draft-mode decode, so another set (CPU sets keep their names).
+        decode = {"jpeg_draft": False, "decode": "device-batch"} if cfg.image_decode == "device" else \
+            {"jpeg_draft": True}
         return {"model": cfg.image_model, "weights": weights_identity(cfg.image_model, cfg.image_weights),
-                "preprocess": dataclasses.asdict(image_preprocess(cfg.image_model)), "jpeg_draft": True,
+                "preprocess": dataclasses.asdict(image_preprocess(cfg.image_model)), **decode,
                 "resize": "torch-antialias", "exif_orientation": "applied", "deep_pixels": "scaled-to-8-bit",
                 "split_stage": cfg.image_split_stage}
 
@@ -55,7 +59,11 @@ class ImageModality(Modality):
         size = job.cfg.batch_size
         batches = [np.arange(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
 
+        on_device = job.cfg.image_decode == "device"
+
         def load(batch: np.ndarray) -> torch.Tensor:
+            if on_device:  # decoded where the encoder runs: the loading threads only read files
+                return encoder.preprocess.load_batch_on([sources[i] for i in batch], compute.device)[0]
             return encoder.preprocess.load_batch([sources[i] for i in batch])
 
         def encode(batch: np.ndarray, pixels: torch.Tensor) -> tuple:
@@ -66,7 +74,7 @@ class ImageModality(Modality):
             # In the set's float16 here, in the streams, rather than on the writing thread
             return batch, pooled.half().cpu().numpy(), tokens.half().cpu().numpy(), split
 
-        streams = encoding_streams(compute, job.use_compile)
+        streams = 1 if on_device else encoding_streams(compute, job.use_compile)
         if streams > 1:  # each stream decodes its own batch, then encodes it
             encoded = in_cpu_streams(lambda batch: encode(batch, load(batch)), batches, streams)
         else:

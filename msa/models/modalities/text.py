@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from msa.cache.captions import CaptionSet
-from msa.core.compute import Compute, encoding_streams, in_cpu_streams
+from msa.core.compute import Compute, WriteBehind, encoding_streams, in_cpu_streams, prefetch
 from msa.core.config import ConfigError, ExtractConfig
 from msa.core.fingerprint import model_reference
 from msa.data.normalise import normalise
@@ -59,12 +59,17 @@ class TextModality(Modality):
         texts, guids = job.manifest.column("text"), job.manifest.guids
         posts = normalise([texts[r] for r in rows], cfg.text_normalise)
         caption_texts = job.captions.texts([guids[r] for r in rows]) if job.captions else None
-        if cfg.text_source == "caption":
-            token_ids = encoder.tokenize(caption_texts)
-        elif cfg.text_source == "raw+caption":  # a text pair: the tokenizer puts its own separator between them
-            token_ids = encoder.tokenize(posts, caption_texts)
-        else:
-            token_ids = encoder.tokenize(posts)
+
+        def tokenized(window: np.ndarray) -> list[list[int]]:
+            pairs = [caption_texts[i] for i in window] if caption_texts is not None else None
+            if cfg.text_source == "caption":
+                return encoder.tokenize(pairs)
+            # raw+caption: a text pair, the tokenizer puts its own separator between them
+            return encoder.tokenize([posts[i] for i in window], pairs if cfg.text_source == "raw+caption" else None)
+
+        if pipelined(job.compute):
+            return encode_pipelined(encoder, job, tokenized)
+        token_ids = tokenized(np.arange(len(rows)))
 
         def encode_batch(ids: list[list[int]]) -> tuple:
             return encode_text_batch(encoder, ids, job.compute, cfg.text_split_layer)
@@ -87,6 +92,56 @@ class TextModality(Modality):
                     [output[part] for output in outputs]) for part in range(4))
                 job.writer.write(rows[window[np.concatenate(batches)]], pooled, tokens, mask, split)
                 job.done("text", len(window))
+
+
+def pipelined(compute: Compute) -> bool:
+    """On a GPU the forward pass outruns the CPU's share of the work: there, tokenising runs a
+    window ahead and writing a window behind, on threads of their own."""
+    return compute.device.type == "cuda"
+
+
+# On the device a batch holds as many texts as fit batch_size x max_len tokens, at most this
+# many times batch_size: short posts (MVSA's average 30 tokens) fill a GPU the way long ones do.
+MOST_TEXTS_PER_BATCH = 8
+
+
+def token_budget_batches(ids: list[list[int]], max_tokens: int, most: int) -> list[np.ndarray]:
+    """Indices into ids, longest first, each batch as many texts as fit `max_tokens` padded to
+    its longest (at least one, at most `most`)."""
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        size = max(1, min(most, max_tokens // max(1, len(ids[order[start]]))))
+        batches.append(order[start: start + size])
+        start += size
+    return batches
+
+
+def encode_pipelined(encoder: TextEncoder, job: EncodeJob, tokenized) -> None:
+    """The device's path: each window of rows tokenised and batched by token budget on a thread
+    ahead, encoded here, and written by a thread behind (rows in their batches' order)."""
+    cfg, rows = job.cfg, job.rows
+    every_row = np.arange(len(rows))
+    windows = [every_row[i: i + WRITE_WINDOW] for i in range(0, len(rows), WRITE_WINDOW)]
+
+    def prepare(window: np.ndarray) -> tuple[np.ndarray, list[list[list[int]]]]:
+        ids = tokenized(window)
+        batches = token_budget_batches(ids, cfg.batch_size * cfg.max_len, MOST_TEXTS_PER_BATCH * cfg.batch_size)
+        return window[np.concatenate(batches)], [[ids[i] for i in batch] for batch in batches]
+
+    def write(window_rows: np.ndarray, outputs: list[tuple]) -> None:
+        pooled, tokens, mask, split = (None if outputs[0][part] is None else np.concatenate(
+            [output[part] for output in outputs]) for part in range(4))
+        job.writer.write(rows[window_rows], pooled, tokens, mask, split)
+        job.done("text", len(window_rows))
+
+    with job.progress("text") as advance, WriteBehind(write) as writer:
+        for window_rows, batch_ids in prefetch(windows, prepare):
+            outputs = []
+            for ids in batch_ids:
+                outputs.append(encode_text_batch(encoder, ids, job.compute, cfg.text_split_layer))
+                advance(len(ids))
+            writer.put(window_rows, outputs)
 
 
 def encode_text_batch(encoder: TextEncoder, ids: list[list[int]], compute: Compute,
