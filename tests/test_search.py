@@ -3,7 +3,6 @@ reported as a grid's runs are."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pandas as pd
@@ -12,7 +11,7 @@ from typer.testing import CliRunner
 
 from msa.cli import app
 from msa.core import rundir
-from msa.core.config import ConfigError, SweepConfig, TrainHeadConfig
+from msa.core.config import SweepConfig, TrainHeadConfig
 from msa.stages import search
 
 BASE = dict(epochs=4, batch_size=16, patience=4, precision="fp32")
@@ -77,6 +76,13 @@ def test_the_space_file_decides_what_is_searched(signal_cache, tmp_path):
     assert table["hidden"].isin([32, 64]).all() and table["lr"].between(5e-4, 5e-3).all()
     for run in table["run"]:  # what is not searched keeps the base's value
         assert json.loads((tmp_path / "s" / run / rundir.CONFIG).read_text())["dropout"] == TrainHeadConfig().dropout
-    with pytest.raises(ConfigError, match="on Ray, sweep a --grid"):
-        search.run(dataclasses.replace(SweepConfig(base=TrainHeadConfig(cache=signal_cache), search="optuna"),
-                                       backend="ray"))
+
+
+def test_the_same_search_runs_on_ray_tune_with_results_of_the_same_kind(signal_cache, tmp_path):
+    pytest.importorskip("ray.tune")
+    local = searched(signal_cache, tmp_path / "local", trials=3)
+    on_ray = searched(signal_cache, tmp_path / "ray", trials=2, backend="ray", workers=1)
+    assert list(on_ray.columns) == list(local.columns) and 1 <= len(on_ray) <= 2
+    assert on_ray["run"].str.startswith("trial-").all() and on_ray["hidden"].isin([128, 256, 512]).all()
+    summary = json.loads((tmp_path / "ray" / rundir.LEADERBOARD_JSON).read_text())
+    assert summary["best_run"].rsplit("/", 1)[1] in set(on_ray["run"])

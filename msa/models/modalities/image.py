@@ -25,10 +25,10 @@ class ImageModality(Modality):
         return cfg.image_model
 
     def fingerprint(self, cfg: ExtractConfig, captions: CaptionSet | None) -> dict:
-        # Decoded on the device, a JPEG is decoded whole, then resized: other pixels than the
-        # CPU's draft-mode decode, so another set (CPU sets keep their names).
-        decode = {"jpeg_draft": False, "decode": "device-batch"} if cfg.image_decode == "device" else \
-            {"jpeg_draft": True}
+        # Decoded on the device, a JPEG is decoded whole and box-averaged: pixels close to the
+        # CPU's draft-mode decode, not equal, so another set (CPU sets keep their names).
+        decode = {"jpeg_draft": False, "decode": "device-batch", "draft_scale": "box"} \
+            if cfg.image_decode == "device" else {"jpeg_draft": True}
         return {"model": cfg.image_model, "weights": weights_identity(cfg.image_model, cfg.image_weights),
                 "preprocess": dataclasses.asdict(image_preprocess(cfg.image_model)), **decode,
                 "resize": "torch-antialias", "exif_orientation": "applied", "deep_pixels": "scaled-to-8-bit",
