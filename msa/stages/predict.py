@@ -120,8 +120,10 @@ def _recorded_in_cache(run_cache: Path, name: str) -> dict:
 
 
 def _extract_config(recorded: dict, data: Path, cache: Path, modality: str, device: str) -> ExtractConfig:
+    # The run's own decode, whatever this machine would choose: a set recorded before --image-decode
+    # existed was decoded on the CPU.
     return from_record(ExtractConfig, recorded, data=Path(data), cache=cache, modalities=(modality,),
-                       device=device, shard=None, limit=None)
+                       device=device, shard=None, limit=None, image_decode=recorded.get("image_decode", "cpu"))
 
 
 def predict(run_dir: Path, data: Path | None = None, split: str = "test", cache: Path | None = None,
