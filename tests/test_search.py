@@ -75,7 +75,7 @@ def test_the_space_file_decides_what_is_searched(signal_cache, tmp_path):
     table = searched(signal_cache, tmp_path / "s", trials=3, space=space)
     assert table["hidden"].isin([32, 64]).all() and table["lr"].between(5e-4, 5e-3).all()
     for run in table["run"]:  # what is not searched keeps the base's value
-        assert json.loads((tmp_path / "s" / run / rundir.CONFIG).read_text())["dropout"] == TrainHeadConfig().dropout
+        assert json.loads((tmp_path / "s" / run / rundir.CONFIG).read_text())["dropout"] == 0.1  # concat, gmu: 0.1
 
 
 def test_the_same_search_runs_on_ray_tune_with_results_of_the_same_kind(signal_cache, tmp_path):

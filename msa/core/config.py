@@ -256,7 +256,7 @@ class TrainHeadConfig(Checked):
     lr: PositiveFloat = 1e-3  # learning rate (when nothing is unfrozen)
     weight_decay: NonNegativeFloat = 0.01  # AdamW's
     warmup_ratio: Ratio = 0.1  # share of steps with a linear warm-up, then cosine decay
-    dropout: Fraction = 0.1  # dropout in the head
+    dropout: Fraction | None = None  # dropout in the head; default: the head's own (0.1; tfn 0.3)
     hidden: Count = 256  # width of the head
     seed: int = 0  # seeds the initialisation and the batch order
     task: Task = "auto"  # auto: regression where items carry float scores; classification-2/-7: classes of scores
@@ -306,7 +306,7 @@ class FinetuneConfig(Checked):
     image_weights: str | None = None  # local state dict instead of downloaded weights
     fusion: str = _shared(TrainHeadConfig, "fusion")  # the fusion head (docs/heads.md compares them)
     hidden: Count = _shared(TrainHeadConfig, "hidden")  # width of the head
-    dropout: Fraction = _shared(TrainHeadConfig, "dropout")  # dropout in the head
+    dropout: Fraction = 0.1  # dropout in the head
     unfreeze_text_layers: LayerCount = 2  # top transformer layers trained, or all (the embeddings stay frozen)
     lora_rank: NonNegativeInt = _shared(TrainHeadConfig, "lora_rank")  # LoRA rank in the top K text layers (0: none)
     lora_targets: tuple[str, ...] = ()  # the linear layers adapted; default: the attention projections

@@ -66,6 +66,7 @@ def resolved(cfg: TrainHeadConfig) -> TrainHeadConfig:
     # Only the manifest's footer is read: a sweep resolves every planned run's config.
     task = task_named(task_of(manifest_columns(cfg.cache)) if cfg.task == "auto" else cfg.task)
     cfg = dataclasses.replace(cfg, task=task.name, batch_size=cfg.batch_size or HEADS[cfg.fusion].default_batch_size,
+                              dropout=HEADS[cfg.fusion].default_dropout if cfg.dropout is None else cfg.dropout,
                               loss=cfg.loss or task.default_loss, select=cfg.select or task.default_select,
                               output_scaling=cfg.output_scaling or HEADS[cfg.fusion].output_scaling)
     if cfg.lora_rank and not cfg.unfreeze_text_layers:
