@@ -76,13 +76,13 @@ def check_space(space: dict, where: str) -> dict:
 
 
 def suggest(trial, space: dict) -> dict:
-    """One trial's options from the space (integers where the option is one)."""
-    defaults = TrainHeadConfig()
+    """One trial's options from the space (integers where both bounds are: batch_size = {low = 16,
+    high = 64}; as Ray Tune's domains are chosen)."""
     options = {}
     for name, spec in space.items():
         if "choices" in spec:
             options[name] = trial.suggest_categorical(name, spec["choices"])
-        elif isinstance(getattr(defaults, name), int) and not isinstance(getattr(defaults, name), bool):
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
             options[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
         else:
             options[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
