@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import inspect
 import io
-import json
 import tokenize
 import types
 import typing
@@ -153,26 +152,12 @@ def from_options(config_class: type, options: dict, **overrides) -> Any:
     return config_class(**{**values, **overrides})
 
 
-def read_config_file(path: Path) -> dict:
-    """TOML, YAML or JSON, by the file's suffix; the keys are option names."""
-    text = Path(path).read_text()
-    if path.suffix == ".toml":
-        import tomllib
-
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
-
-
 def load_config_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """--config FILE: its values become the options' defaults, so the command line overrides them."""
     if value is None:
         return value
     try:
-        data = read_config_file(value)
+        data = configs.read_config_file(value)
     except (OSError, ValueError) as err:
         raise typer.BadParameter(f"{value}: {err}") from None
     if not isinstance(data, dict):

@@ -229,6 +229,20 @@ def to_json(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+def read_config_file(path: Path) -> dict:
+    """TOML, YAML or JSON, by the file's suffix (--config, --space); the keys are option names."""
+    text = Path(path).read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
 def from_record(config_class: type, record: dict, **overrides) -> Any:
     """A config from its JSON record (to_json's output) or a command's options: keys that are not
     fields are ignored, fields missing from the record keep their defaults, lists become tuples."""

@@ -142,9 +142,7 @@ def run(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if "text" not in table.columns:  # the run's val predictions carry no texts
         table.insert(1, "text", table["guid"].map(own_texts(cfg.run)))
-    wrong = table[table["prediction"] != table["label"]].copy()
-    wrong["confidence"] = wrong[[f"p_{c}" for c in class_names]].max(axis=1)
-    wrong = wrong.sort_values("confidence", ascending=False)
+    wrong = most_confident_mistakes(table)
     wrong.to_csv(out / "bad_cases.csv", index=False)
     errors = wrong.groupby(["label", "prediction"]).size().sort_values(ascending=False)
     report = {
@@ -159,6 +157,13 @@ def run(cfg: EvaluateConfig) -> dict:
         report["gate"] = gate_statistics(table)
     rundir.write_json(out / "evaluation.json", report)
     return report
+
+
+def most_confident_mistakes(table: pd.DataFrame) -> pd.DataFrame:
+    """The wrongly predicted rows with their confidence (the largest probability), most confident first."""
+    wrong = table[table["prediction"] != table["label"]].copy()
+    wrong["confidence"] = wrong[[c for c in table.columns if c.startswith("p_")]].max(axis=1)
+    return wrong.sort_values("confidence", ascending=False)
 
 
 def default_output(run_dir: Path, data: Path | None) -> Path:

@@ -150,9 +150,7 @@ def posts_of(config: dict) -> pd.DataFrame | None:
 def bad_cases(predictions: pd.DataFrame, posts: pd.DataFrame | None, worst: int) -> str:
     """The posts predicted wrong with the highest confidence."""
     probabilities = [c for c in predictions.columns if c.startswith("p_")]
-    wrong = predictions[predictions["prediction"] != predictions["label"]].copy()
-    wrong["confidence"] = wrong[probabilities].max(axis=1)
-    wrong = wrong.sort_values("confidence", ascending=False).head(worst)
+    wrong = evaluate.most_confident_mistakes(predictions).head(worst)
     rows = []
     for _, row in wrong.iterrows():
         post = posts.loc[row["guid"]] if posts is not None and row["guid"] in posts.index else None

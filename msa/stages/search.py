@@ -12,14 +12,12 @@ files as a grid.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pandas as pd
-import tomllib
 import torch
 
-from msa.core.config import ConfigError, SweepConfig, TrainHeadConfig
+from msa.core.config import ConfigError, SweepConfig, TrainHeadConfig, read_config_file
 from msa.core.progress import progress_bar
 from msa.stages import sweep, train_head
 from msa.training.tasks import LARGER_IS_BETTER
@@ -39,17 +37,9 @@ PRUNER_WARMUP_EPOCHS = 3  # a trial is never pruned before this many epochs
 def read_space(path: Path) -> dict:
     """A search space file (TOML, YAML or JSON): per train-head option, {low, high[, log]} or
     {choices: [...]}; checked against the options' fields."""
-    text = Path(path).read_text()
     try:
-        if path.suffix == ".toml":
-            space = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            space = yaml.safe_load(text)
-        else:
-            space = json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError, ImportError) as err:
+        space = read_config_file(Path(path))
+    except (ValueError, ImportError) as err:  # tomllib's and json's decode errors are ValueErrors
         raise ConfigError(f"--space {path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({err})") from None
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"--space {path}: expected a table of options, e.g. lr = {{low = 1e-4, high = 1e-2}}")
@@ -137,8 +127,8 @@ def local_trials(cfg: SweepConfig, space: dict, select: str, show_progress: bool
                        else cfg.fusions[0], **suggest(trial, space)}
             run_cfg = dataclasses.replace(cfg.base, seed=cfg.seeds[0], **options,
                                           out=cfg.out / f"trial-{trial.number:03d}")
-            if data is None:
-                data = shared_data(cfg, space)
+            if data is None:  # every fusion's needs: the trials' heads differ
+                data = sweep.shared_data(sweep.plan(cfg))
             outcome = train_trial(trial, run_cfg, data, select)
             done += 1
             bar.update(task, advance=1, rate=f"trial {trial.number}: {outcome}")
@@ -152,7 +142,6 @@ def tune_trials(cfg: SweepConfig, space: dict, select: str) -> list[tuple[str, d
     Trials write SWEEP/trial-ID where they run (a cluster: --out and the cache on a shared
     filesystem); a rerun restores the experiment and finishes its unfinished trials."""
     try:
-        import ray
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.optuna import OptunaSearch
@@ -161,11 +150,7 @@ def tune_trials(cfg: SweepConfig, space: dict, select: str) -> list[tuple[str, d
     mode = "max" if LARGER_IS_BETTER[select] else "min"
     param_space = {"fusion": tune.choice(list(cfg.fusions)),
                    **{name: tune_domain(spec) for name, spec in space.items()}}
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False,
-                 **({} if cfg.address else {"num_cpus": max(cfg.workers, torch.get_num_threads())}))
-    try:
+    with sweep.ray_session(cfg.workers, cfg.address) as ray:
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // cfg.workers)
         base = dataclasses.replace(cfg.base, cache=Path(cfg.base.cache).resolve(), seed=cfg.seeds[0])
         trainable = tune.with_resources(tune.with_parameters(tune_trial, base=base, out=cfg.out.resolve(),
@@ -183,9 +168,6 @@ def tune_trials(cfg: SweepConfig, space: dict, select: str) -> list[tuple[str, d
                 num_samples=cfg.trials, max_concurrent_trials=cfg.workers),
                 run_config=tune.RunConfig(storage_path=str(storage), name="study", verbose=0))
         results = tuner.fit()
-    finally:
-        if started:
-            ray.shutdown()
     trials = []
     for result in results:
         name = f"trial-{result.metrics.get('trial_id', '')}" if result.metrics else ""
@@ -219,17 +201,6 @@ def tune_trial(options: dict, base: TrainHeadConfig, out: Path, select: str, thr
 
     run_cfg = dataclasses.replace(base, **options, out=out / f"trial-{trial_id}")
     train_head.run(run_cfg, log=lambda *_: None, overwrite=True, after_epoch=report if base.folds < 2 else None)
-
-
-def shared_data(cfg: SweepConfig, space: dict):
-    """The features every trial reads, loaded once (tokens if a head or the space needs them)."""
-    from msa.models.registry import HEADS
-
-    base = cfg.base
-    with_tokens = any(HEADS[f].uses_tokens for f in cfg.fusions)
-    split_names = tuple(train_head.unfrozen(base))
-    return train_head.load_train_data(base.cache, base.features, with_tokens, split_names, base.modalities,
-                                      base.task)
 
 
 def train_trial(trial, run_cfg: TrainHeadConfig, data, select: str) -> str:

@@ -8,6 +8,7 @@ table (one row a run) is rebuilt from the run directories, never from stdout.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -178,16 +179,22 @@ def train_share(runs: list[TrainHeadConfig], threads: int, finished) -> None:
     each. A run directory left unfinished by a killed sweep belongs to this sweep, so it is
     started again."""
     torch.set_num_threads(threads)
-    with_tokens = any(HEADS[r.fusion].uses_tokens for r in runs)
-    split_names = tuple(sorted({m for r in runs for m in train_head.unfrozen(r)}))
-    # Runs that differ in --modalities share the data of every modality and take their part.
-    modalities = runs[0].modalities if len({r.modalities for r in runs}) == 1 else ()
-    data = train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names, modalities,
-                                      runs[0].task)
+    data = shared_data(runs)
     for run_cfg in runs:
         result = train_head.run(run_cfg, data=data, log=lambda *_: None, overwrite=True)
         metric = task_of_metrics(result.metrics).leaderboard[0][0]
         finished(f"{run_cfg.out.name}: val {metric} {result.metrics[metric]:.3f}")
+
+
+def shared_data(runs: list[TrainHeadConfig]):
+    """The features every run reads, loaded once: tokens if a head needs them, the split
+    activations of every unfrozen top. Runs that differ in --modalities share the data of every
+    modality and take their part."""
+    with_tokens = any(HEADS[r.fusion].uses_tokens for r in runs)
+    split_names = tuple(sorted({m for r in runs for m in train_head.unfrozen(r)}))
+    modalities = runs[0].modalities if len({r.modalities for r in runs}) == 1 else ()
+    return train_head.load_train_data(runs[0].cache, runs[0].features, with_tokens, split_names, modalities,
+                                      runs[0].task)
 
 
 def _worker_start(names) -> None:
@@ -247,15 +254,7 @@ def run_on_ray(runs: list[TrainHeadConfig], workers: int, address: str | None, f
     share and asking for its CPU threads (and a GPU where the runs use one). The run
     directories are written where the tasks run: on a cluster, put --out and the cache on a
     filesystem every node mounts. Without --address, a Ray instance is started here."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError('--backend ray needs Ray: pip install "msa[ray]" (or pip install ray)') from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": max(workers, torch.get_num_threads())}))
-    try:
+    with ray_session(workers, address) as ray:
         workers = min(workers, len(runs))
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
         gpus = 1 if any(r.device == "cuda" for r in runs) else 0
@@ -265,6 +264,22 @@ def run_on_ray(runs: list[TrainHeadConfig], workers: int, address: str | None, f
             done, pending = ray.wait(pending, num_returns=1)
             for name in ray.get(done[0]):  # a failed task raises its error here
                 finished(name)
+
+
+@contextlib.contextmanager
+def ray_session(workers: int, address: str | None):
+    """Ray, joined at `address` or started here with a CPU per worker at least (and shut down
+    after, if started here); a sweep's and a search's."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError('--backend ray needs Ray: pip install "msa[ray]" (or pip install ray)') from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({} if address else {"num_cpus": max(workers, torch.get_num_threads())}))
+    try:
+        yield ray
     finally:
         if started:
             ray.shutdown()
