@@ -5,6 +5,7 @@ be within 10% of its MAE and 5% of its correlation), in the last steps (order ma
 in an interaction between text and audio (the best head should beat the ridge).
 
     python bench/sequence_quality.py [--seeds 1,2,3] [--sizes 300,600,2000] [--json out.json]
+    python bench/sequence_quality.py --heads attention --set dropout=0.3 --set lr=3e-3   # train-head options
 
 600 / 150 / 150 items, 20 steps, text 300-d, audio 74-d (with -inf), vision 35-d, columns
 scaled from 0.01 to 100: the shapes of MultiBench's MOSI files. Heads run with train-head's
@@ -33,7 +34,8 @@ HEADS = ("linear", "sum-lstm", "attention", "seq-concat", "tfn")
 SEQUENCE_HEADS = HEADS[1:]
 
 
-def measure(signal: str, size: int, seeds: list[int], epochs: int, root: Path, heads=HEADS) -> dict:
+def measure(signal: str, size: int, seeds: list[int], epochs: int, root: Path, heads=HEADS,
+            options: dict | None = None) -> dict:
     name = f"{signal}-{size}"
     features_file = root / f"{name}.pkl"
     with open(features_file, "wb") as f:  # val and test a quarter of train each, as 600 / 150 / 150
@@ -45,8 +47,8 @@ def measure(signal: str, size: int, seeds: list[int], epochs: int, root: Path, h
         runs = []
         for seed in seeds:
             start = time.perf_counter()
-            cfg = TrainHeadConfig(cache=root / f"cache-{name}", fusion=head, epochs=epochs, seed=seed,
-                                  out=root / f"{name}-{head}-{seed}")
+            cfg = TrainHeadConfig(**{"cache": root / f"cache-{name}", "fusion": head, "epochs": epochs, "seed": seed,
+                                     "out": root / f"{name}-{head}-{seed}", **(options or {})})
             result = train_head.run(cfg, log=lambda *_: None)
             runs.append({**result.metrics, "seconds": time.perf_counter() - start})
         rows[head] = {k: [r[k] for r in runs] for k in ("mae", "corr", "seconds")}
@@ -70,15 +72,19 @@ def main() -> None:
     parser.add_argument("--signals", default=",".join(SIGNALS))
     parser.add_argument("--sizes", default="300,600,2000", help="training items; val and test a quarter each")
     parser.add_argument("--heads", default=",".join(HEADS))
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="a train-head option for every head, e.g. dropout=0.3 (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    options = {key.replace("-", "_"): json.loads(value) if value[:1].isdigit() or value[:1] in "-[" else value
+               for key, value in (item.split("=", 1) for item in args.set)}
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in (int(n) for n in args.sizes.split(",")):
             for signal in args.signals.split(","):
                 results[f"{size} {signal}"] = measure(signal, size, seeds, args.epochs, Path(tmp),
-                                                      args.heads.split(","))
+                                                      args.heads.split(","), options)
                 print(f"{size} {signal} done", file=sys.stderr, flush=True)
     print("| train items | signal | model | val MAE | val Corr | MAE / ridge | Corr / ridge | s/run | verdict |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -93,7 +99,8 @@ def main() -> None:
             print(f"| {size} | {signal} | {model} | {mae:.3f}{spread} | {corr:.3f} | "
                   f"{mae / np.mean(ridge['mae']):.2f} | {corr / np.mean(ridge['corr']):.2f} | {seconds} | {judged} |")
     if args.json:
-        args.json.write_text(json.dumps({"seeds": seeds, "epochs": args.epochs, "results": results}, indent=1))
+        record = {"seeds": seeds, "epochs": args.epochs, "options": options, "results": results}
+        args.json.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

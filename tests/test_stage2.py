@@ -15,6 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 from typer.testing import CliRunner
 
 from msa.cache.features import FeatureSet
+from msa.cache.manifest import read_manifest
 from msa.cli import app
 from msa.core.config import ConfigError, EvaluateConfig, PredictConfig, SweepConfig, TrainHeadConfig
 from msa.core.rundir import RunDirError
@@ -181,6 +182,10 @@ def test_evaluate_matches_scikit_learn_and_reports_agreement_and_gate(signal_cac
     assert set(report["gate"]["by outcome"]) <= {"correct", "incorrect"}
     bad = pd.read_csv(tmp_path / "gmu" / "evaluation" / "bad_cases.csv")
     assert len(bad) == (y != p).sum() and "text" in bad.columns
+    manifest = read_manifest(signal_cache)  # each mistake shown with its post's own text
+    texts = dict(zip(manifest.guids, manifest.column("text")))
+    shown = pd.read_csv(tmp_path / "gmu" / "evaluation" / "bad_cases.csv", dtype=str, keep_default_na=False)
+    assert shown["text"].tolist() == [texts[g] for g in shown["guid"]]
     assert sum(report["errors by type"].values()) == len(bad)
 
 

@@ -56,6 +56,19 @@ def one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:
         assert text in lines[0], lines[0]
 
 
+def typed_in_process(args: list[str], message: str) -> None:
+    """The command run in this process (the subprocess's path, seconds of imports spared): one
+    line starting `error:` with `message` in it, exit code 2."""
+    from typer.testing import CliRunner
+
+    from msa.cli import app
+
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output and message in lines[0], lines[0]
+
+
 def tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
 
@@ -538,7 +551,7 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize(("args", "message"), BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
 def test_bad_option_values_stop_before_any_file_is_written(args, message, signal_cache, tmp_path, outcome):
     out = tmp_path / "run"
-    one_line_error(cli("train-head", "--cache", signal_cache, "--out", out, *args), message)
+    typed_in_process(["train-head", "--cache", str(signal_cache), "--out", str(out), *args], message)
     assert not out.exists() and not list(tmp_path.glob(".*lock"))
     outcome(f"train-head {' '.join(args)}", "clean error", "poor")
 
@@ -567,20 +580,13 @@ BAD_COMMANDS = [
 
 @pytest.mark.parametrize(("command", "message"), BAD_COMMANDS, ids=[c for c, _ in BAD_COMMANDS])
 def test_every_command_s_bad_input_is_one_line_before_any_file(command, message, signal_cache, tmp_path, outcome):
-    from typer.testing import CliRunner
-
-    from msa.cli import app
-
     run = tmp_path / "run"
     if "{run}" in command:
         train_head.run(TrainHeadConfig(cache=signal_cache, fusion="concat", out=run, epochs=1), log=lambda *_: None)
     before = tree(signal_cache), tree(run) if run.exists() else {}
     args = command.format(cache=signal_cache, data=signal_cache.parent / "data", out=tmp_path / "out",
                           missing=tmp_path / "missing", run=run).split()
-    result = CliRunner().invoke(app, args)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert message in lines[0], lines[0]
+    typed_in_process(args, message)
     assert not (tmp_path / "out").exists() and not (tmp_path / "missing").exists()
     assert (tree(signal_cache), tree(run) if run.exists() else {}) == before
     outcome(command.split(" --")[0] + ": " + message, "clean error", "poor")

@@ -17,6 +17,7 @@ from rich.table import Table
 from msa.cache.manifest import read_manifest
 from msa.core import rundir
 from msa.core.config import ConfigError, EvaluateConfig
+from msa.core.errors import CacheError
 from msa.data.mvsa import read_label_file
 from msa.stages.predict import data_tag, predict
 from msa.training.metrics import classification_metrics, regression_metrics
@@ -58,10 +59,17 @@ def val_predictions(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(run_dir / rundir.VAL_PREDICTIONS)
 
 
-def own_texts(run_dir: Path) -> dict[str, str]:
-    """guid -> post text of the data the run was trained on."""
-    manifest = read_manifest(rundir.read_json(Path(run_dir) / rundir.CONFIG)["cache"])
-    return dict(zip(manifest.guids, manifest.column("text")))
+def own_posts(config: dict) -> pd.DataFrame | None:
+    """guid -> text (with image path and flags where the cache has images) of the data a run was
+    trained on, from its config; None for a cache that is gone or holds no posts."""
+    try:
+        manifest = read_manifest(Path(config["cache"]))
+    except (KeyError, FileNotFoundError, CacheError):
+        return None
+    columns = {"guid": manifest.guids, "text": manifest.column("text")}
+    if "image_path" in manifest.table.column_names:
+        columns.update(image_path=manifest.column("image_path"), flags=manifest.column("flags"))
+    return pd.DataFrame(columns).set_index("guid")
 
 
 def agreement(fused: pd.DataFrame, text: pd.DataFrame, image: pd.DataFrame) -> dict:
@@ -141,7 +149,8 @@ def run(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.out) if cfg.out else default_output(cfg.run, cfg.data)
     out.mkdir(parents=True, exist_ok=True)
     if "text" not in table.columns:  # the run's val predictions carry no texts
-        table.insert(1, "text", table["guid"].map(own_texts(cfg.run)))
+        posts = own_posts(rundir.read_json(Path(cfg.run) / rundir.CONFIG))
+        table.insert(1, "text", table["guid"].map(posts["text"]) if posts is not None else "")
     wrong = most_confident_mistakes(table)
     wrong.to_csv(out / "bad_cases.csv", index=False)
     errors = wrong.groupby(["label", "prediction"]).size().sort_values(ascending=False)

@@ -21,10 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from msa.cache.manifest import read_manifest
 from msa.core import rundir
 from msa.core.config import ReportConfig
-from msa.core.errors import CacheError
 from msa.data.mvsa import check_image
 from msa.stages import evaluate
 from msa.training.tasks import TASKS, task_of_metrics
@@ -98,7 +96,7 @@ def run_section(run_dir: Path, worst: int, open_: bool) -> str:
         parts.append('<div class="figures">' + "".join(i for i in images if i) + "</div>")
         parts.append(per_class_table(metrics))
         parts.append(explanations(run_dir, predictions))
-        parts.append(bad_cases(predictions, posts_of(config), worst))
+        parts.append(bad_cases(predictions, evaluate.own_posts(config), worst))
     name = html.escape(run_dir.name)
     return (f'<details id="run-{name}" class="run"{" open" if open_ else ""}><summary>{name}: '
             f"{html.escape(config.get('fusion', config.get('kind', '')))}</summary>{''.join(parts)}</details>")
@@ -133,18 +131,6 @@ def explanations(run_dir: Path, predictions: pd.DataFrame) -> str:
                 for k, v in report["agreement"].items()]
         parts.append("<h3>Text and image agreement (msa evaluate)</h3>" + table(["", "value"], rows))
     return "".join(parts)
-
-
-def posts_of(config: dict) -> pd.DataFrame | None:
-    """guid -> text, image path and flags of the run's own data (None: a cache without posts)."""
-    try:
-        manifest = read_manifest(Path(config["cache"]))
-    except (KeyError, FileNotFoundError, CacheError):
-        return None
-    columns = {"guid": manifest.guids, "text": manifest.column("text")}
-    if "image_path" in manifest.table.column_names:
-        columns.update(image_path=manifest.column("image_path"), flags=manifest.column("flags"))
-    return pd.DataFrame(columns).set_index("guid")
 
 
 def bad_cases(predictions: pd.DataFrame, posts: pd.DataFrame | None, worst: int) -> str:
