@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from msa.core.config import TrainHeadConfig
+from msa.core.config import ConfigError, TrainHeadConfig
 from msa.data.demo import SIGNALS, make_sequence_signal
 from msa.stages import import_features, train_head
+from msa.stages.sweep import parse_grid
 from msa.training.baselines import pooled_ridge
 
 HEADS = ("linear", "sum-lstm", "attention", "seq-concat", "tfn")
@@ -76,8 +77,10 @@ def main() -> None:
                         help="a train-head option for every head, e.g. dropout=0.3 (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    options = {key.replace("-", "_"): json.loads(value) if value[:1].isdigit() or value[:1] in "-[" else value
-               for key, value in (item.split("=", 1) for item in args.set)}
+    try:  # typed and checked as the sweep's --grid values are
+        options = {key: values[0] for key, values in parse_grid(args.set).items()}
+    except ConfigError as err:
+        parser.error(str(err).replace("--grid", "--set"))
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
