@@ -82,6 +82,7 @@ def test_sequence_heads_beat_the_constant_mean(mosi, tmp_path, fusion, encoder):
     assert result.metrics["corr"] > 0.5
     config = train_head.rundir.read_json(result.run_dir / "config.json")
     assert (config["task"], config["loss"], config["select"]) == ("regression", "l1", "mae")
+    assert config["output_scaling"] == "clip"  # a sequence head's default (docs/sequences.md: tanh cost val MAE)
     table = pd.read_parquet(result.run_dir / "val_predictions.parquet")
     weights = [f"weight_{m}" for m in ("text", "audio", "vision")] if fusion == "attention" else []
     assert list(table.columns) == ["guid", "score", "prediction", *weights] and table.prediction.abs().max() <= 3
