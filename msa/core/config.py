@@ -320,7 +320,7 @@ class FinetuneConfig(Checked):
     image_weights: str | None = None  # local state dict instead of downloaded weights
     fusion: str = _shared(TrainHeadConfig, "fusion")  # the fusion head (docs/heads.md compares them)
     hidden: Count = _shared(TrainHeadConfig, "hidden")  # width of the head
-    dropout: Fraction = 0.1  # dropout in the head
+    dropout: Fraction | None = _shared(TrainHeadConfig, "dropout")  # dropout in the head; default: the head's own
     unfreeze_text_layers: LayerCount = 2  # top transformer layers trained, or all (the embeddings stay frozen)
     lora_rank: NonNegativeInt = _shared(TrainHeadConfig, "lora_rank")  # LoRA rank in the top K text layers (0: none)
     lora_targets: tuple[str, ...] = ()  # the linear layers adapted; default: the attention projections

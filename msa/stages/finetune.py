@@ -29,7 +29,7 @@ from msa.core.fingerprint import local_path
 from msa.core.progress import ItemProgress
 from msa.data.mvsa import read_mvsa, require_mvsa_folder
 from msa.models.build import build_model
-from msa.models.registry import check_head
+from msa.models.registry import HEADS, check_head
 from msa.models.unfrozen import parameter_groups
 from msa.training import autotune, plots
 from msa.training.distributed import (
@@ -73,13 +73,14 @@ def model_spec(cfg: FinetuneConfig) -> dict:
 
 def resolved(cfg: FinetuneConfig) -> FinetuneConfig:
     """Model paths resolved, the task's default loss and selection filled in, choices checked."""
+    check_head(cfg.fusion, ["text", "image"])
     cfg = dataclasses.replace(cfg, text_model=local_path(cfg.text_model), image_weights=local_path(cfg.image_weights),
-                              loss=cfg.loss or TASK.default_loss, select=cfg.select or TASK.default_select)
+                              loss=cfg.loss or TASK.default_loss, select=cfg.select or TASK.default_select,
+                              dropout=HEADS[cfg.fusion].default_dropout if cfg.dropout is None else cfg.dropout)
     if cfg.select not in TASK.selects:
         raise ConfigError(f"--select must be one of {', '.join(TASK.selects)}")
     if cfg.image_aug not in IMAGE_AUGS:
         raise ConfigError(f"--image-aug must be one of {', '.join(IMAGE_AUGS)}, got {cfg.image_aug!r}")
-    check_head(cfg.fusion, ["text", "image"])
     if cfg.data is not None:
         require_mvsa_folder(cfg.data)
     return cfg
