@@ -134,7 +134,7 @@ def gate_statistics(table: pd.DataFrame) -> dict:
 
 def run(cfg: EvaluateConfig) -> dict:
     own_val = cfg.labels is None and cfg.data is None
-    rundir.run_config(cfg.run)  # a run directory, or a one-line error saying what it is instead
+    config = rundir.run_config(cfg.run)  # a run directory, or a one-line error saying what it is instead
     if own_val and task_of_metrics(rundir.read_json(Path(cfg.run) / rundir.METRICS)).name == "regression":
         return regression_report(cfg)
     # New data is extracted once, into the evaluated run's predict cache, for the unimodal runs too.
@@ -149,7 +149,7 @@ def run(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.out) if cfg.out else default_output(cfg.run, cfg.data)
     out.mkdir(parents=True, exist_ok=True)
     if "text" not in table.columns:  # the run's val predictions carry no texts
-        posts = own_posts(rundir.read_json(Path(cfg.run) / rundir.CONFIG))
+        posts = own_posts(config)
         table.insert(1, "text", table["guid"].map(posts["text"]) if posts is not None else "")
     wrong = most_confident_mistakes(table)
     wrong.to_csv(out / "bad_cases.csv", index=False)
