@@ -234,3 +234,23 @@ def test_a_class_task_of_scores_on_a_cache_without_scores_is_a_named_error(signa
     with pytest.raises(ConfigError, match="--task classification-7 derives its classes from scores"):
         train_head.run(TrainHeadConfig(cache=signal_cache, task="classification-7", out=tmp_path / "run"),
                        log=lambda *_: None)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gmu"])
+def test_pooled_heads_standardise_pre_extracted_features_and_a_run_predicts_as_it_validated(
+        fusion, means_signal, tmp_path):
+    """Imported features come unscaled (columns from 0.01 to 100): a pooled head met them with
+    a LayerNorm and learned nothing (concat's val corr 0.05 on bench/sequence_quality.py's means
+    signal); standardised per feature first, it learns the signal, and its run directory
+    rebuilds the standardisation for predict."""
+    cache, imported = means_signal
+    ridge = pooled_ridge(cache, imported.feature_sets)
+    result = train_head.run(TrainHeadConfig(cache=cache, fusion=fusion, out=tmp_path / fusion, precision="fp32"),
+                            log=lambda *_: None)
+    spec = rundir.read_json(result.run_dir / "model.json")
+    assert spec["standardised"] == ["text", "audio", "vision"]
+    assert result.metrics["corr"] >= 0.7 * ridge["corr"], (result.metrics["corr"], ridge["corr"])  # unscaled: 0.16-0.20
+    validated = pd.read_parquet(result.run_dir / rundir.VAL_PREDICTIONS)
+    _, predictions = predict.run(PredictConfig(run=result.run_dir, split="val"), show_progress=False)
+    assert predictions.guids == validated["guid"].tolist()
+    np.testing.assert_allclose(predictions.scores, validated["prediction"], atol=1e-5)

@@ -77,6 +77,7 @@ class SequenceHead(FusionHead):
     # means signal at 2,000 items, attention's val MAE was 1.10x the ridge's with tanh, 1.08x
     # clipped (seeds 1-3); dropout, weight decay, lr, batch size and width did no better than 1.09x.
     output_scaling = "clip"
+    standardises_inputs = True  # every step, in its SequenceEncoder
 
     def __init__(self, dims, num_classes, hidden, dropout, sequence_encoder: str = "lstm"):
         super().__init__(dims, num_classes, hidden, dropout)

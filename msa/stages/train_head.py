@@ -96,6 +96,8 @@ def model_spec(cfg: TrainHeadConfig, data: TrainData, feature_info: dict) -> dic
             "task": cfg.task, "outputs": data.task.outputs, "sequence_encoder": cfg.sequence_encoder,
             "output_scaling": cfg.output_scaling, "unfrozen": unfrozen(cfg), "class_names": list(data.task.classes),
             "dims": {m: dataclasses.asdict(d) for m, d in data.bank.dims().items()}, "feature_sets": feature_info,
+            "standardised": [] if HEADS[cfg.fusion].standardises_inputs else
+            [m for m, info in feature_info.items() if "imported_from" in info],  # pre-extracted: unscaled
             **({"lora": {"rank": cfg.lora_rank, "targets": list(cfg.lora_targets)}} if cfg.lora_rank else {})}
 
 
