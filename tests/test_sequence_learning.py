@@ -236,20 +236,21 @@ def test_a_class_task_of_scores_on_a_cache_without_scores_is_a_named_error(signa
                        log=lambda *_: None)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "gmu"])
-def test_pooled_heads_standardise_pre_extracted_features_and_a_run_predicts_as_it_validated(
-        fusion, means_signal, tmp_path):
-    """Imported features come unscaled (columns from 0.01 to 100): a pooled head met them with
-    a LayerNorm and learned nothing (concat's val corr 0.05 on bench/sequence_quality.py's means
-    signal); standardised per feature first, it learns the signal, and its run directory
-    rebuilds the standardisation for predict."""
+@pytest.mark.parametrize("fusion", ["concat", "gmu", "early"])
+def test_heads_standardise_pre_extracted_features_and_a_run_predicts_as_it_validated(fusion, means_signal, tmp_path):
+    """Imported features come unscaled (columns from 0.01 to 100): the pooled heads met them with
+    a LayerNorm, early's tokens with a linear layer, and learned nothing (concat's val corr 0.05
+    on bench/sequence_quality.py's means signal, early's -0.02); standardised per feature first
+    (early's tokens too), they learn the signal, and a run directory rebuilds the
+    standardisation for predict."""
     cache, imported = means_signal
     ridge = pooled_ridge(cache, imported.feature_sets)
     result = train_head.run(TrainHeadConfig(cache=cache, fusion=fusion, out=tmp_path / fusion, precision="fp32"),
                             log=lambda *_: None)
     spec = rundir.read_json(result.run_dir / "model.json")
     assert spec["standardised"] == ["text", "audio", "vision"]
-    assert result.metrics["corr"] >= 0.7 * ridge["corr"], (result.metrics["corr"], ridge["corr"])  # unscaled: 0.16-0.20
+    # Unstandardised: 0.16-0.35 (early with its pooled features standardised and its tokens not: 0.35).
+    assert result.metrics["corr"] >= 0.7 * ridge["corr"], (result.metrics["corr"], ridge["corr"])
     validated = pd.read_parquet(result.run_dir / rundir.VAL_PREDICTIONS)
     _, predictions = predict.run(PredictConfig(run=result.run_dir, split="val"), show_progress=False)
     assert predictions.guids == validated["guid"].tolist()

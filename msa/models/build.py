@@ -7,7 +7,7 @@ A spec is plain JSON, so a run directory alone rebuilds its model (the weights a
      "dims": {modality: {"pooled", "token"}}, "unfrozen": {modality: K}, "feature_sets": {...},
      "standardised": [modality]}
         a fusion head on cached features, behind the unfrozen encoder tops it trains; the
-        pooled features of the modalities in "standardised" standardised before it
+        features of the modalities in "standardised" standardised before it
     {"kind": "end-to-end", "fusion", "hidden", "dropout", "task", "outputs", "text_model", "max_len",
      "pooling", "image_model", "image_weights", "unfreeze_text_layers", "unfreeze_image_stages"}
         encoders with trainable tops and a fusion head (`msa finetune`)
@@ -22,7 +22,7 @@ from torch import nn
 
 from msa.core.config import ConfigError, resolve_layer_count
 from msa.core.errors import CacheError
-from msa.models.heads import ModalityDims, StandardisedPooled
+from msa.models.heads import ModalityDims, StandardisedInputs
 from msa.models.image import build_image_encoder, trunk_stages
 from msa.models.registry import create_head
 from msa.models.regression import ScaledScore
@@ -51,7 +51,7 @@ def build_model(spec: dict) -> nn.Module:
     model = create_head(spec["fusion"], dims, spec["outputs"], spec["hidden"], spec["dropout"],
                         sequence_encoder=spec["sequence_encoder"])
     if spec.get("standardised"):  # runs made before it have none
-        model = StandardisedPooled(model, dims, spec["standardised"])
+        model = StandardisedInputs(model, dims, spec["standardised"])
     if spec["unfrozen"]:
         model = TopsAndHead(model, build_tops(spec["feature_sets"], spec["unfrozen"], spec.get("lora")))
     return ScaledScore(model, spec["output_scaling"]) if spec["task"] == "regression" else model
