@@ -65,8 +65,10 @@ class Standardise(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x standardised; with a mask [B, L] of token steps, the padding stays zero."""
+        standardised = (x - self.mean) / self.std
+        return standardised if mask is None else standardised * mask.unsqueeze(-1)
 
 
 def fit_standardisers(model: nn.Module, statistics: Callable[[str, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -78,7 +80,18 @@ def fit_standardisers(model: nn.Module, statistics: Callable[[str, str], tuple[t
             module.std.copy_(std.clamp(min=1e-6))
 
 
-class StandardisedInputs(nn.Module):
+class HeadWrapper(nn.Module):
+    """Something around a head (its score's bound, encoder tops, standardised inputs) that
+    declares what the head declares to the stages that batch for it."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+        self.uses_tokens = head.uses_tokens
+        self.default_batch_size = head.default_batch_size
+
+
+class StandardisedInputs(HeadWrapper):
     """A head given some modalities' features standardised per feature first (the training
     rows' statistics, as Standardise): pooled, and tokens for a head that reads them (padding
     stays zero). For pre-extracted features, which come unscaled: the heads meet them with a
@@ -87,21 +100,17 @@ class StandardisedInputs(nn.Module):
     it; early's -0.02). Sets msa extracts itself keep their scale, as measured."""
 
     def __init__(self, head: nn.Module, dims: dict[str, ModalityDims], modalities: list[str]):
-        super().__init__()
-        self.head = head
+        super().__init__(head)
         self.pooled = nn.ModuleDict({m: Standardise(m, "pooled", dims[m].pooled) for m in modalities})
         self.tokens = nn.ModuleDict({m: Standardise(m, "tokens", dims[m].token) for m in modalities}
                                     if head.uses_tokens else {})
-        self.uses_tokens = head.uses_tokens
-        self.default_batch_size = head.default_batch_size
 
     def standardised(self, modality: str, x: Modality) -> Modality:
         if modality not in self.pooled:
             return x
         tokens = x.tokens
         if modality in self.tokens and tokens is not None:
-            tokens = self.tokens[modality](tokens)
-            tokens = tokens * x.mask.unsqueeze(-1).to(tokens.dtype) if x.mask is not None else tokens
+            tokens = self.tokens[modality](tokens, x.mask)
         return dataclasses.replace(x, pooled=self.pooled[modality](x.pooled), tokens=tokens)
 
     def forward(self, inputs: dict[str, Modality]) -> dict[str, torch.Tensor]:

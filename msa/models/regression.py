@@ -10,21 +10,19 @@ import torch
 from torch import nn
 
 from msa.core.config import ConfigError, OutputScaling
-from msa.models.heads import LinearHead
+from msa.models.heads import HeadWrapper, LinearHead
 
 OUTPUT_SCALINGS = get_args(OutputScaling)
 
 
-class ScaledScore(nn.Module):
+class ScaledScore(HeadWrapper):
     """Regression: a head's single output squashed into [-bound, bound] (MOSI scores: 3)."""
 
     def __init__(self, head: nn.Module, scaling: str = "tanh", bound: float = 3.0):
-        super().__init__()
+        super().__init__(head)
         if scaling not in OUTPUT_SCALINGS:
             raise ConfigError(f"--output-scaling must be one of {', '.join(OUTPUT_SCALINGS)}, got {scaling!r}")
-        self.head, self.scaling, self.bound = head, scaling, bound
-        self.uses_tokens = head.uses_tokens
-        self.default_batch_size = head.default_batch_size
+        self.scaling, self.bound = scaling, bound
 
     def unsquashed(self, scores: torch.Tensor) -> torch.Tensor:
         """The raw output that forward squashes to `scores` (clipped inside the bound)."""

@@ -54,7 +54,7 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-step outputs [B, T, H], state [B, H])."""
-        standardised = self.standardise(tokens) * mask.unsqueeze(-1)  # padding stays zero
+        standardised = self.standardise(tokens, mask)
         x = self.project(standardised)
         means = masked_mean(standardised, mask)
         if self.kind == "lstm":

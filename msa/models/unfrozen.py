@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from msa.core.config import resolve_layer_count
-from msa.models.heads import Modality
+from msa.models.heads import HeadWrapper, Modality
 from msa.models.image import ImageEncoder
 from msa.models.text import TextEncoder, TextTop, transformer_layers
 
@@ -35,15 +35,12 @@ def top_features(top: nn.Module, split: torch.Tensor, mask: torch.Tensor | None)
     return image_modality(*top(split))
 
 
-class TopsAndHead(nn.Module):
+class TopsAndHead(HeadWrapper):
     """A head whose inputs for some modalities come from trainable encoder tops."""
 
     def __init__(self, head: nn.Module, tops: dict[str, nn.Module]):
-        super().__init__()
-        self.head = head
+        super().__init__(head)
         self.tops = nn.ModuleDict(tops)
-        self.uses_tokens = head.uses_tokens
-        self.default_batch_size = head.default_batch_size
 
     def forward(self, inputs: dict[str, Modality]) -> dict[str, torch.Tensor]:
         features = {name: top_features(self.tops[name], m.split, m.mask) if name in self.tops else m
